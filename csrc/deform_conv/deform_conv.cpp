@@ -1,0 +1,113 @@
+// Schemas of the deformable convolution ops (defined once, here) and their argument checks.
+#include "deform_conv.h"
+
+#include <torch/library.h>
+
+namespace mmdcnv2 {
+
+namespace {
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + ")";
+}
+
+void check_pair(at::IntArrayRef v, const char* name, int64_t lowest) {
+  TORCH_CHECK_VALUE(v.size() == 2, "deform_conv2d: ", name, " must have 2 elements, got ", v.size());
+  TORCH_CHECK_VALUE(v[0] >= lowest && v[1] >= lowest, "deform_conv2d: ", name, " must be >= ", lowest, ", got ",
+                    shape_str(v));
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& input, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == input.device(), "deform_conv2d: ", name, " is on ", t.device(),
+                    " but input is on ", input.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == input.scalar_type(), "deform_conv2d: ", name, " has dtype ",
+                    t.scalar_type(), " but input has dtype ", input.scalar_type());
+}
+
+}  // namespace
+
+DeformConvGeom check_deform_conv(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, int64_t deform_groups) {
+  TORCH_CHECK_VALUE(input.dim() == 4, "deform_conv2d: input must be 4-D (N, C, H, W), got shape ",
+                    shape_str(input.sizes()));
+  TORCH_CHECK_VALUE(weight.dim() == 4, "deform_conv2d: weight must be 4-D (C_out, C_in / groups, kH, kW), got shape ",
+                    shape_str(weight.sizes()));
+  TORCH_CHECK_VALUE(offset.dim() == 4, "deform_conv2d: offset must be 4-D (N, 2 * deform_groups * kH * kW, H_out, W_out), got shape ",
+                    shape_str(offset.sizes()));
+  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()), "deform_conv2d: input must be a floating-point tensor, got ",
+                    input.scalar_type());
+  check_like(weight, input, "weight");
+  check_like(offset, input, "offset");
+  if (mask) check_like(*mask, input, "mask");
+  if (bias) check_like(*bias, input, "bias");
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
+  TORCH_CHECK_VALUE(groups >= 1, "deform_conv2d: groups must be >= 1, got ", groups);
+  TORCH_CHECK_VALUE(deform_groups >= 1, "deform_conv2d: deform_groups must be >= 1, got ", deform_groups);
+
+  DeformConvGeom g;
+  g.N = input.size(0); g.C = input.size(1); g.H = input.size(2); g.W = input.size(3);
+  g.Cout = weight.size(0); g.kh = weight.size(2); g.kw = weight.size(3);
+  g.sh = stride[0]; g.sw = stride[1]; g.ph = padding[0]; g.pw = padding[1]; g.dh = dilation[0]; g.dw = dilation[1];
+  g.groups = groups; g.dgroups = deform_groups;
+  TORCH_CHECK_VALUE(g.kh >= 1 && g.kw >= 1, "deform_conv2d: weight's kernel size must be >= 1, got weight shape ",
+                    shape_str(weight.sizes()));
+  TORCH_CHECK_VALUE(g.C % groups == 0, "deform_conv2d: input channels (", g.C, ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK_VALUE(g.Cout % groups == 0, "deform_conv2d: weight's output channels (", g.Cout,
+                    ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK_VALUE(g.C % deform_groups == 0, "deform_conv2d: input channels (", g.C,
+                    ") must be divisible by deform_groups (", deform_groups, ")");
+  TORCH_CHECK_VALUE(weight.size(1) * groups == g.C, "deform_conv2d: weight must have shape (C_out, ", g.C / groups, ", kH, kW) for ",
+                    g.C, " input channels and groups=", groups, ", got ", shape_str(weight.sizes()));
+  const int64_t eff_h = g.dh * (g.kh - 1) + 1, eff_w = g.dw * (g.kw - 1) + 1;
+  g.Ho = (g.H + 2 * g.ph - eff_h) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - eff_w) / g.sw + 1;
+  TORCH_CHECK_VALUE(g.H + 2 * g.ph >= eff_h && g.W + 2 * g.pw >= eff_w,
+                    "deform_conv2d: the padded input (", g.H + 2 * g.ph, " x ", g.W + 2 * g.pw,
+                    ") is smaller than the dilated kernel (", eff_h, " x ", eff_w, ")");
+  const int64_t K = g.kh * g.kw;
+  const std::vector<int64_t> want_off = {g.N, 2 * deform_groups * K, g.Ho, g.Wo};
+  TORCH_CHECK_VALUE(offset.sizes() == at::IntArrayRef(want_off), "deform_conv2d: offset must have shape ",
+                    shape_str(want_off), " (N, 2 * deform_groups * kH * kW, H_out, W_out), got ", shape_str(offset.sizes()));
+  if (mask) {
+    const std::vector<int64_t> want_mask = {g.N, deform_groups * K, g.Ho, g.Wo};
+    TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef(want_mask), "deform_conv2d: mask must have shape ",
+                      shape_str(want_mask), " (N, deform_groups * kH * kW, H_out, W_out), got ", shape_str(mask->sizes()));
+  }
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.Cout, "deform_conv2d: bias must have shape (", g.Cout,
+                      ",), got ", shape_str(bias->sizes()));
+  }
+  return g;
+}
+
+void check_deform_conv_grad(const at::Tensor& grad_output, const at::Tensor& input, const DeformConvGeom& g) {
+  const std::vector<int64_t> want = {g.N, g.Cout, g.Ho, g.Wo};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(want), "deform_conv2d_backward: grad_output must have shape ",
+                    shape_str(want), ", got ", shape_str(grad_output.sizes()));
+  check_like(grad_output, input, "grad_output");
+}
+
+int64_t deform_conv_block(const DeformConvGeom& g, int64_t element_size) {
+  // About 64 MiB of columns, at least one image.
+  constexpr int64_t kBudget = int64_t(64) << 20;
+  const int64_t per_image = std::max<int64_t>(1, g.P() * (g.ldc() + g.Cout) * element_size);
+  return std::max<int64_t>(1, std::min<int64_t>(g.N, kBudget / per_image));
+}
+
+}  // namespace mmdcnv2
+
+TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
+  m.def(
+      "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, int deform_groups) -> Tensor");
+  m.def(
+      "deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, Tensor? mask, "
+      "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, int deform_groups) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_offset, Tensor grad_mask, Tensor grad_bias)");
+}

@@ -1,0 +1,140 @@
+// Deformable convolution: shape checks and the device-independent driver.
+//
+// Both devices run the same algorithm on channels-last (NHWC) data:
+//   1. im2col: every output position p and kernel tap k samples the input once
+//      per deform group (bilinear weights computed once, reused over the
+//      group's channels) and writes the contiguous channel vector
+//      cols[p, group, k, c] (times the modulation mask);
+//   2. one GEMM per convolution group over a block of images;
+//   3. backward: grad_cols = grad_out @ W; the offset and mask gradients need
+//      only four dot products per sample (bilinear_backward); grad_input is a
+//      scatter of grad_cols (partitioned by channel on the CPU: no atomics).
+// The column buffer covers a bounded block of images, never the whole batch.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace mmdcnv2 {
+
+struct DeformConvGeom {
+  int64_t N, C, H, W;         // input
+  int64_t Cout, kh, kw;       // weight
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t groups, dgroups;
+  int64_t Ho, Wo;             // output
+  int64_t K() const { return kh * kw; }
+  int64_t P() const { return Ho * Wo; }
+  int64_t Cg() const { return C / groups; }
+  int64_t Cdg() const { return C / dgroups; }
+  int64_t Cout_g() const { return Cout / groups; }
+  int64_t ldc() const { return kh * kw * C; }  // row length of the column buffer
+};
+
+// Validates every argument (names the argument and the expected shape) and returns the geometry.
+DeformConvGeom check_deform_conv(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, int64_t deform_groups);
+
+void check_deform_conv_grad(const at::Tensor& grad_output, const at::Tensor& input, const DeformConvGeom& g);
+
+// Number of images whose columns are built at once: bounded workspace.
+int64_t deform_conv_block(const DeformConvGeom& g, int64_t element_size);
+
+// Kernels provides, for one block of b images (all tensors contiguous):
+//   im2col(x_nhwc[b,H,W,C], offset[b,2*dg*K,Ho,Wo], mask?[b,dg*K,Ho,Wo], cols[b*P, K*C], g, b)
+//   col2im(grad_cols, offset, mask?, grad_x_nhwc[b,H,W,C] (accumulation type, zeroed), g, b)
+//   coord_grad(x_nhwc, offset, mask?, grad_cols, grad_offset[b,...], grad_mask?[b,...], g, b)
+template <typename Kernels>
+at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+                                      const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                                      const DeformConvGeom& g) {
+  const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
+  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options());
+  if (out.numel() == 0) return out;
+  const auto offset_c = offset.contiguous();
+  const std::optional<at::Tensor> mask_c = mask ? std::optional<at::Tensor>(mask->contiguous()) : std::nullopt;
+  // weight [Cout, Cg, kh, kw] -> [groups, Cout_g, K * Cg], matching the column layout (k, c).
+  const auto w2 = weight.reshape({g.groups, Cout_g, Cg, K}).transpose(2, 3).contiguous().view({g.groups, Cout_g, K * Cg});
+  const int64_t nb = deform_conv_block(g, input.element_size());
+  auto cols = at::empty({nb * P, g.ldc()}, input.options());
+  auto out_blk = at::empty({nb * P, g.Cout}, input.options());
+  for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
+    const int64_t b = std::min(nb, g.N - n0);
+    const auto x = input.narrow(0, n0, b).permute({0, 2, 3, 1}).contiguous();
+    const auto off = offset_c.narrow(0, n0, b);
+    const std::optional<at::Tensor> msk = mask_c ? std::optional<at::Tensor>(mask_c->narrow(0, n0, b)) : std::nullopt;
+    auto cb = cols.narrow(0, 0, b * P);
+    Kernels::im2col(x, off, msk, cb, g, b);
+    auto ob = out_blk.narrow(0, 0, b * P);
+    for (int64_t gi = 0; gi < g.groups; ++gi) {
+      const auto cg = cb.narrow(1, gi * K * Cg, K * Cg);
+      const auto wt = w2[gi].t();
+      auto og = ob.narrow(1, gi * Cout_g, Cout_g);
+      if (bias) {
+        og.copy_(at::addmm(bias->narrow(0, gi * Cout_g, Cout_g), cg, wt));
+      } else if (g.groups == 1) {
+        at::mm_out(og, cg, wt);
+      } else {
+        og.copy_(at::mm(cg, wt));
+      }
+    }
+    out.narrow(0, n0, b).copy_(ob.view({b, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2}));
+  }
+  return out;
+}
+
+template <typename Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_impl(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const DeformConvGeom& g,
+    at::ScalarType acc_type) {
+  const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
+  auto grad_input = at::zeros(input.sizes(), input.options());
+  auto grad_offset = at::zeros(offset.sizes(), offset.options());
+  auto grad_mask = mask ? at::zeros(mask->sizes(), mask->options()) : at::empty({0}, input.options());
+  auto grad_bias = bias ? grad_output.sum({0, 2, 3}).to(bias->scalar_type()) : at::empty({0}, input.options());
+  auto gw_acc = at::zeros({g.groups, Cout_g, K * Cg}, input.options().dtype(acc_type));
+  if (g.N > 0 && g.P() > 0 && g.C > 0) {
+    const auto offset_c = offset.contiguous();
+    const std::optional<at::Tensor> mask_c = mask ? std::optional<at::Tensor>(mask->contiguous()) : std::nullopt;
+    const auto w2 = weight.reshape({g.groups, Cout_g, Cg, K}).transpose(2, 3).contiguous().view({g.groups, Cout_g, K * Cg});
+    const int64_t nb = deform_conv_block(g, input.element_size());
+    auto cols = at::empty({nb * P, g.ldc()}, input.options());
+    for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
+      const int64_t b = std::min(nb, g.N - n0);
+      const auto x = input.narrow(0, n0, b).permute({0, 2, 3, 1}).contiguous();
+      const auto off = offset_c.narrow(0, n0, b);
+      const std::optional<at::Tensor> msk = mask_c ? std::optional<at::Tensor>(mask_c->narrow(0, n0, b)) : std::nullopt;
+      const auto go = grad_output.narrow(0, n0, b).permute({0, 2, 3, 1}).reshape({b * P, g.Cout});
+      auto cb = cols.narrow(0, 0, b * P);
+      // grad_weight needs the columns; then the same buffer receives grad_cols.
+      Kernels::im2col(x, off, msk, cb, g, b);
+      for (int64_t gi = 0; gi < g.groups; ++gi) {
+        const auto gog = go.narrow(1, gi * Cout_g, Cout_g);
+        gw_acc[gi].add_(at::mm(gog.t(), cb.narrow(1, gi * K * Cg, K * Cg)));
+      }
+      for (int64_t gi = 0; gi < g.groups; ++gi) {
+        const auto gog = go.narrow(1, gi * Cout_g, Cout_g);
+        auto cg = cb.narrow(1, gi * K * Cg, K * Cg);
+        if (g.groups == 1) {
+          at::mm_out(cg, gog, w2[gi]);
+        } else {
+          cg.copy_(at::mm(gog, w2[gi]));
+        }
+      }
+      auto goff = grad_offset.narrow(0, n0, b);
+      std::optional<at::Tensor> gmsk = mask ? std::optional<at::Tensor>(grad_mask.narrow(0, n0, b)) : std::nullopt;
+      Kernels::coord_grad(x, off, msk, cb, goff, gmsk, g, b);
+      auto gx = at::zeros({b, g.H, g.W, g.C}, input.options().dtype(acc_type));
+      Kernels::col2im(cb, off, msk, gx, g, b);
+      grad_input.narrow(0, n0, b).copy_(gx.permute({0, 3, 1, 2}));
+    }
+  }
+  auto grad_weight = gw_acc.view({g.groups, Cout_g, K, Cg}).transpose(2, 3).reshape(weight.sizes()).to(weight.scalar_type());
+  return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+}
+
+}  // namespace mmdcnv2

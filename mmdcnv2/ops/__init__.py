@@ -1,0 +1,21 @@
+"""The torch-level API of mmdcnv2: functional ops and nn.Modules. Needs no mmdet."""
+from ._ext import has_cuda_kernels, has_ops
+from .deform_conv import (
+    DeformConv2d,
+    DeformConv2dPack,
+    ModulatedDeformConv2d,
+    ModulatedDeformConv2dPack,
+    deform_conv2d,
+)
+from .reference import deform_conv2d_reference
+
+__all__ = [
+    "has_ops",
+    "has_cuda_kernels",
+    "deform_conv2d",
+    "deform_conv2d_reference",
+    "DeformConv2d",
+    "DeformConv2dPack",
+    "ModulatedDeformConv2d",
+    "ModulatedDeformConv2dPack",
+]

@@ -1,0 +1,35 @@
+"""Loads the compiled ops (``torch.ops.mmdcnv2``) and says clearly when they are missing."""
+import torch
+
+_BUILD_HINT = (
+    "build them from the repository root with `pip install --no-build-isolation -e .` "
+    "(or run `bash tools/test.sh`, which sets up everything)"
+)
+
+try:
+    from mmdcnv2 import _C  # noqa: F401  (registers the ops with torch.library)
+
+    _LOAD_ERROR = None
+except ImportError as e:  # the extension was not built, or was built against another torch
+    _LOAD_ERROR = e
+
+
+def has_ops() -> bool:
+    """Whether the compiled ops are loaded."""
+    return _LOAD_ERROR is None
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the compiled ops include CUDA kernels (built with CUDA or FORCE_CUDA=1)."""
+    return has_ops() and torch._C._dispatch_has_kernel_for_dispatch_key("mmdcnv2::deform_conv2d", "CUDA")
+
+
+def assert_has_ops(*tensors: torch.Tensor) -> None:
+    """Raises one clear RuntimeError when the ops (or their CUDA kernels) are missing."""
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(f"mmdcnv2's compiled ops are not available ({_LOAD_ERROR}); {_BUILD_HINT}.")
+    if any(t is not None and t.device.type == "cuda" for t in tensors) and not has_cuda_kernels():
+        raise RuntimeError(
+            "mmdcnv2 was built without CUDA kernels, so its ops cannot run on a CUDA tensor; "
+            "rebuild with `FORCE_CUDA=1 pip install --no-build-isolation -e .`."
+        )

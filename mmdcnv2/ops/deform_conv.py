@@ -1,0 +1,401 @@
+"""Deformable convolution (DCNv1) and modulated deformable convolution (DCNv2).
+
+The compiled op is ``torch.ops.mmdcnv2.deform_conv2d``; this module gives it
+autograd, a fake (meta) kernel for torch.compile and export, autocast, a
+functional form with torchvision's arguments and ``nn.Module`` classes with
+mmcv 2.x's names, arguments, initialisation and state-dict keys.
+"""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair, _single
+
+from ._ext import assert_has_ops, has_ops
+
+IntPair = Union[int, Tuple[int, int]]
+
+__all__ = [
+    "deform_conv2d",
+    "DeformConv2d",
+    "DeformConv2dPack",
+    "ModulatedDeformConv2d",
+    "ModulatedDeformConv2dPack",
+]
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _check_args(input, offset, weight, bias, stride, padding, dilation, mask):
+    """Python-side validation with the argument's name and the expected shape."""
+    for name, t in (("input", input), ("offset", offset), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"deform_conv2d: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"deform_conv2d: {name} must be 4-D, got shape {tuple(t.shape)}")
+    for name, v, lowest in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(v) != 2 or any(int(e) != e or e < lowest for e in v):
+            raise ValueError(f"deform_conv2d: {name} must be integers >= {lowest}, got {v}")
+    C = input.shape[1]
+    Cout, Cg, kh, kw = weight.shape
+    K = kh * kw
+    if Cg == 0 or C % Cg != 0:
+        raise ValueError(
+            f"deform_conv2d: input channels ({C}) must be a multiple of weight.shape[1] ({Cg}); "
+            f"weight must have shape (C_out, C_in / groups, kH, kW), got {tuple(weight.shape)}"
+        )
+    groups = C // Cg
+    if Cout % groups != 0:
+        raise ValueError(f"deform_conv2d: weight's output channels ({Cout}) must be divisible by groups ({groups})")
+    if offset.shape[1] == 0 or offset.shape[1] % (2 * K) != 0:
+        raise ValueError(
+            f"deform_conv2d: offset must have 2 * deform_groups * kH * kW channels (a multiple of {2 * K}), "
+            f"got offset shape {tuple(offset.shape)}"
+        )
+    dg = offset.shape[1] // (2 * K)
+    if C % dg != 0:
+        raise ValueError(f"deform_conv2d: input channels ({C}) must be divisible by deform_groups ({dg})")
+    Ho = _conv_out(input.shape[2], kh, stride[0], padding[0], dilation[0])
+    Wo = _conv_out(input.shape[3], kw, stride[1], padding[1], dilation[1])
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(
+            f"deform_conv2d: the padded input {tuple(input.shape[2:])} + 2 * {tuple(padding)} is smaller "
+            f"than the dilated kernel ({kh}, {kw}) with dilation {tuple(dilation)}"
+        )
+    want = (input.shape[0], 2 * dg * K, Ho, Wo)
+    if tuple(offset.shape) != want:
+        raise ValueError(f"deform_conv2d: offset must have shape {want}, got {tuple(offset.shape)}")
+    if mask is not None:
+        want_mask = (input.shape[0], dg * K, Ho, Wo)
+        if tuple(mask.shape) != want_mask:
+            raise ValueError(f"deform_conv2d: mask must have shape {want_mask}, got {tuple(mask.shape)}")
+    if bias is not None and tuple(bias.shape) != (Cout,):
+        raise ValueError(f"deform_conv2d: bias must have shape ({Cout},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("offset", offset), ("mask", mask), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise ValueError(f"deform_conv2d: {name} is on {t.device} but input is on {input.device}")
+        if t.dtype != input.dtype:
+            raise ValueError(f"deform_conv2d: {name} has dtype {t.dtype} but input has dtype {input.dtype}")
+    return groups, dg, Ho, Wo
+
+
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Deformable convolution; modulated (DCNv2) when ``mask`` is given.
+
+    Same arguments and semantics as ``torchvision.ops.deform_conv2d``.
+
+    Args:
+        input (Tensor[N, C_in, H, W]): input features.
+        offset (Tensor[N, 2 * dg * kH * kW, H_out, W_out]): sampling offsets; channel
+            ``2 * (g * kH * kW + k)`` is the row (dy) offset of deform group g and kernel
+            tap k (row-major over the kernel), the next channel the column (dx) offset.
+        weight (Tensor[C_out, C_in / groups, kH, kW]): convolution weight; groups is
+            inferred as ``C_in // weight.shape[1]``.
+        bias (Tensor[C_out], optional): added to every output position.
+        stride, padding, dilation (int or (int, int)): as in ``torch.nn.functional.conv2d``.
+        mask (Tensor[N, dg * kH * kW, H_out, W_out], optional): modulation scalar of
+            every sample (DCNv2); channel ``g * kH * kW + k``.
+
+    Returns:
+        Tensor[N, C_out, H_out, W_out]
+
+    ``dg`` (deform groups) is inferred as ``offset.shape[1] // (2 * kH * kW)``. Samples
+    are bilinear with zero outside the map; a sample position with -1 < y < H and
+    -1 < x < W counts, any other (non-finite included) reads 0 and has zero gradient.
+    """
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    groups, dg, _, _ = _check_args(input, offset, weight, bias, stride, padding, dilation, mask)
+    assert_has_ops(input)
+    return torch.ops.mmdcnv2.deform_conv2d(
+        input, weight, offset, mask, bias, list(stride), list(padding), list(dilation), groups, dg
+    )
+
+
+# --- torch.library registrations: fake kernels, autograd, autocast ---------------------------------
+
+if has_ops():
+
+    @torch.library.register_fake("mmdcnv2::deform_conv2d")
+    def _deform_conv2d_fake(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups):
+        torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "deform_conv2d: input and weight must be 4-D")
+        Ho = _conv_out(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+        Wo = _conv_out(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+        return input.new_empty((input.shape[0], weight.shape[0], Ho, Wo))
+
+    @torch.library.register_fake("mmdcnv2::deform_conv2d_backward")
+    def _deform_conv2d_backward_fake(
+        grad_output, input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups
+    ):
+        grad_mask = input.new_empty(mask.shape) if mask is not None else input.new_empty((0,))
+        grad_bias = input.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
+        return (
+            input.new_empty(input.shape),
+            input.new_empty(weight.shape),
+            input.new_empty(offset.shape),
+            grad_mask,
+            grad_bias,
+        )
+
+    def _setup_context(ctx, inputs, output):
+        input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups = inputs
+        ctx.save_for_backward(input, weight, offset, mask, bias)
+        ctx.conf = (stride, padding, dilation, groups, deform_groups)
+        ctx.has_mask = mask is not None
+        ctx.has_bias = bias is not None
+
+    def _backward(ctx, grad_output):
+        input, weight, offset, mask, bias = ctx.saved_tensors
+        gi, gw, go, gm, gb = torch.ops.mmdcnv2.deform_conv2d_backward(
+            grad_output, input, weight, offset, mask, bias, *ctx.conf
+        )
+        return (
+            gi,
+            gw,
+            go,
+            gm if ctx.has_mask else None,
+            gb if ctx.has_bias else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd("mmdcnv2::deform_conv2d", _backward, setup_context=_setup_context)
+    # Under autocast the op runs in float32 (like torchvision's), on either device.
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast("mmdcnv2::deform_conv2d", _device, torch.float32)
+
+
+# --- nn.Modules (mmcv 2.x names, arguments, initialisation and state-dict keys) ---------------------
+
+
+class DeformConv2d(nn.Module):
+    r"""Deformable convolution (DCNv1); offsets are given to ``forward``.
+
+    Args:
+        in_channels, out_channels (int): channels of input and output.
+        kernel_size, stride, padding, dilation (int or (int, int)): as in ``nn.Conv2d``.
+        groups (int): convolution groups.
+        deform_groups (int): offset groups; channels of a group share offsets.
+        bias (bool): must be False (as in mmcv); use ``ModulatedDeformConv2d`` for a bias.
+        im2col_step (int): accepted for compatibility with mmcv; the blocking is automatic.
+
+    Shape:
+        x: Tensor[N, in_channels, H, W];
+        offset: Tensor[N, 2 * deform_groups * kH * kW, H_out, W_out];
+        output: Tensor[N, out_channels, H_out, W_out].
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: bool = False,
+        im2col_step: int = 32,
+    ) -> None:
+        super().__init__()
+        if bias:
+            raise ValueError(f"bias={bias} is not supported in DeformConv2d")
+        _check_channels(in_channels, out_channels, groups, deform_groups)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.deform_groups = deform_groups
+        self.im2col_step = im2col_step
+        # attributes that nn.Conv2d has and that mmcv's ConvModule and friends read
+        self.transposed = False
+        self.output_padding = _single(0)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
+
+    def forward(self, x: Tensor, offset: Tensor) -> Tensor:
+        return deform_conv2d(x, offset, self.weight, None, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"deform_groups={self.deform_groups}, bias=False"
+        )
+
+
+def _check_channels(in_channels, out_channels, groups, deform_groups):
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+        )
+    if deform_groups < 1 or in_channels % deform_groups:
+        raise ValueError(f"in_channels ({in_channels}) must be divisible by deform_groups ({deform_groups})")
+
+
+def _rename_legacy_offset(state_dict, prefix, local_metadata):
+    # Checkpoints before version 2 of mmcv's Pack modules named the offset conv `<name>_offset`.
+    version = local_metadata.get("version", None)
+    if version is None or version < 2:
+        for suffix in ("weight", "bias"):
+            new, old = f"{prefix}conv_offset.{suffix}", f"{prefix[:-1]}_offset.{suffix}"
+            if new not in state_dict and old in state_dict:
+                state_dict[new] = state_dict.pop(old)
+
+
+class DeformConv2dPack(DeformConv2d):
+    """``DeformConv2d`` that predicts its own offsets with a zero-initialised ``conv_offset``
+    (2 * deform_groups * kH * kW channels, same kernel, stride, padding and dilation).
+    Registered in mmcv as ``DCN``; ``forward(x)``."""
+
+    _version = 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conv_offset = nn.Conv2d(
+            self.in_channels,
+            self.deform_groups * 2 * self.kernel_size[0] * self.kernel_size[1],
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
+        )
+        self.init_offset()
+
+    def init_offset(self) -> None:
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x, self.conv_offset(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        _rename_legacy_offset(state_dict, prefix, local_metadata)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+class ModulatedDeformConv2d(nn.Module):
+    r"""Modulated deformable convolution (DCNv2); offsets and mask are given to ``forward``.
+
+    Args:
+        in_channels, out_channels (int): channels of input and output.
+        kernel_size, stride, padding, dilation (int or (int, int)): as in ``nn.Conv2d``.
+        groups (int): convolution groups.
+        deform_groups (int): offset groups; channels of a group share offsets and mask.
+        bias (bool): learn an additive bias.
+
+    Shape:
+        x: Tensor[N, in_channels, H, W];
+        offset: Tensor[N, 2 * deform_groups * kH * kW, H_out, W_out];
+        mask: Tensor[N, deform_groups * kH * kW, H_out, W_out] (values usually in [0, 1]);
+        output: Tensor[N, out_channels, H_out, W_out].
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: Union[bool, str] = True,
+    ) -> None:
+        super().__init__()
+        _check_channels(in_channels, out_channels, groups, deform_groups)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.deform_groups = deform_groups
+        self.transposed = False
+        self.output_padding = _single(0)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        # uniform in +-1/sqrt(in_channels * kH * kW), bias zero: mmcv's initialisation
+        stdv = 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] * self.kernel_size[1])
+        nn.init.uniform_(self.weight, -stdv, stdv)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
+        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"deform_groups={self.deform_groups}, bias={self.bias is not None}"
+        )
+
+
+class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
+    """``ModulatedDeformConv2d`` that predicts its offsets and mask with a zero-initialised
+    ``conv_offset`` of 3 * deform_groups * kH * kW channels: its output splits into three
+    equal chunks o1, o2, m; offset = cat(o1, o2), mask = sigmoid(m) (mmcv's layout).
+    Registered in mmcv as ``DCNv2``; ``forward(x)``."""
+
+    _version = 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conv_offset = nn.Conv2d(
+            self.in_channels,
+            self.deform_groups * 3 * self.kernel_size[0] * self.kernel_size[1],
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
+        )
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        if hasattr(self, "conv_offset"):
+            nn.init.zeros_(self.conv_offset.weight)
+            nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        o1, o2, m = torch.chunk(self.conv_offset(x), 3, dim=1)
+        offset = torch.cat((o1, o2), dim=1)
+        return super().forward(x, offset, torch.sigmoid(m))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        _rename_legacy_offset(state_dict, prefix, local_metadata)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)

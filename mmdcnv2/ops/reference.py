@@ -1,0 +1,88 @@
+"""Slow, obviously correct pure-PyTorch implementations of the ops.
+
+They follow the definitions directly (gather the four corners, weight them,
+sum), differentiate through plain autograd, and serve as the oracle of the
+tests. They also run wherever the compiled extension is not built.
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+IntPair = Union[int, Tuple[int, int]]
+
+
+def _pair(v: IntPair) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def bilinear_gather(x: Tensor, y: Tensor, xq: Tensor) -> Tensor:
+    """Bilinear samples of ``x`` with zero outside the map.
+
+    Args:
+        x: Tensor[N, G, C, H, W], G sampling groups of C channels each.
+        y, xq: Tensor[N, G, *S], fractional row and column of every sample.
+
+    Returns:
+        Tensor[N, G, C, *S]. A sample counts only where -1 < y < H and -1 < x < W
+        (non-finite positions give 0); corners off the map read 0.
+    """
+    N, G, C, H, W = x.shape
+    S = y.shape[2:]
+    inside = (y > -1) & (y < H) & (xq > -1) & (xq < W)
+    y = torch.where(inside, y, torch.zeros_like(y))
+    xq = torch.where(inside, xq, torch.zeros_like(xq))
+    y0 = torch.floor(y)
+    x0 = torch.floor(xq)
+    ly, lx = y - y0, xq - x0
+    flat = x.reshape(N, G, C, H * W)
+    out = 0
+    for dy, dx, wgt in ((0, 0, (1 - ly) * (1 - lx)), (0, 1, (1 - ly) * lx), (1, 0, ly * (1 - lx)), (1, 1, ly * lx)):
+        yy, xx = y0 + dy, x0 + dx
+        valid = inside & (yy >= 0) & (yy <= H - 1) & (xx >= 0) & (xx <= W - 1)
+        idx = (yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1)).long().reshape(N, G, 1, -1).expand(N, G, C, -1)
+        vals = flat.gather(3, idx).reshape(N, G, C, *S)
+        out = out + vals * torch.where(valid, wgt, torch.zeros_like(wgt)).unsqueeze(2)
+    return out
+
+
+def deform_conv2d_reference(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Deformable convolution (v1 without ``mask``, v2 with it), same arguments as
+    :func:`mmdcnv2.ops.deform_conv2d`: groups = C_in // weight.shape[1],
+    deform groups = offset.shape[1] // (2 * kH * kW)."""
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    N, C, H, W = input.shape
+    Cout, Cg, kh, kw = weight.shape
+    K = kh * kw
+    groups = C // Cg
+    dg = offset.shape[1] // (2 * K)
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    dev, dt = input.device, input.dtype
+    off = offset.reshape(N, dg, K, 2, Ho, Wo)
+    ky = (torch.arange(kh, device=dev, dtype=dt) * dh).repeat_interleave(kw).view(1, 1, K, 1, 1)
+    kx = (torch.arange(kw, device=dev, dtype=dt) * dw).repeat(kh).view(1, 1, K, 1, 1)
+    oy = (torch.arange(Ho, device=dev, dtype=dt) * sh - ph).view(1, 1, 1, Ho, 1)
+    ox = (torch.arange(Wo, device=dev, dtype=dt) * sw - pw).view(1, 1, 1, 1, Wo)
+    y = oy + ky + off[:, :, :, 0]
+    x = ox + kx + off[:, :, :, 1]
+    vals = bilinear_gather(input.reshape(N, dg, C // dg, H, W), y, x)  # [N, dg, C/dg, K, Ho, Wo]
+    if mask is not None:
+        vals = vals * mask.reshape(N, dg, 1, K, Ho, Wo)
+    cols = vals.reshape(N, groups, Cg * K, Ho * Wo)
+    out = torch.einsum("gok,ngkp->ngop", weight.reshape(groups, Cout // groups, Cg * K), cols)
+    out = out.reshape(N, Cout, Ho, Wo)
+    if bias is not None:
+        out = out + bias.view(1, Cout, 1, 1)
+    return out

@@ -1,0 +1,102 @@
+"""Builds mmdcnv2 and its compiled ops (mmdcnv2._C) against the installed torch.
+
+CUDA kernels are built when CUDA is usable or FORCE_CUDA=1; the architectures
+come from TORCH_CUDA_ARCH_LIST (default: a portable list with 8.0 and 9.0).
+MMDCNV2_SANITIZE=1 builds the CPU code with AddressSanitizer and UBSan.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
+
+
+def _find_cuda_home():
+    """The CUDA toolkit folder (the one holding include/cuda_runtime.h), or None.
+
+    torch's own guess can land one folder above the toolkit, and nvcc on PATH may
+    be a wrapper script, so ask nvcc itself where its toolkit is.
+    """
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return None
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = os.path.join(tmp, "probe.cu")
+        open(probe, "w").close()
+        run = subprocess.run([nvcc, "--dryrun", "-c", probe], capture_output=True, text=True, cwd=tmp)
+    for line in (run.stdout + run.stderr).splitlines():
+        if "TOP=" in line:
+            candidates.insert(0, os.path.normpath(line.split("TOP=", 1)[1].strip()))
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda():
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        if not _cuda_home:
+            sys.exit("FORCE_CUDA=1 but no CUDA toolkit found: put nvcc on PATH or set CUDA_HOME")
+        return True
+    return torch.cuda.is_available() and _cuda_home is not None
+
+
+def _nvidia_include_dirs():
+    # pip's CUDA runtime packages keep headers such as cusparse.h outside the toolkit.
+    dirs = []
+    for path in sys.path:
+        dirs += glob.glob(os.path.join(path, "nvidia", "*", "include"))
+    return sorted(set(d for d in dirs if os.path.isdir(d)))
+
+
+def make_extension():
+    with_cuda = _want_cuda()
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cxx = ["-O3", "-std=c++20", "-fopenmp-simd", "-fvisibility=hidden"]
+    ldflags = []
+    if os.environ.get("MMDCNV2_SANITIZE", "0") == "1":
+        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
+        cxx = [f for f in cxx if f != "-O3"] + san
+        ldflags += ["-fsanitize=address,undefined"]
+    kwargs = dict(
+        name="mmdcnv2._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=ldflags,
+        define_macros=[("Py_LIMITED_API", "0x030A0000")],
+        py_limited_api=True,
+    )
+    if not with_cuda:
+        return CppExtension(**kwargs)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    kwargs["sources"] += sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    kwargs["include_dirs"] += _nvidia_include_dirs()
+    kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    kwargs["define_macros"].append(("MMDCNV2_WITH_CUDA", None))
+    return CUDAExtension(**kwargs)
+
+
+# Metadata and packages live in pyproject.toml.
+setup(
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
