@@ -7,7 +7,8 @@ from .deform_conv import (
     ModulatedDeformConv2dPack,
     deform_conv2d,
 )
-from .reference import deform_conv2d_reference
+from .deform_roi_pool import DeformRoIPool, DeformRoIPoolPack, ModulatedDeformRoIPoolPack, deform_roi_pool
+from .reference import deform_conv2d_reference, deform_roi_pool_reference
 
 __all__ = [
     "has_ops",
@@ -18,4 +19,9 @@ __all__ = [
     "DeformConv2dPack",
     "ModulatedDeformConv2d",
     "ModulatedDeformConv2dPack",
+    "deform_roi_pool",
+    "deform_roi_pool_reference",
+    "DeformRoIPool",
+    "DeformRoIPoolPack",
+    "ModulatedDeformRoIPoolPack",
 ]

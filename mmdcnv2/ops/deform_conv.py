@@ -74,12 +74,14 @@ def _check_args(input, offset, weight, bias, stride, padding, dilation, mask):
             raise ValueError(f"deform_conv2d: mask must have shape {want_mask}, got {tuple(mask.shape)}")
     if bias is not None and tuple(bias.shape) != (Cout,):
         raise ValueError(f"deform_conv2d: bias must have shape ({Cout},), got {tuple(bias.shape)}")
+    # under autocast, the dispatcher casts every floating input to float32 before the kernel runs
+    autocast = torch.is_autocast_enabled(input.device.type)
     for name, t in (("weight", weight), ("offset", offset), ("mask", mask), ("bias", bias)):
         if t is None:
             continue
         if t.device != input.device:
             raise ValueError(f"deform_conv2d: {name} is on {t.device} but input is on {input.device}")
-        if t.dtype != input.dtype:
+        if t.dtype != input.dtype and not autocast:
             raise ValueError(f"deform_conv2d: {name} has dtype {t.dtype} but input has dtype {input.dtype}")
     return groups, dg, Ho, Wo
 
@@ -256,22 +258,10 @@ def _check_channels(in_channels, out_channels, groups, deform_groups):
         raise ValueError(f"in_channels ({in_channels}) must be divisible by deform_groups ({deform_groups})")
 
 
-def _rename_legacy_offset(state_dict, prefix, local_metadata):
-    # Checkpoints before version 2 of mmcv's Pack modules named the offset conv `<name>_offset`.
-    version = local_metadata.get("version", None)
-    if version is None or version < 2:
-        for suffix in ("weight", "bias"):
-            new, old = f"{prefix}conv_offset.{suffix}", f"{prefix[:-1]}_offset.{suffix}"
-            if new not in state_dict and old in state_dict:
-                state_dict[new] = state_dict.pop(old)
-
-
 class DeformConv2dPack(DeformConv2d):
     """``DeformConv2d`` that predicts its own offsets with a zero-initialised ``conv_offset``
     (2 * deform_groups * kH * kW channels, same kernel, stride, padding and dilation).
     Registered in mmcv as ``DCN``; ``forward(x)``."""
-
-    _version = 2
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -292,10 +282,6 @@ class DeformConv2dPack(DeformConv2d):
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         return super().forward(x, self.conv_offset(x))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
-        _rename_legacy_offset(state_dict, prefix, local_metadata)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
 
 class ModulatedDeformConv2d(nn.Module):
@@ -370,8 +356,6 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
     equal chunks o1, o2, m; offset = cat(o1, o2), mask = sigmoid(m) (mmcv's layout).
     Registered in mmcv as ``DCNv2``; ``forward(x)``."""
 
-    _version = 2
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.conv_offset = nn.Conv2d(
@@ -395,7 +379,3 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
         o1, o2, m = torch.chunk(self.conv_offset(x), 3, dim=1)
         offset = torch.cat((o1, o2), dim=1)
         return super().forward(x, offset, torch.sigmoid(m))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
-        _rename_legacy_offset(state_dict, prefix, local_metadata)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)

@@ -86,3 +86,74 @@ def deform_conv2d_reference(
     if bias is not None:
         out = out + bias.view(1, Cout, 1, 1)
     return out
+
+
+def clamped_gather(x: Tensor, y: Tensor, xq: Tensor) -> Tensor:
+    """RoIAlign's bilinear samples of ``x`` (Tensor[C, H, W]) at ``y``, ``xq`` (same shape S).
+
+    Returns Tensor[C, *S]. A sample counts where -1 <= y <= H and -1 <= x <= W;
+    coordinates in [-1, 0] and [size - 1, size] are clamped to the border.
+    """
+    C, H, W = x.shape
+    inside = (y >= -1) & (y <= H) & (xq >= -1) & (xq <= W)
+    zero = torch.zeros_like(y)
+
+    def axis(v, size):
+        v = torch.where(v <= 0, zero, v)
+        lo = torch.floor(v).detach()
+        edge = lo >= size - 1
+        v = torch.where(edge, torch.full_like(v, size - 1), v)
+        lo = torch.where(edge, torch.full_like(lo, size - 1), lo)
+        hi = torch.where(edge, lo, lo + 1)
+        return v - lo, lo.long(), hi.long()
+
+    ly, y0, y1 = axis(y, H)
+    lx, x0, x1 = axis(xq, W)
+    flat = x.reshape(C, H * W)
+    out = 0
+    for yy, xx, wgt in ((y0, x0, (1 - ly) * (1 - lx)), (y0, x1, (1 - ly) * lx), (y1, x0, ly * (1 - lx)), (y1, x1, ly * lx)):
+        vals = flat[:, (yy * W + xx).reshape(-1)].reshape(C, *y.shape)
+        out = out + vals * torch.where(inside, wgt, zero)
+    return out
+
+
+def deform_roi_pool_reference(
+    input: Tensor,
+    rois: Tensor,
+    offset: Optional[Tensor] = None,
+    output_size: IntPair = 7,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+) -> Tensor:
+    """Deformable RoI pooling, one RoI at a time; same arguments as
+    :func:`mmdcnv2.ops.deform_roi_pool`. Returns Tensor[K, C, PH, PW]."""
+    PH, PW = _pair(output_size)
+    C = input.shape[1]
+    dt, dev = input.dtype, input.device
+    outs = []
+    for k in range(rois.shape[0]):
+        b = int(rois[k, 0])
+        x1, y1, x2, y2 = (rois[k, i].to(dt) for i in range(1, 5))
+        sx, sy = x1 * spatial_scale - 0.5, y1 * spatial_scale - 0.5
+        roi_w, roi_h = x2 * spatial_scale - 0.5 - sx, y2 * spatial_scale - 0.5 - sy
+        bin_h, bin_w = roi_h / PH, roi_w / PW
+        gh = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(bin_h)), 0)
+        gw = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(bin_w)), 0)
+        if gh == 0 or gw == 0:
+            outs.append(input.new_zeros(C, PH, PW))
+            continue
+        dx = offset[k, 0] if offset is not None else 0
+        dy = offset[k, 1] if offset is not None else 0
+        y0 = sy + gamma * roi_h * dy + torch.arange(PH, device=dev, dtype=dt).view(PH, 1) * bin_h
+        x0 = sx + gamma * roi_w * dx + torch.arange(PW, device=dev, dtype=dt).view(1, PW) * bin_w
+        y0, x0 = torch.broadcast_tensors(y0, x0)
+        fy = (torch.arange(gh, device=dev, dtype=dt) + 0.5) * (bin_h / gh)
+        fx = (torch.arange(gw, device=dev, dtype=dt) + 0.5) * (bin_w / gw)
+        ys = (y0[..., None, None] + fy.view(gh, 1)).expand(PH, PW, gh, gw)
+        xs = (x0[..., None, None] + fx.view(1, gw)).expand(PH, PW, gh, gw)
+        vals = clamped_gather(input[b], ys, xs)  # [C, PH, PW, gh, gw]
+        outs.append(vals.sum((-1, -2)) / (gh * gw))
+    if not outs:
+        return input.new_zeros(0, C, PH, PW)
+    return torch.stack(outs)

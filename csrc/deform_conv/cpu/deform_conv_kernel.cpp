@@ -23,6 +23,11 @@ inline void for_each_run(const DeformConvGeom& g, int64_t c_begin, int64_t c_end
 }
 
 // The sample of output row r (image i, position p), deform group dg, kernel tap k; m is the mask value.
+// Rows per parallel task: enough work (about 32K channel samples) to pay for the hand-off.
+inline int64_t row_grain(const DeformConvGeom& g) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, g.K() * g.C));
+}
+
 template <typename T>
 struct TapSample {
   BilinearSample<T> s;
@@ -47,7 +52,7 @@ inline TapSample<T> tap_sample(const DeformConvGeom& g, const T* off, const T* m
 template <typename T>
 void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeom& g, int64_t b) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
-  at::parallel_for(0, b * P, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, b * P, row_grain(g), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r / P, p = r % P;
       const T* xi = x + i * HW * C;
@@ -80,7 +85,7 @@ template <typename T>
 void coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T* goff, T* gmsk, const DeformConvGeom& g,
                 int64_t b) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
-  at::parallel_for(0, b * P, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, b * P, row_grain(g), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r / P, p = r % P;
       const T* xi = x + i * HW * C;
@@ -121,13 +126,15 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
   const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
   struct Task { int64_t gi, dg, c0, c1; };
   std::vector<Task> tasks;
-  const int64_t piece = std::max<int64_t>(16, (C + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads()));
+  const int64_t threads = b * P * K * C < (int64_t(1) << 15) ? 1 : at::get_num_threads();
+  const int64_t piece = std::max<int64_t>(16, (C + 2 * threads - 1) / (2 * threads));
   for (int64_t dg = 0; dg < g.dgroups; ++dg) {
     for_each_run(g, dg * Cdg, (dg + 1) * Cdg, [&](int64_t gi, int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; c += piece) tasks.push_back({gi, dg, c, std::min(c1, c + piece)});
     });
   }
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+  const int64_t ntasks = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, ntasks, threads == 1 ? ntasks : 1, [&](int64_t t0, int64_t t1) {
     for (int64_t ti = t0; ti < t1; ++ti) {
       const Task& task = tasks[ti];
       const int64_t n = task.c1 - task.c0;

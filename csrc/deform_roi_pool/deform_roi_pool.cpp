@@ -1,0 +1,52 @@
+// Schemas of the deformable RoI pooling ops (defined once, here) and their argument checks.
+#include "deform_roi_pool.h"
+
+#include <torch/library.h>
+
+namespace mmdcnv2 {
+
+RoIPoolGeom check_deform_roi_pool(const at::Tensor& input, const at::Tensor& rois,
+                                  const std::optional<at::Tensor>& offset, int64_t pooled_height,
+                                  int64_t pooled_width, double spatial_scale, int64_t sampling_ratio, double gamma) {
+  TORCH_CHECK_VALUE(input.dim() == 4, "deform_roi_pool: input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
+  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()), "deform_roi_pool: input must be floating point, got ",
+                    input.scalar_type());
+  TORCH_CHECK_VALUE(rois.dim() == 2 && rois.size(1) == 5,
+                    "deform_roi_pool: rois must have shape (K, 5) of (batch_index, x1, y1, x2, y2), got ",
+                    rois.sizes());
+  TORCH_CHECK_VALUE(rois.device() == input.device(), "deform_roi_pool: rois is on ", rois.device(),
+                    " but input is on ", input.device());
+  TORCH_CHECK_VALUE(rois.scalar_type() == input.scalar_type(), "deform_roi_pool: rois has dtype ", rois.scalar_type(),
+                    " but input has dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(pooled_height >= 1 && pooled_width >= 1, "deform_roi_pool: output_size must be >= 1, got (",
+                    pooled_height, ", ", pooled_width, ")");
+  TORCH_CHECK_VALUE(sampling_ratio >= 0, "deform_roi_pool: sampling_ratio must be >= 0 (0: adaptive), got ",
+                    sampling_ratio);
+  TORCH_CHECK_VALUE(std::isfinite(spatial_scale) && spatial_scale > 0,
+                    "deform_roi_pool: spatial_scale must be a positive finite number, got ", spatial_scale);
+  TORCH_CHECK_VALUE(std::isfinite(gamma), "deform_roi_pool: gamma must be finite, got ", gamma);
+  if (offset) {
+    const std::vector<int64_t> want = {rois.size(0), 2, pooled_height, pooled_width};
+    TORCH_CHECK_VALUE(offset->sizes() == at::IntArrayRef(want), "deform_roi_pool: offset must have shape (",
+                      rois.size(0), ", 2, ", pooled_height, ", ", pooled_width, "), got ", offset->sizes());
+    TORCH_CHECK_VALUE(offset->device() == input.device() && offset->scalar_type() == input.scalar_type(),
+                      "deform_roi_pool: offset must have input's device and dtype (", input.device(), ", ",
+                      input.scalar_type(), "), got ", offset->device(), ", ", offset->scalar_type());
+  }
+  RoIPoolGeom g;
+  g.N = input.size(0); g.C = input.size(1); g.H = input.size(2); g.W = input.size(3);
+  g.R = rois.size(0); g.PH = pooled_height; g.PW = pooled_width;
+  g.spatial_scale = spatial_scale; g.gamma = gamma; g.sampling_ratio = sampling_ratio;
+  return g;
+}
+
+}  // namespace mmdcnv2
+
+TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
+  m.def(
+      "deform_roi_pool(Tensor input, Tensor rois, Tensor? offset, int pooled_height, int pooled_width, "
+      "float spatial_scale, int sampling_ratio, float gamma) -> Tensor");
+  m.def(
+      "deform_roi_pool_backward(Tensor grad_output, Tensor input, Tensor rois, Tensor? offset, int pooled_height, "
+      "int pooled_width, float spatial_scale, int sampling_ratio, float gamma) -> (Tensor grad_input, Tensor grad_offset)");
+}
