@@ -13,7 +13,13 @@ MMCV_VERSION=2.1.0
 CACHE="${MMDCNV2_CACHE:-$HOME/.cache/mmdcnv2}"
 
 say() { printf '[env] %s\n' "$*"; }
-pipq() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+pipq() {
+  local log; log=$(mktemp)
+  if ! "$PY" -m pip install --disable-pip-version-check "$@" > "$log" 2>&1; then
+    grep -v "is ignored: it is neither" "$log" | tail -n 30; rm -f "$log"; say "pip install $* failed"; exit 1
+  fi
+  rm -f "$log"
+}
 
 if [ ! -x "$PY" ]; then
   say "creating $VENV"
@@ -52,8 +58,10 @@ if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'
     tar xzf "$SRC"/mmcv-$MMCV_VERSION.tar.gz -C "$SRC"
     # torch 2.14's headers need C++20; mmcv hard-codes older standards.
     sed -i -e 's/-std=c++14/-std=c++20/g' -e 's/-std=c++17/-std=c++20/g' "$SRC/mmcv-$MMCV_VERSION/setup.py"
-    (cd "$SRC/mmcv-$MMCV_VERSION" && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" \
-      "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WHEELS" . 2>&1 | grep -v "is ignored" | tail -n 20)
+    if ! (cd "$SRC/mmcv-$MMCV_VERSION" && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" \
+          "$PY" -m pip wheel --no-build-isolation --no-deps -w "$WHEELS" . > "$SRC/build.log" 2>&1); then
+      tail -n 40 "$SRC/build.log"; say "building mmcv failed (log above)"; exit 1
+    fi
     rm -rf "$SRC"
     WHL=$(ls "$WHEELS"/mmcv-$MMCV_VERSION-*.whl | head -n1)
   fi
@@ -84,7 +92,10 @@ mkdir -p "$STAMP_DIR"
 STAMP=$( (cd "$ROOT" && cat setup.py pyproject.toml $(find csrc -type f | sort) 2>/dev/null; echo "torch=$TORCH_VERSION force_cuda=${FORCE_CUDA:-0} arch=${TORCH_CUDA_ARCH_LIST:-} san=${MMDCNV2_SANITIZE:-0}") | sha256sum | cut -c1-32)
 if [ "$(cat "$STAMP_DIR/build" 2>/dev/null)" != "$STAMP" ] || ! "$PY" -c "import mmdcnv2, torch; assert hasattr(torch.ops.mmdcnv2, 'deform_conv2d')" >/dev/null 2>&1; then
   say "building the mmdcnv2 extension (FORCE_CUDA=${FORCE_CUDA:-0})"
-  (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "is ignored" | tail -n 30)
+  LOG="$STAMP_DIR/build.log"
+  if ! (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install --no-build-isolation --no-deps -e . > "$LOG" 2>&1); then
+    tail -n 60 "$LOG"; say "building the extension failed (log above, full log in $LOG)"; exit 1
+  fi
   "$PY" -c "import mmdcnv2, torch; assert hasattr(torch.ops.mmdcnv2, 'deform_conv2d')"
   echo "$STAMP" > "$STAMP_DIR/build"
 fi
