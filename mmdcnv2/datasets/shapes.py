@@ -1,0 +1,191 @@
+"""A deterministic synthetic detection and instance-segmentation dataset, in COCO format.
+
+Built so that geometry matters: five object classes whose silhouettes differ in
+shape, not colour, drawn under random rotation, scale, aspect ratio, shear and a
+smooth non-rigid warp, over textured backgrounds with clutter (strokes and blobs
+that are not objects), partly occluding each other. Every annotation is the
+visible part of its object: polygons (``segmentation``), box and area.
+
+    make_shapes_dataset("data/shapes", num_train=300, num_val=60)
+
+writes ``train/*.png``, ``val/*.png`` and ``annotations/{train,val}.json``.
+"""
+import json
+import math
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from shapely.geometry import MultiPolygon, Polygon
+from shapely.ops import unary_union
+
+SHAPES_CLASSES = ("triangle", "star", "cross", "arrow", "crescent")
+
+
+def _base_outline(name: str) -> np.ndarray:
+    """The class's outline in the unit square around the origin, as (n, 2) x, y points."""
+    if name == "triangle":
+        pts = [(math.cos(a), math.sin(a)) for a in np.deg2rad([90, 210, 330])]
+    elif name == "star":
+        pts = [((1.0 if i % 2 == 0 else 0.42) * math.cos(a), (1.0 if i % 2 == 0 else 0.42) * math.sin(a))
+               for i, a in enumerate(np.deg2rad(90 + 36 * np.arange(10)))]
+    elif name == "cross":
+        a, b = 1.0, 0.33
+        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b),
+               (-b, -b)]
+    elif name == "arrow":
+        pts = [(-1.0, -0.28), (0.15, -0.28), (0.15, -0.7), (1.0, 0.0), (0.15, 0.7), (0.15, 0.28), (-1.0, 0.28)]
+    elif name == "crescent":
+        outer = Polygon([(math.cos(t), math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)])
+        inner = Polygon([(0.45 + 0.85 * math.cos(t), 0.85 * math.sin(t))
+                         for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)])
+        shape = outer.difference(inner)
+        if isinstance(shape, MultiPolygon):
+            shape = max(shape.geoms, key=lambda g: g.area)
+        pts = list(shape.exterior.coords)[:-1]
+    else:
+        raise ValueError(f"unknown shape class {name!r}")
+    return np.asarray(pts, dtype=np.float64)
+
+
+def _densify(pts: np.ndarray, step: float = 0.08) -> np.ndarray:
+    out = []
+    for p, q in zip(pts, np.roll(pts, -1, axis=0)):
+        n = max(1, int(np.linalg.norm(q - p) / step))
+        out += [p + (q - p) * t for t in np.arange(n) / n]
+    return np.asarray(out)
+
+
+def _random_object(rng: np.random.RandomState, cls: int, size: int) -> np.ndarray:
+    """Outline of one object in image coordinates: scaled, stretched, sheared, rotated, warped."""
+    pts = _densify(_base_outline(SHAPES_CLASSES[cls]))
+    scale = rng.uniform(0.09, 0.24) * size
+    aspect = math.exp(rng.uniform(-0.45, 0.45))
+    pts = pts * np.array([aspect, 1 / aspect])
+    shear = rng.uniform(-0.4, 0.4)
+    pts = pts @ np.array([[1.0, 0.0], [shear, 1.0]])
+    theta = rng.uniform(0, 2 * math.pi)
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    pts = pts @ rot.T
+    # smooth non-rigid warp: a low-frequency sinusoidal displacement field
+    amp, freq, phase = rng.uniform(0.0, 0.12), rng.uniform(1.0, 2.5), rng.uniform(0, 2 * math.pi, size=2)
+    pts = pts + amp * np.stack([np.sin(freq * pts[:, 1] + phase[0]), np.sin(freq * pts[:, 0] + phase[1])], axis=1)
+    pts = pts * scale
+    margin = 0.6 * scale
+    centre = rng.uniform(margin, size - margin, size=2)
+    return pts + centre
+
+
+def _background(rng: np.random.RandomState, size: int) -> Image.Image:
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = rng.uniform(60, 190, size=3)
+    grad = rng.uniform(-50, 50, size=(2, 3))
+    img = base + xx[..., None] * grad[0] + yy[..., None] * grad[1]
+    img = img + rng.normal(0, 12, size=(size, size, 3))
+    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0))
+    draw = ImageDraw.Draw(im)
+    for _ in range(rng.randint(3, 9)):  # clutter: strokes and blobs that are not objects
+        color = tuple(int(c) for c in rng.randint(0, 256, size=3))
+        if rng.rand() < 0.6:
+            p = rng.uniform(0, size, size=4)
+            draw.line([tuple(p[:2]), tuple(p[2:])], fill=color, width=int(rng.randint(1, 4)))
+        else:
+            c, r = rng.uniform(0, size, size=2), rng.uniform(2, size * 0.05)
+            draw.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=color)
+    return im
+
+
+def _visible_parts(geom) -> List[Polygon]:
+    if geom.is_empty:
+        return []
+    parts = list(geom.geoms) if hasattr(geom, "geoms") else [geom]
+    return [p for p in parts if isinstance(p, Polygon) and p.area >= 4.0]
+
+
+def make_image(rng: np.random.RandomState, size: int, max_objects: int = 5):
+    """One image and its objects: list of (class index, visible polygons, visible geometry)."""
+    im = _background(rng, size)
+    draw = ImageDraw.Draw(im)
+    placed = []  # (cls, full polygon)
+    for _ in range(rng.randint(1, max_objects + 1)):
+        for _try in range(10):
+            cls = int(rng.randint(len(SHAPES_CLASSES)))
+            poly = Polygon(_random_object(rng, cls, size)).buffer(0)
+            if poly.is_empty or poly.area < 40:
+                continue
+            # keep at least 60% of every earlier object visible
+            ok = all(
+                (p.difference(unary_union([q for _, q in placed[i + 1:]] + [poly]))).area >= 0.6 * p.area
+                for i, (_, p) in enumerate(placed)
+            )
+            if ok:
+                placed.append((cls, poly))
+                break
+    objects = []
+    for i, (cls, poly) in enumerate(placed):
+        color = tuple(int(c) for c in rng.randint(0, 256, size=3))
+        outline = tuple(int(c) for c in rng.randint(0, 256, size=3))
+        geoms = [poly] if isinstance(poly, Polygon) else list(poly.geoms)
+        for g in geoms:
+            draw.polygon([tuple(p) for p in np.asarray(g.exterior.coords)], fill=color, outline=outline)
+        later = [q for _, q in placed[i + 1:]]
+        visible = poly.difference(unary_union(later)) if later else poly
+        visible = visible.intersection(Polygon([(0, 0), (size, 0), (size, size), (0, size)]))
+        objects.append((cls, _visible_parts(visible), visible))
+    arr = np.asarray(im).astype(np.float32)
+    arr += rng.normal(0, 4, size=arr.shape)  # sensor noise over everything
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), objects
+
+
+def _write_split(root: str, split: str, num: int, size: int, seed: int, progress) -> Dict:
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    images, annotations = [], []
+    for idx in range(num):
+        rng = np.random.RandomState([seed, 0 if split == "train" else 1, idx])
+        im, objects = make_image(rng, size)
+        name = f"{split}/{idx:06d}.png"
+        im.save(os.path.join(root, name))
+        images.append(dict(id=idx, file_name=name, width=size, height=size))
+        for cls, parts, visible in objects:
+            if not parts:
+                continue
+            x0, y0, x1, y1 = visible.bounds
+            annotations.append(dict(
+                id=len(annotations) + 1, image_id=idx, category_id=cls + 1, iscrowd=0,
+                bbox=[round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], area=round(visible.area, 2),
+                segmentation=[[round(float(v), 2) for xy in np.asarray(p.exterior.coords)[:-1] for v in xy]
+                              for p in parts]))
+        if progress and ((idx + 1) % max(1, num // 10) == 0 or idx + 1 == num):
+            progress(f"{split}: {idx + 1}/{num} images")
+    return dict(images=images, annotations=annotations,
+                categories=[dict(id=i + 1, name=n) for i, n in enumerate(SHAPES_CLASSES)])
+
+
+def make_shapes_dataset(root: str, num_train: int = 300, num_val: int = 60, size: int = 192, seed: int = 0,
+                        progress: Optional[callable] = print) -> Dict[str, str]:
+    """Writes the dataset under ``root`` and returns the paths of the two annotation files.
+
+    The same arguments always give the same files. An existing dataset with the same
+    settings is reused; a folder holding anything else is never overwritten.
+    """
+    stamp = dict(generator="mmdcnv2.shapes/1", num_train=num_train, num_val=num_val, size=size, seed=seed)
+    stamp_path = os.path.join(root, "dataset.json")
+    ann_dir = os.path.join(root, "annotations")
+    paths = {s: os.path.join(ann_dir, f"{s}.json") for s in ("train", "val")}
+    if os.path.exists(stamp_path):
+        with open(stamp_path) as f:
+            if json.load(f) == stamp and all(os.path.exists(p) for p in paths.values()):
+                if progress:
+                    progress(f"reusing the dataset in {root}")
+                return paths
+    if os.path.isdir(root) and os.listdir(root) and not os.path.exists(stamp_path):
+        raise FileExistsError(f"{root} exists and was not written by this generator; choose another folder")
+    os.makedirs(ann_dir, exist_ok=True)
+    for split, num in (("train", num_train), ("val", num_val)):
+        coco = _write_split(root, split, num, size, seed, progress)
+        with open(paths[split], "w") as f:
+            json.dump(coco, f)
+    with open(stamp_path, "w") as f:
+        json.dump(stamp, f)
+    return paths

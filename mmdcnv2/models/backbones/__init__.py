@@ -1,0 +1,3 @@
+from .resnet import DCNBasicBlock, DCNResNet, DCNResNeXt
+
+__all__ = ["DCNBasicBlock", "DCNResNet", "DCNResNeXt"]

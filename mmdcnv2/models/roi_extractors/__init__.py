@@ -1,0 +1,3 @@
+from .deform_roi_extractor import DeformRoIExtractor
+
+__all__ = ["DeformRoIExtractor"]
