@@ -4,4 +4,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/env.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" tools/demo_ops.py "$@"
+exec "$ROOT/.venv/bin/python" tools/run_main.py "$@"

@@ -1,0 +1,92 @@
+"""The main job: dataset, training with `mim train`, COCO evaluation with `mim test`, a picture.
+
+    python tools/run_main.py [--config CONFIG] [--iters N] [--data data/shapes]
+
+1. writes the embedded synthetic dataset (reused when already there);
+2. trains the config on the CPU through `mim train mmdet CONFIG --gpus 0`;
+3. evaluates the final checkpoint through `mim test mmdet CONFIG --checkpoint ...`;
+4. prints the COCO box mAP and leaves, in a new work directory under work_dirs/
+   (never one that exists), the logs, the checkpoint and detections.png.
+"""
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = "configs/shapes/faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py"
+
+
+def run(cmd, log_path):
+    """Runs cmd, streaming its output (it shows progress) and keeping a copy in log_path."""
+    print("$", " ".join(cmd), flush=True)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            log.write(line)
+            if "Iter(" in line or "bbox_mAP" in line or "Error" in line or "Traceback" in line or "Epoch(" in line:
+                print("  " + line.rstrip()[-160:], flush=True)
+        if proc.wait() != 0:
+            sys.exit(f"command failed ({proc.returncode}); full output in {log_path}")
+    with open(log_path) as f:
+        return f.read()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the config's)")
+    p.add_argument("--data", default="data/shapes")
+    p.add_argument("--work-dir", default=None, help="must not exist yet (default: work_dirs/main-<time>)")
+    a = p.parse_args()
+    os.chdir(ROOT)
+    sys.path.insert(0, ROOT)
+    from mmdcnv2.datasets import make_shapes_dataset
+
+    t0 = time.time()
+    print("[1/4] dataset", flush=True)
+    make_shapes_dataset(a.data)
+    work_dir = a.work_dir or os.path.join("work_dirs", time.strftime("main-%Y%m%d-%H%M%S"))
+    if os.path.exists(work_dir):
+        sys.exit(f"{work_dir} exists: choose a new --work-dir (nothing is overwritten)")
+    os.makedirs(work_dir)
+    options = [f"train_dataloader.dataset.data_root={a.data}/", f"val_dataloader.dataset.data_root={a.data}/",
+               f"test_dataloader.dataset.data_root={a.data}/",
+               f"val_evaluator.ann_file={a.data}/annotations/val.json",
+               f"test_evaluator.ann_file={a.data}/annotations/val.json"]
+    if a.iters:
+        options += [f"train_cfg.max_iters={a.iters}", f"train_cfg.val_interval={a.iters}",
+                    f"default_hooks.checkpoint.interval={a.iters}"]
+    mim = [sys.executable, "-m", "mim"]
+    print(f"[2/4] training {a.config} on the CPU (work dir {work_dir})", flush=True)
+    run(mim + ["train", "mmdet", a.config, "--gpus", "0", "--work-dir", work_dir, "--cfg-options", *options],
+        os.path.join(work_dir, "train_output.txt"))
+    ckpts = sorted(glob.glob(os.path.join(work_dir, "iter_*.pth")), key=lambda s: int(re.findall(r"\d+", s)[-1]))
+    if not ckpts:
+        sys.exit(f"no checkpoint in {work_dir}")
+    print(f"[3/4] COCO evaluation of {ckpts[-1]}", flush=True)
+    show_dir = "detections"
+    out = run(mim + ["test", "mmdet", a.config, "--checkpoint", ckpts[-1], "--gpus", "0", "--work-dir", work_dir,
+                     "--show-dir", show_dir, "--cfg-options", *options], os.path.join(work_dir, "test_output.txt"))
+    m = re.findall(r"coco/bbox_mAP: ([0-9.]+)\s+coco/bbox_mAP_50: ([0-9.]+)\s+coco/bbox_mAP_75: ([0-9.]+)", out)
+    print("[4/4] picture", flush=True)
+    pics = sorted(glob.glob(os.path.join(work_dir, "*", show_dir, "**", "*.png"), recursive=True))
+    if pics:
+        shutil.copy(pics[0], os.path.join(work_dir, "detections.png"))
+    print("\n==== main job done in %.1f min ====" % ((time.time() - t0) / 60))
+    if m:
+        ap, ap50, ap75 = m[-1]
+        print(f"COCO box mAP {ap}  (AP50 {ap50}, AP75 {ap75}) on {a.data}/annotations/val.json")
+    else:
+        print("no COCO mAP found in the test output:", os.path.join(work_dir, "test_output.txt"))
+    print(f"work dir: {work_dir}  (logs, {os.path.basename(ckpts[-1])}, detections.png; all pictures in "
+          f"{work_dir}/<time>/{show_dir}/)")
+
+
+if __name__ == "__main__":
+    main()
