@@ -24,13 +24,13 @@ DEFAULT_CONFIG = "configs/shapes/faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py"
 def run(cmd, log_path):
     """Runs cmd, streaming its output (it shows progress) and keeping a copy in log_path."""
     print("$", " ".join(cmd), flush=True)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             log.write(line)
             if "Iter(" in line or "bbox_mAP" in line or "Error" in line or "Traceback" in line or "Epoch(" in line:
-                print("  " + line.rstrip()[-160:], flush=True)
+                print("  " + line.rstrip().split(" - ")[-1][:150], flush=True)
         if proc.wait() != 0:
             sys.exit(f"command failed ({proc.returncode}); full output in {log_path}")
     with open(log_path) as f:

@@ -81,17 +81,17 @@ model = dict(
     test_cfg=dict(rcnn=dict(score_thr=0.05, max_per_img=50)),
 )
 
-max_iters = 600
+max_iters = 700
 train_cfg = dict(_delete_=True, type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters)
 optim_wrapper = dict(
     _delete_=True,
     type="OptimWrapper",
-    optimizer=dict(type="AdamW", lr=2e-3, weight_decay=1e-4),
+    optimizer=dict(type="AdamW", lr=5e-4, weight_decay=1e-4),
     clip_grad=dict(max_norm=10.0, norm_type=2),
 )
 param_scheduler = [
     dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=50),
-    dict(type="MultiStepLR", by_epoch=False, begin=0, end=max_iters, milestones=[int(max_iters * 0.75)], gamma=0.1),
+    dict(type="MultiStepLR", by_epoch=False, begin=0, end=max_iters, milestones=[int(max_iters * 0.8)], gamma=0.1),
 ]
 default_hooks = dict(
     logger=dict(type="LoggerHook", interval=25),

@@ -7,6 +7,8 @@ arrays, numpy scalars in the runtime info). So ``mim test`` and ``resume`` after
 ``mim train`` fail. Instead of switching weights_only off globally, we allow exactly
 those types with ``torch.serialization.add_safe_globals``; everything else stays refused.
 """
+import pickle
+
 import numpy as np
 import torch
 
@@ -21,11 +23,24 @@ def _numpy_globals():
     return [_reconstruct, scalar, np.ndarray, np.dtype, *dtype_classes]
 
 
+def _history_buffer_statistic(obj, name):
+    """Stands in for ``builtins.getattr`` while unpickling: a HistoryBuffer pickles its
+    statistics methods ('min', 'max', 'mean', 'current') as getattr(HistoryBuffer, name);
+    that is the only getattr it allows."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    allowed = {"min", "max", "mean", "current", *HistoryBuffer._statistics_methods}
+    if obj is HistoryBuffer and isinstance(name, str) and name in allowed:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(
+        f"refused getattr({obj!r}, {name!r}): only HistoryBuffer's statistics methods are allowed")
+
+
 def mmengine_checkpoint_globals():
     """The non-tensor types found in checkpoints that mmengine's Runner writes."""
     from mmengine.logging.history_buffer import HistoryBuffer
 
-    return [HistoryBuffer, *_numpy_globals()]
+    return [HistoryBuffer, (_history_buffer_statistic, "builtins.getattr"), *_numpy_globals()]
 
 
 def allow_mmengine_checkpoints() -> None:
