@@ -89,7 +89,7 @@ fi
 # Our own extension: rebuilt only when its sources, the build script or torch changed.
 STAMP_DIR="$VENV/.mmdcnv2"
 mkdir -p "$STAMP_DIR"
-STAMP=$( (cd "$ROOT" && cat setup.py pyproject.toml $(find csrc -type f | sort) 2>/dev/null; echo "torch=$TORCH_VERSION force_cuda=${FORCE_CUDA:-0} arch=${TORCH_CUDA_ARCH_LIST:-} san=${MMDCNV2_SANITIZE:-0}") | sha256sum | cut -c1-32)
+STAMP=$( (cd "$ROOT" && cat setup.py $(find csrc -type f | sort) 2>/dev/null; echo "torch=$TORCH_VERSION force_cuda=${FORCE_CUDA:-0} arch=${TORCH_CUDA_ARCH_LIST:-} san=${MMDCNV2_SANITIZE:-0}") | sha256sum | cut -c1-32)
 if [ "$(cat "$STAMP_DIR/build" 2>/dev/null)" != "$STAMP" ] || ! "$PY" -c "import mmdcnv2, torch; assert hasattr(torch.ops.mmdcnv2, 'deform_conv2d')" >/dev/null 2>&1; then
   say "building the mmdcnv2 extension (FORCE_CUDA=${FORCE_CUDA:-0})"
   LOG="$STAMP_DIR/build.log"

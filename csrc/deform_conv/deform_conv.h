@@ -133,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       grad_input.narrow(0, n0, b).copy_(gx.permute({0, 3, 1, 2}));
     }
   }
-  auto grad_weight = gw_acc.view({g.groups, Cout_g, K, Cg}).transpose(2, 3).reshape(weight.sizes()).to(weight.scalar_type());
+  auto grad_weight =
+      gw_acc.view({g.groups, Cout_g, K, Cg}).transpose(2, 3).reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
   return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
 }
 

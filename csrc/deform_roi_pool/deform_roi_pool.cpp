@@ -40,6 +40,14 @@ RoIPoolGeom check_deform_roi_pool(const at::Tensor& input, const at::Tensor& roi
   return g;
 }
 
+void check_deform_roi_pool_grad(const at::Tensor& grad_output, const at::Tensor& input, const RoIPoolGeom& g) {
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({g.R, g.C, g.PH, g.PW}),
+                    "deform_roi_pool_backward: grad_output must have shape (", g.R, ", ", g.C, ", ", g.PH, ", ", g.PW,
+                    "), got ", grad_output.sizes());
+  TORCH_CHECK_VALUE(grad_output.device() == input.device() && grad_output.scalar_type() == input.scalar_type(),
+                    "deform_roi_pool_backward: grad_output must have input's device and dtype");
+}
+
 }  // namespace mmdcnv2
 
 TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {

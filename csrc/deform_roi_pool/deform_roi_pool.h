@@ -24,4 +24,6 @@ RoIPoolGeom check_deform_roi_pool(const at::Tensor& input, const at::Tensor& roi
                                   const std::optional<at::Tensor>& offset, int64_t pooled_height,
                                   int64_t pooled_width, double spatial_scale, int64_t sampling_ratio, double gamma);
 
+void check_deform_roi_pool_grad(const at::Tensor& grad_output, const at::Tensor& input, const RoIPoolGeom& g);
+
 }  // namespace mmdcnv2

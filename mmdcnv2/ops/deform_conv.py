@@ -186,7 +186,57 @@ if has_ops():
 # --- nn.Modules (mmcv 2.x names, arguments, initialisation and state-dict keys) ---------------------
 
 
-class DeformConv2d(nn.Module):
+def _check_channels(in_channels, out_channels, groups, deform_groups):
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+        )
+    if deform_groups < 1 or in_channels % deform_groups:
+        raise ValueError(f"in_channels ({in_channels}) must be divisible by deform_groups ({deform_groups})")
+
+
+class _DeformConvNd(nn.Module):
+    """Arguments, weight and bias shared by the two convolution modules."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups,
+                 bias):
+        super().__init__()
+        _check_channels(in_channels, out_channels, groups, deform_groups)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.deform_groups = deform_groups
+        # attributes that nn.Conv2d has and that mmcv's ConvModule and friends read
+        self.transposed = False
+        self.output_padding = _single(0)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+
+    def _make_conv_offset(self, per_tap: int) -> nn.Conv2d:
+        """The zero-initialised conv that predicts ``per_tap`` channels per kernel tap and deform group."""
+        conv = nn.Conv2d(self.in_channels, self.deform_groups * per_tap * self.kernel_size[0] * self.kernel_size[1],
+                         kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                         dilation=self.dilation, bias=True)
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"deform_groups={self.deform_groups}, bias={self.bias is not None}"
+        )
+
+
+class DeformConv2d(_DeformConvNd):
     r"""Deformable convolution (DCNv1); offsets are given to ``forward``.
 
     Args:
@@ -216,23 +266,11 @@ class DeformConv2d(nn.Module):
         bias: bool = False,
         im2col_step: int = 32,
     ) -> None:
-        super().__init__()
         if bias:
             raise ValueError(f"bias={bias} is not supported in DeformConv2d")
-        _check_channels(in_channels, out_channels, groups, deform_groups)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        self.groups = groups
-        self.deform_groups = deform_groups
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups,
+                         False)
         self.im2col_step = im2col_step
-        # attributes that nn.Conv2d has and that mmcv's ConvModule and friends read
-        self.transposed = False
-        self.output_padding = _single(0)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -240,22 +278,6 @@ class DeformConv2d(nn.Module):
 
     def forward(self, x: Tensor, offset: Tensor) -> Tensor:
         return deform_conv2d(x, offset, self.weight, None, self.stride, self.padding, self.dilation)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-            f"deform_groups={self.deform_groups}, bias=False"
-        )
-
-
-def _check_channels(in_channels, out_channels, groups, deform_groups):
-    if groups < 1 or in_channels % groups or out_channels % groups:
-        raise ValueError(
-            f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
-        )
-    if deform_groups < 1 or in_channels % deform_groups:
-        raise ValueError(f"in_channels ({in_channels}) must be divisible by deform_groups ({deform_groups})")
 
 
 class DeformConv2dPack(DeformConv2d):
@@ -265,16 +287,7 @@ class DeformConv2dPack(DeformConv2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.conv_offset = nn.Conv2d(
-            self.in_channels,
-            self.deform_groups * 2 * self.kernel_size[0] * self.kernel_size[1],
-            kernel_size=self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            bias=True,
-        )
-        self.init_offset()
+        self.conv_offset = self._make_conv_offset(2)
 
     def init_offset(self) -> None:
         nn.init.zeros_(self.conv_offset.weight)
@@ -284,7 +297,7 @@ class DeformConv2dPack(DeformConv2d):
         return super().forward(x, self.conv_offset(x))
 
 
-class ModulatedDeformConv2d(nn.Module):
+class ModulatedDeformConv2d(_DeformConvNd):
     r"""Modulated deformable convolution (DCNv2); offsets and mask are given to ``forward``.
 
     Args:
@@ -313,23 +326,8 @@ class ModulatedDeformConv2d(nn.Module):
         deform_groups: int = 1,
         bias: Union[bool, str] = True,
     ) -> None:
-        super().__init__()
-        _check_channels(in_channels, out_channels, groups, deform_groups)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
-        self.groups = groups
-        self.deform_groups = deform_groups
-        self.transposed = False
-        self.output_padding = _single(0)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
-        else:
-            self.register_parameter("bias", None)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups,
+                         bool(bias))
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -342,13 +340,6 @@ class ModulatedDeformConv2d(nn.Module):
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
         return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-            f"deform_groups={self.deform_groups}, bias={self.bias is not None}"
-        )
-
 
 class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
     """``ModulatedDeformConv2d`` that predicts its offsets and mask with a zero-initialised
@@ -358,16 +349,7 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.conv_offset = nn.Conv2d(
-            self.in_channels,
-            self.deform_groups * 3 * self.kernel_size[0] * self.kernel_size[1],
-            kernel_size=self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            bias=True,
-        )
-        self.init_weights()
+        self.conv_offset = self._make_conv_offset(3)
 
     def init_weights(self) -> None:
         super().init_weights()

@@ -10,16 +10,11 @@
 #include <torch/library.h>
 
 #include "../../common/bilinear.h"
+#include "../../common/cuda_launch.h"
 #include "../deform_conv.h"
 
 namespace mmdcnv2 {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline int64_t grid_for(int64_t total) {
-  return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20));
-}
 
 template <typename scalar_t, typename acc_t>
 __device__ inline BilinearSample<acc_t> tap_sample(const DeformConvGeom& g, const scalar_t* off, const scalar_t* msk,

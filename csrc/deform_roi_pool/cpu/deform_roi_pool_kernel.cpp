@@ -136,9 +136,7 @@ std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_cpu(
     int64_t sampling_ratio, double gamma) {
   const auto g = check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale,
                                        sampling_ratio, gamma);
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({g.R, g.C, g.PH, g.PW}),
-                    "deform_roi_pool_backward: grad_output must have shape (", g.R, ", ", g.C, ", ", g.PH, ", ", g.PW,
-                    "), got ", grad_output.sizes());
+  check_deform_roi_pool_grad(grad_output, input, g);
   check_batch_indices(rois, g.N);
   const auto x = to_compute(input).permute({0, 2, 3, 1}).contiguous();
   const auto r = to_compute(rois).contiguous();

@@ -11,16 +11,11 @@
 #include <torch/library.h>
 
 #include "../../common/bilinear.h"
+#include "../../common/cuda_launch.h"
 #include "../deform_roi_pool.h"
 
 namespace mmdcnv2 {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline int64_t grid_for(int64_t total) {
-  return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20));
-}
 
 template <typename scalar_t, typename acc_t>
 __device__ inline RoIBin<acc_t> bin_of(const RoIPoolGeom& g, const scalar_t* rois, const scalar_t* off, int64_t t,
@@ -162,9 +157,7 @@ std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_cuda(
     int64_t sampling_ratio, double gamma) {
   const auto g = check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale,
                                        sampling_ratio, gamma);
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({g.R, g.C, g.PH, g.PW}),
-                    "deform_roi_pool_backward: grad_output must have shape (", g.R, ", ", g.C, ", ", g.PH, ", ", g.PW,
-                    "), got ", grad_output.sizes());
+  check_deform_roi_pool_grad(grad_output, input, g);
   at::globalContext().alertNotDeterministic("mmdcnv2::deform_roi_pool_backward (CUDA)");
   c10::cuda::CUDAGuard guard(input.device());
   const auto x = input.permute({0, 2, 3, 1}).contiguous();
