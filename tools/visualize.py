@@ -42,7 +42,7 @@ def analyse(model, image_path, stage, units, top_k=3):
     from mmdet.utils import get_test_pipeline_cfg
     from mmengine.dataset import pseudo_collate
 
-    from mmdcnv2.ops import DeformConv2dPack, ModulatedDeformConv2dPack
+    from mmdcnv2.ops import DeformConv2dPack, DeformRoIPoolPack, ModulatedDeformConv2dPack
     from mmdcnv2.visualization import (DCNRecorder, LayerGeometry, effective_receptive_field,
                                        effective_sampling_points, roi_bin_centres)
 
@@ -91,25 +91,27 @@ def analyse(model, image_path, stage, units, top_k=3):
     erf = effective_receptive_field(feat_fn, inputs, (gy, gx)).numpy()
     out["erf"] = erf[: int(round(H / scale[0])) if scale[0] >= 1 else None]
     out["erf_scale"] = scale
-    pools = [r for k, r in rec.records.items() if k.endswith("#pool")]
-    if pools and len(det):
-        # RoI-pool offsets were recorded for the proposals; recompute them for the detections
-        name, pool = rec.pools[-1]
+    extractor = getattr(getattr(model, "roi_head", None), "bbox_roi_extractor", None)
+    layers = getattr(extractor, "roi_layers", None)
+    if layers is not None and len(det) and isinstance(layers[0], DeformRoIPoolPack):
+        # the bins of each detection, through the RoI layer of the level mmdet assigns it to
         from mmdet.structures.bbox import bbox2roi
 
-        feats = model.extract_feat(inputs)
-        rois = bbox2roi([det.bboxes * torch.tensor([scale[1], scale[0]] * 2, dtype=det.bboxes.dtype)])
-        rec.records.pop(name + "#pool", None)
+        from mmdcnv2.ops import DeformRoIPool, ModulatedDeformRoIPoolPack
+
         with torch.no_grad():
-            model.roi_head.bbox_roi_extractor(feats[:model.roi_head.bbox_roi_extractor.num_inputs], rois)
-        r = rec.records.get(name + "#pool", {})
-        n = len(det)
-        offs = r["offset"][-1].view(-1, 2, *pool.output_size)[-n:] if "offset" in r else None
-        masks = r["mask"][-1].view(-1, *pool.output_size)[-n:] if "mask" in r else None
-        for i in range(n):
-            moved, base = roi_bin_centres(rois[i, 1:] / torch.tensor([scale[1], scale[0]] * 2),
-                                          offs[i] if offs is not None else None, pool.output_size, pool.gamma)
-            out["bins"].append((moved.numpy(), base.numpy(), None if masks is None else masks[i].numpy()))
+            feats = model.extract_feat(inputs)[: extractor.num_inputs]
+            rois = bbox2roi([det.bboxes * torch.tensor([scale[1], scale[0]] * 2, dtype=det.bboxes.dtype)])
+            levels = extractor.map_roi_levels(rois, len(feats))
+            for i in range(len(det)):
+                pool = layers[int(levels[i])]
+                pooled = DeformRoIPool.forward(pool, feats[int(levels[i])], rois[i:i + 1])
+                offset = pool._offset(pooled)[0]
+                mask = (pool.mask_fc(pooled.flatten(1)).view(*pool.output_size)
+                        if isinstance(pool, ModulatedDeformRoIPoolPack) else None)
+                moved, base = roi_bin_centres(rois[i, 1:] / torch.tensor([scale[1], scale[0]] * 2), offset,
+                                              pool.output_size, pool.gamma)
+                out["bins"].append((moved.numpy(), base.numpy(), None if mask is None else mask.numpy()))
     rec.remove()
     return out
 
@@ -121,21 +123,24 @@ def draw(rows, image_path, out_path, stage):
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    plt.rcParams["axes.titlesize"] = 10
     img = np.asarray(Image.open(image_path).convert("RGB"))
-    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 4.3 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(16, 5 * len(rows)), squeeze=False)
     for (name, r), ax in zip(rows, axes):
         ax[0].imshow(img)
         sc = None
         for pts, w, (uy, ux) in zip(r["points"], r["weights"], r["units"]):
             order = np.argsort(w)
-            sc = ax[0].scatter(pts[order, 1], pts[order, 0], c=w[order], s=4 + 30 * w[order] / max(w.max(), 1e-9),
+            sc = ax[0].scatter(pts[order, 1], pts[order, 0], c=w[order], s=10 + 40 * w[order] / max(w.max(), 1e-9),
                                cmap="viridis", vmin=0, vmax=max(1e-9, max(x.max() for x in r["weights"])),
-                               edgecolors="none", alpha=0.85)
+                               edgecolors="white", linewidths=0.4, alpha=0.9)
             ax[0].plot(ux, uy, marker="*", color="red", markersize=14, markeredgecolor="white")
         if sc is not None:
             fig.colorbar(sc, ax=ax[0], fraction=0.046, pad=0.02, label="modulation (product along the path)")
+        inside = np.mean([((p[:, 0] >= 0) & (p[:, 0] < img.shape[0]) & (p[:, 1] >= 0) & (p[:, 1] < img.shape[1])).mean()
+                          for p in r["points"]])
         ax[0].set_title(f"{name}: sampling locations, stage c{stage + 1}\n"
-                        f"{len(r['points'][0])} points per unit (red star)")
+                        f"{len(r['points'][0])} points per unit (red star), {100 * inside:.0f}% on the image")
         ax[1].imshow(img)
         erf = r["erf"][: img.shape[0], : img.shape[1]]
         ax[1].imshow(erf / max(erf.max(), 1e-12), cmap="inferno", alpha=0.65, extent=(0, erf.shape[1], erf.shape[0], 0))
@@ -175,7 +180,7 @@ def visualize(models, image, stage=4, units="auto", out="results/vis.png"):
     for name, cfg, ckpt in models:
         model = load_model(cfg, ckpt)
         rows.append((name, analyse(model, image, stage, units)))
-    return draw(rows, image, out, stage - 1)
+    return draw(rows, image, out, stage)
 
 
 def main():

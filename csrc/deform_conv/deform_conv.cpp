@@ -94,9 +94,9 @@ void check_deform_conv_grad(const at::Tensor& grad_output, const at::Tensor& inp
 }
 
 int64_t deform_conv_block(const DeformConvGeom& g, int64_t element_size) {
-  // About 64 MiB of columns, at least one image.
+  // About 64 MiB of channels-last input and output, at least one image.
   constexpr int64_t kBudget = int64_t(64) << 20;
-  const int64_t per_image = std::max<int64_t>(1, g.P() * (g.ldc() + g.Cout) * element_size);
+  const int64_t per_image = std::max<int64_t>(1, (g.H * g.W * g.C + g.P() * g.Cout) * element_size);
   return std::max<int64_t>(1, std::min<int64_t>(g.N, kBudget / per_image));
 }
 

@@ -9,7 +9,7 @@
 //   3. backward: grad_cols = grad_out @ W; the offset and mask gradients need
 //      only four dot products per sample (bilinear_backward); grad_input is a
 //      scatter of grad_cols (partitioned by channel on the CPU: no atomics).
-// The column buffer covers a bounded block of images, never the whole batch.
+// The column buffer covers a bounded chunk of output rows, never the whole batch.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -40,13 +40,23 @@ DeformConvGeom check_deform_conv(const at::Tensor& input, const at::Tensor& weig
 
 void check_deform_conv_grad(const at::Tensor& grad_output, const at::Tensor& input, const DeformConvGeom& g);
 
-// Number of images whose columns are built at once: bounded workspace.
+// Number of images converted to channels-last at once (about 64 MiB of input and output).
 int64_t deform_conv_block(const DeformConvGeom& g, int64_t element_size);
 
-// Kernels provides, for one block of b images (all tensors contiguous):
-//   im2col(x_nhwc[b,H,W,C], offset[b,2*dg*K,Ho,Wo], mask?[b,dg*K,Ho,Wo], cols[b*P, K*C], g, b)
-//   col2im(grad_cols, offset, mask?, grad_x_nhwc[b,H,W,C] (accumulation type, zeroed), g, b)
-//   coord_grad(x_nhwc, offset, mask?, grad_cols, grad_offset[b,...], grad_mask?[b,...], g, b)
+// Rows (output positions of the block) whose columns are built at once: about
+// Kernels::kColsBytes of column buffer, at least one row. Small on the CPU, so that the
+// columns are still in the last-level cache when the GEMM reads them.
+inline int64_t deform_conv_chunk_rows(const DeformConvGeom& g, int64_t element_size, int64_t cols_bytes,
+                                      int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, cols_bytes / std::max<int64_t>(1, g.ldc() * element_size)));
+}
+
+// Kernels provides, for rows [r0, r1) of a block of b images (row r = image r / P, position r % P;
+// all tensors contiguous; cols holds the chunk's rows only):
+//   im2col(x_nhwc[b,H,W,C], offset[b,2*dg*K,Ho,Wo], mask?[b,dg*K,Ho,Wo], cols[r1-r0, K*C], g, r0, r1)
+//   col2im(grad_cols, offset, mask?, grad_x_nhwc[b,H,W,C] (accumulation type, zeroed), g, r0, r1)
+//   coord_grad(x_nhwc, offset, mask?, grad_cols, grad_offset[b,...], grad_mask?[b,...], g, r0, r1)
+// and kColsBytes, the column buffer's size.
 template <typename Kernels>
 at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
                                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
@@ -59,29 +69,31 @@ at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor&
   // weight [Cout, Cg, kh, kw] -> [groups, Cout_g, K * Cg], matching the column layout (k, c).
   const auto w2 = weight.reshape({g.groups, Cout_g, Cg, K}).transpose(2, 3).contiguous().view({g.groups, Cout_g, K * Cg});
   const int64_t nb = deform_conv_block(g, input.element_size());
-  auto cols = at::empty({nb * P, g.ldc()}, input.options());
+  const int64_t chunk = deform_conv_chunk_rows(g, input.element_size(), Kernels::kColsBytes, nb * P);
+  auto cols = at::empty({chunk, g.ldc()}, input.options());
   auto out_blk = at::empty({nb * P, g.Cout}, input.options());
   for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
     const int64_t b = std::min(nb, g.N - n0);
     const auto x = input.narrow(0, n0, b).permute({0, 2, 3, 1}).contiguous();
     const auto off = offset_c.narrow(0, n0, b);
     const std::optional<at::Tensor> msk = mask_c ? std::optional<at::Tensor>(mask_c->narrow(0, n0, b)) : std::nullopt;
-    auto cb = cols.narrow(0, 0, b * P);
-    Kernels::im2col(x, off, msk, cb, g, b);
-    auto ob = out_blk.narrow(0, 0, b * P);
-    for (int64_t gi = 0; gi < g.groups; ++gi) {
-      const auto cg = cb.narrow(1, gi * K * Cg, K * Cg);
-      const auto wt = w2[gi].t();
-      auto og = ob.narrow(1, gi * Cout_g, Cout_g);
-      if (bias) {
-        og.copy_(at::addmm(bias->narrow(0, gi * Cout_g, Cout_g), cg, wt));
-      } else if (g.groups == 1) {
-        at::mm_out(og, cg, wt);
-      } else {
-        og.copy_(at::mm(cg, wt));
+    for (int64_t r0 = 0; r0 < b * P; r0 += chunk) {
+      const int64_t r1 = std::min(b * P, r0 + chunk);
+      auto cb = cols.narrow(0, 0, r1 - r0);
+      Kernels::im2col(x, off, msk, cb, g, r0, r1);
+      auto ob = out_blk.narrow(0, r0, r1 - r0);
+      for (int64_t gi = 0; gi < g.groups; ++gi) {
+        const auto cg = cb.narrow(1, gi * K * Cg, K * Cg);
+        const auto wt = w2[gi].t();
+        auto og = ob.narrow(1, gi * Cout_g, Cout_g);
+        if (g.groups == 1) {
+          bias ? at::addmm_out(og, *bias, cg, wt) : at::mm_out(og, cg, wt);
+        } else {
+          og.copy_(bias ? at::addmm(bias->narrow(0, gi * Cout_g, Cout_g), cg, wt) : at::mm(cg, wt));
+        }
       }
     }
-    out.narrow(0, n0, b).copy_(ob.view({b, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2}));
+    out.narrow(0, n0, b).copy_(out_blk.narrow(0, 0, b * P).view({b, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2}));
   }
   return out;
 }
@@ -102,34 +114,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const std::optional<at::Tensor> mask_c = mask ? std::optional<at::Tensor>(mask->contiguous()) : std::nullopt;
     const auto w2 = weight.reshape({g.groups, Cout_g, Cg, K}).transpose(2, 3).contiguous().view({g.groups, Cout_g, K * Cg});
     const int64_t nb = deform_conv_block(g, input.element_size());
-    auto cols = at::empty({nb * P, g.ldc()}, input.options());
+    const int64_t chunk = deform_conv_chunk_rows(g, input.element_size(), Kernels::kColsBytes, nb * P);
+    auto cols = at::empty({chunk, g.ldc()}, input.options());
     for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
       const int64_t b = std::min(nb, g.N - n0);
       const auto x = input.narrow(0, n0, b).permute({0, 2, 3, 1}).contiguous();
       const auto off = offset_c.narrow(0, n0, b);
       const std::optional<at::Tensor> msk = mask_c ? std::optional<at::Tensor>(mask_c->narrow(0, n0, b)) : std::nullopt;
       const auto go = grad_output.narrow(0, n0, b).permute({0, 2, 3, 1}).reshape({b * P, g.Cout});
-      auto cb = cols.narrow(0, 0, b * P);
-      // grad_weight needs the columns; then the same buffer receives grad_cols.
-      Kernels::im2col(x, off, msk, cb, g, b);
-      for (int64_t gi = 0; gi < g.groups; ++gi) {
-        const auto gog = go.narrow(1, gi * Cout_g, Cout_g);
-        gw_acc[gi].add_(at::mm(gog.t(), cb.narrow(1, gi * K * Cg, K * Cg)));
-      }
-      for (int64_t gi = 0; gi < g.groups; ++gi) {
-        const auto gog = go.narrow(1, gi * Cout_g, Cout_g);
-        auto cg = cb.narrow(1, gi * K * Cg, K * Cg);
-        if (g.groups == 1) {
-          at::mm_out(cg, gog, w2[gi]);
-        } else {
-          cg.copy_(at::mm(gog, w2[gi]));
-        }
-      }
       auto goff = grad_offset.narrow(0, n0, b);
       std::optional<at::Tensor> gmsk = mask ? std::optional<at::Tensor>(grad_mask.narrow(0, n0, b)) : std::nullopt;
-      Kernels::coord_grad(x, off, msk, cb, goff, gmsk, g, b);
       auto gx = at::zeros({b, g.H, g.W, g.C}, input.options().dtype(acc_type));
-      Kernels::col2im(cb, off, msk, gx, g, b);
+      for (int64_t r0 = 0; r0 < b * P; r0 += chunk) {
+        const int64_t r1 = std::min(b * P, r0 + chunk);
+        auto cb = cols.narrow(0, 0, r1 - r0);
+        const auto gor = go.narrow(0, r0, r1 - r0);
+        // grad_weight needs the columns; then the same buffer receives grad_cols.
+        Kernels::im2col(x, off, msk, cb, g, r0, r1);
+        for (int64_t gi = 0; gi < g.groups; ++gi) {
+          gw_acc[gi].add_(at::mm(gor.narrow(1, gi * Cout_g, Cout_g).t(), cb.narrow(1, gi * K * Cg, K * Cg)));
+        }
+        for (int64_t gi = 0; gi < g.groups; ++gi) {
+          const auto gog = gor.narrow(1, gi * Cout_g, Cout_g);
+          auto cg = cb.narrow(1, gi * K * Cg, K * Cg);
+          if (g.groups == 1) {
+            at::mm_out(cg, gog, w2[gi]);
+          } else {
+            cg.copy_(at::mm(gog, w2[gi]));
+          }
+        }
+        Kernels::coord_grad(x, off, msk, cb, goff, gmsk, g, r0, r1);
+        Kernels::col2im(cb, off, msk, gx, g, r0, r1);
+      }
       grad_input.narrow(0, n0, b).copy_(gx.permute({0, 3, 1, 2}));
     }
   }

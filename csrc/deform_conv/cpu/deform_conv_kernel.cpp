@@ -50,13 +50,13 @@ inline TapSample<T> tap_sample(const DeformConvGeom& g, const T* off, const T* m
 }
 
 template <typename T>
-void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeom& g, int64_t b) {
+void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeom& g, int64_t row0, int64_t row1) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
-  at::parallel_for(0, b * P, row_grain(g), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(row0, row1, row_grain(g), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r / P, p = r % P;
       const T* xi = x + i * HW * C;
-      T* row = cols + r * g.ldc();
+      T* row = cols + (r - row0) * g.ldc();
       for (int64_t dg = 0; dg < g.dgroups; ++dg) {
         for (int64_t k = 0; k < K; ++k) {
           const auto t = tap_sample(g, off, msk, i, p, dg, k);
@@ -83,13 +83,13 @@ void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeo
 
 template <typename T>
 void coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T* goff, T* gmsk, const DeformConvGeom& g,
-                int64_t b) {
+                int64_t row0, int64_t row1) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
-  at::parallel_for(0, b * P, row_grain(g), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(row0, row1, row_grain(g), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r / P, p = r % P;
       const T* xi = x + i * HW * C;
-      const T* row = gcols + r * g.ldc();
+      const T* row = gcols + (r - row0) * g.ldc();
       for (int64_t dg = 0; dg < g.dgroups; ++dg) {
         for (int64_t k = 0; k < K; ++k) {
           const auto t = tap_sample(g, off, msk, i, p, dg, k);
@@ -122,11 +122,11 @@ void coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T* goff,
 
 // grad_x is partitioned by channel: each task owns a channel slice of every pixel, so no two tasks write one address.
 template <typename T>
-void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvGeom& g, int64_t b) {
+void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvGeom& g, int64_t row0, int64_t row1) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
   struct Task { int64_t gi, dg, c0, c1; };
   std::vector<Task> tasks;
-  const int64_t threads = b * P * K * C < (int64_t(1) << 15) ? 1 : at::get_num_threads();
+  const int64_t threads = (row1 - row0) * K * C < (int64_t(1) << 15) ? 1 : at::get_num_threads();
   const int64_t piece = std::max<int64_t>(16, (C + 2 * threads - 1) / (2 * threads));
   for (int64_t dg = 0; dg < g.dgroups; ++dg) {
     for_each_run(g, dg * Cdg, (dg + 1) * Cdg, [&](int64_t gi, int64_t c0, int64_t c1) {
@@ -138,10 +138,10 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
     for (int64_t ti = t0; ti < t1; ++ti) {
       const Task& task = tasks[ti];
       const int64_t n = task.c1 - task.c0;
-      for (int64_t r = 0; r < b * P; ++r) {
+      for (int64_t r = row0; r < row1; ++r) {
         const int64_t i = r / P, p = r % P;
         T* gxi = gx + i * HW * C + task.c0;
-        const T* row = gcols + r * g.ldc() + task.gi * K * Cg + (task.c0 - task.gi * Cg);
+        const T* row = gcols + (r - row0) * g.ldc() + task.gi * K * Cg + (task.c0 - task.gi * Cg);
         for (int64_t k = 0; k < K; ++k) {
           const auto t = tap_sample(g, off, msk, i, p, task.dg, k);
           if (!t.s.inside) continue;
@@ -165,27 +165,28 @@ T* opt_mut_ptr(std::optional<at::Tensor>& t) {
 }
 
 struct CpuKernels {
+  static constexpr int64_t kColsBytes = int64_t(8) << 20;  // stays in the last-level cache for the GEMM
   static void im2col(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
-                     at::Tensor& cols, const DeformConvGeom& g, int64_t b) {
+                     at::Tensor& cols, const DeformConvGeom& g, int64_t r0, int64_t r1) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_im2col", [&] {
       mmdcnv2::im2col<scalar_t>(x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
-                                cols.data_ptr<scalar_t>(), g, b);
+                                cols.data_ptr<scalar_t>(), g, r0, r1);
     });
   }
   static void col2im(const at::Tensor& gcols, const at::Tensor& off, const std::optional<at::Tensor>& msk,
-                     at::Tensor& gx, const DeformConvGeom& g, int64_t b) {
+                     at::Tensor& gx, const DeformConvGeom& g, int64_t r0, int64_t r1) {
     AT_DISPATCH_FLOATING_TYPES(gcols.scalar_type(), "deform_conv2d_col2im", [&] {
       mmdcnv2::col2im<scalar_t>(gcols.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
-                                gx.data_ptr<scalar_t>(), g, b);
+                                gx.data_ptr<scalar_t>(), g, r0, r1);
     });
   }
   static void coord_grad(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
                          const at::Tensor& gcols, at::Tensor& goff, std::optional<at::Tensor>& gmsk,
-                         const DeformConvGeom& g, int64_t b) {
+                         const DeformConvGeom& g, int64_t r0, int64_t r1) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_coord_grad", [&] {
       mmdcnv2::coord_grad<scalar_t>(x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
                                     gcols.data_ptr<scalar_t>(), goff.data_ptr<scalar_t>(), opt_mut_ptr<scalar_t>(gmsk),
-                                    g, b);
+                                    g, r0, r1);
     });
   }
 };

@@ -31,11 +31,12 @@ __device__ inline BilinearSample<acc_t> tap_sample(const DeformConvGeom& g, cons
 
 // Thread t handles row r, tap k, channel c with t = (r * K + k) * C + c.
 template <typename scalar_t, typename acc_t>
-__global__ void im2col_kernel(int64_t total, const scalar_t* __restrict__ x, const scalar_t* __restrict__ off,
-                              const scalar_t* __restrict__ msk, scalar_t* __restrict__ cols, DeformConvGeom g) {
+__global__ void im2col_kernel(int64_t total, int64_t row0, const scalar_t* __restrict__ x,
+                              const scalar_t* __restrict__ off, const scalar_t* __restrict__ msk,
+                              scalar_t* __restrict__ cols, DeformConvGeom g) {
   const int64_t K = g.kh * g.kw, P = g.Ho * g.Wo, C = g.C, Cg = C / g.groups, Cdg = C / g.dgroups;
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total; t += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t c = t % C, k = (t / C) % K, r = t / (C * K);
+    const int64_t c = t % C, k = (t / C) % K, rr = t / (C * K), r = row0 + rr;
     const int64_t i = r / P, p = r % P, gi = c / Cg;
     acc_t m;
     int64_t off_y;
@@ -46,22 +47,23 @@ __global__ void im2col_kernel(int64_t total, const scalar_t* __restrict__ x, con
     for (int q = 0; q < 4; ++q) {
       if (s.index[q] >= 0) v += s.weight[q] * static_cast<acc_t>(xi[s.index[q] * C]);
     }
-    cols[r * K * C + gi * K * Cg + k * Cg + (c - gi * Cg)] = static_cast<scalar_t>(v * m);
+    cols[rr * K * C + gi * K * Cg + k * Cg + (c - gi * Cg)] = static_cast<scalar_t>(v * m);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void col2im_kernel(int64_t total, const scalar_t* __restrict__ gcols, const scalar_t* __restrict__ off,
-                              const scalar_t* __restrict__ msk, acc_t* __restrict__ gx, DeformConvGeom g) {
+__global__ void col2im_kernel(int64_t total, int64_t row0, const scalar_t* __restrict__ gcols,
+                              const scalar_t* __restrict__ off, const scalar_t* __restrict__ msk,
+                              acc_t* __restrict__ gx, DeformConvGeom g) {
   const int64_t K = g.kh * g.kw, P = g.Ho * g.Wo, C = g.C, Cg = C / g.groups, Cdg = C / g.dgroups;
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total; t += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t c = t % C, k = (t / C) % K, r = t / (C * K);
+    const int64_t c = t % C, k = (t / C) % K, rr = t / (C * K), r = row0 + rr;
     const int64_t i = r / P, p = r % P, gi = c / Cg;
     acc_t m;
     int64_t off_y;
     const auto s = tap_sample<scalar_t, acc_t>(g, off, msk, i, p, c / Cdg, k, m, off_y);
     if (!s.inside) continue;
-    const acc_t gv = m * static_cast<acc_t>(gcols[r * K * C + gi * K * Cg + k * Cg + (c - gi * Cg)]);
+    const acc_t gv = m * static_cast<acc_t>(gcols[rr * K * C + gi * K * Cg + k * Cg + (c - gi * Cg)]);
     acc_t* gxi = gx + i * g.H * g.W * C + c;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -72,14 +74,15 @@ __global__ void col2im_kernel(int64_t total, const scalar_t* __restrict__ gcols,
 
 // One warp per item (r, dg, k), item = (r * dgroups + dg) * K + k.
 template <typename scalar_t, typename acc_t>
-__global__ void coord_grad_kernel(int64_t items, const scalar_t* __restrict__ x, const scalar_t* __restrict__ off,
+__global__ void coord_grad_kernel(int64_t items, int64_t row0, const scalar_t* __restrict__ x,
+                                  const scalar_t* __restrict__ off,
                                   const scalar_t* __restrict__ msk, const scalar_t* __restrict__ gcols,
                                   scalar_t* __restrict__ goff, scalar_t* __restrict__ gmsk, DeformConvGeom g) {
   const int64_t K = g.kh * g.kw, P = g.Ho * g.Wo, C = g.C, Cg = C / g.groups, Cdg = C / g.dgroups;
   const int lane = threadIdx.x % 32;
   const int64_t warps = (int64_t(blockDim.x) * gridDim.x) / 32;
   for (int64_t item = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; item < items; item += warps) {
-    const int64_t k = item % K, dg = (item / K) % g.dgroups, r = item / (K * g.dgroups);
+    const int64_t k = item % K, dg = (item / K) % g.dgroups, rr = item / (K * g.dgroups), r = row0 + rr;
     const int64_t i = r / P, p = r % P;
     acc_t m;
     int64_t off_y;
@@ -87,7 +90,7 @@ __global__ void coord_grad_kernel(int64_t items, const scalar_t* __restrict__ x,
     acc_t S[4] = {0, 0, 0, 0};
     if (s.inside) {
       const scalar_t* xi = x + i * g.H * g.W * C;
-      const scalar_t* row = gcols + r * K * C;
+      const scalar_t* row = gcols + rr * K * C;
       for (int64_t c = dg * Cdg + lane; c < (dg + 1) * Cdg; c += 32) {
         const int64_t gi = c / Cg;
         const acc_t gc = static_cast<acc_t>(row[gi * K * Cg + k * Cg + (c - gi * Cg)]);
@@ -120,37 +123,40 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 struct CudaKernels {
+  static constexpr int64_t kColsBytes = int64_t(256) << 20;
   static void im2col(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
-                     at::Tensor& cols, const DeformConvGeom& g, int64_t b) {
-    const int64_t total = b * g.P() * g.K() * g.C;
+                     at::Tensor& cols, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+    const int64_t total = (r1 - r0) * g.K() * g.C;
     auto stream = at::cuda::getCurrentCUDAStream();
     MMDCNV2_DISPATCH(x.scalar_type(), "deform_conv2d_im2col_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       im2col_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
-          total, x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk), cols.data_ptr<scalar_t>(), g);
+          total, r0, x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
+          cols.data_ptr<scalar_t>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   static void col2im(const at::Tensor& gcols, const at::Tensor& off, const std::optional<at::Tensor>& msk,
-                     at::Tensor& gx, const DeformConvGeom& g, int64_t b) {
-    const int64_t total = b * g.P() * g.K() * g.C;
+                     at::Tensor& gx, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+    const int64_t total = (r1 - r0) * g.K() * g.C;
     auto stream = at::cuda::getCurrentCUDAStream();
     MMDCNV2_DISPATCH(gcols.scalar_type(), "deform_conv2d_col2im_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       col2im_kernel<scalar_t, acc_t><<<grid_for(total), kThreads, 0, stream>>>(
-          total, gcols.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk), gx.data_ptr<acc_t>(), g);
+          total, r0, gcols.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
+          gx.data_ptr<acc_t>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
   static void coord_grad(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
                          const at::Tensor& gcols, at::Tensor& goff, std::optional<at::Tensor>& gmsk,
-                         const DeformConvGeom& g, int64_t b) {
-    const int64_t items = b * g.P() * g.dgroups * g.K();
+                         const DeformConvGeom& g, int64_t r0, int64_t r1) {
+    const int64_t items = (r1 - r0) * g.dgroups * g.K();
     auto stream = at::cuda::getCurrentCUDAStream();
     MMDCNV2_DISPATCH(x.scalar_type(), "deform_conv2d_coord_grad_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       coord_grad_kernel<scalar_t, acc_t><<<grid_for(items * 32), kThreads, 0, stream>>>(
-          items, x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk), gcols.data_ptr<scalar_t>(),
+          items, r0, x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk), gcols.data_ptr<scalar_t>(),
           goff.data_ptr<scalar_t>(), gmsk ? gmsk->data_ptr<scalar_t>() : nullptr, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
