@@ -48,7 +48,10 @@ int64_t deform_conv_block(const DeformConvGeom& g, int64_t element_size);
 // columns are still in the last-level cache when the GEMM reads them.
 inline int64_t deform_conv_chunk_rows(const DeformConvGeom& g, int64_t element_size, int64_t cols_bytes,
                                       int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, cols_bytes / std::max<int64_t>(1, g.ldc() * element_size)));
+  // at least 2048 rows, so that each GEMM stays efficient; chunks of equal size
+  const int64_t cap = std::max<int64_t>(2048, cols_bytes / std::max<int64_t>(1, g.ldc() * element_size));
+  const int64_t chunks = (rows + cap - 1) / cap;
+  return std::max<int64_t>(1, (rows + chunks - 1) / chunks);
 }
 
 // Kernels provides, for rows [r0, r1) of a block of b images (row r = image r / P, position r % P;
