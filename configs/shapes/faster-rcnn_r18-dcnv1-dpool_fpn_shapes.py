@@ -1,17 +1,7 @@
-# DCNv1 on the embedded dataset: deformable conv (no modulation) in c3-c5 and deformable RoI pooling.
-_base_ = "./_base_shapes.py"
+# DCNv1 on the embedded dataset: deformable conv (no modulation) in c3-c5 and deformable RoI
+# pooling (no modulation); otherwise the main job's detector.
+_base_ = "./faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py"
 model = dict(
     backbone=dict(stage_dcn=(None, "DCN", "DCN", "DCN")),
-    roi_head=dict(
-        bbox_roi_extractor=dict(
-            type="mmdcnv2.DeformRoIExtractor",
-            roi_layer=dict(
-                _delete_=True,
-                type="mmdcnv2.DeformRoIPoolPack",
-                output_size=7,
-                output_channels=64,
-                deform_fc_channels=256,
-            ),
-        )
-    ),
+    roi_head=dict(bbox_roi_extractor=dict(roi_layer=dict(type="mmdcnv2.DeformRoIPoolPack"))),
 )
