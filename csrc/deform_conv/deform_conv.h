@@ -60,6 +60,40 @@ inline int64_t deform_conv_chunk_rows(const DeformConvGeom& g, int64_t element_s
 //   col2im(grad_cols, offset, mask?, grad_x_nhwc[b,H,W,C] (accumulation type, zeroed), g, r0, r1)
 //   coord_grad(x_nhwc, offset, mask?, grad_cols, grad_offset[b,...], grad_mask?[b,...], g, r0, r1)
 // and kColsBytes, the column buffer's size.
+// What both drivers prepare once per call (contiguous offset and mask, the weight in column
+// order, block and chunk sizes) and per block of images (channels-last input, its offsets).
+template <typename Kernels>
+struct DriverSetup {
+  const DeformConvGeom& g;
+  at::Tensor offset, w2;
+  std::optional<at::Tensor> mask;
+  int64_t nb, chunk;
+
+  DriverSetup(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset_,
+              const std::optional<at::Tensor>& mask_, const DeformConvGeom& geom)
+      : g(geom),
+        offset(offset_.contiguous()),
+        // weight [Cout, Cg, kh, kw] -> [groups, Cout_g, K * Cg], matching the column layout (k, c)
+        w2(weight.reshape({geom.groups, geom.Cout_g(), geom.Cg(), geom.K()})
+               .transpose(2, 3)
+               .contiguous()
+               .view({geom.groups, geom.Cout_g(), geom.K() * geom.Cg()})),
+        mask(mask_ ? std::optional<at::Tensor>(mask_->contiguous()) : std::nullopt),
+        nb(deform_conv_block(geom, input.element_size())),
+        chunk(deform_conv_chunk_rows(geom, input.element_size(), Kernels::kColsBytes, nb * geom.P())) {}
+
+  struct Block {
+    int64_t b;
+    at::Tensor x, off;
+    std::optional<at::Tensor> msk;
+  };
+  Block block(const at::Tensor& input, int64_t n0) const {
+    const int64_t b = std::min(nb, g.N - n0);
+    return {b, input.narrow(0, n0, b).permute({0, 2, 3, 1}).contiguous(), offset.narrow(0, n0, b),
+            mask ? std::optional<at::Tensor>(mask->narrow(0, n0, b)) : std::nullopt};
+  }
+};
+
 template <typename Kernels>
 at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
                                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
@@ -67,19 +101,13 @@ at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor&
   const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
   auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options());
   if (out.numel() == 0) return out;
-  const auto offset_c = offset.contiguous();
-  const std::optional<at::Tensor> mask_c = mask ? std::optional<at::Tensor>(mask->contiguous()) : std::nullopt;
-  // weight [Cout, Cg, kh, kw] -> [groups, Cout_g, K * Cg], matching the column layout (k, c).
-  const auto w2 = weight.reshape({g.groups, Cout_g, Cg, K}).transpose(2, 3).contiguous().view({g.groups, Cout_g, K * Cg});
-  const int64_t nb = deform_conv_block(g, input.element_size());
-  const int64_t chunk = deform_conv_chunk_rows(g, input.element_size(), Kernels::kColsBytes, nb * P);
+  const DriverSetup<Kernels> s(input, weight, offset, mask, g);
+  const auto& w2 = s.w2;
+  const int64_t chunk = s.chunk;
   auto cols = at::empty({chunk, g.ldc()}, input.options());
-  auto out_blk = at::empty({nb * P, g.Cout}, input.options());
-  for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
-    const int64_t b = std::min(nb, g.N - n0);
-    const auto x = input.narrow(0, n0, b).permute({0, 2, 3, 1}).contiguous();
-    const auto off = offset_c.narrow(0, n0, b);
-    const std::optional<at::Tensor> msk = mask_c ? std::optional<at::Tensor>(mask_c->narrow(0, n0, b)) : std::nullopt;
+  auto out_blk = at::empty({s.nb * P, g.Cout}, input.options());
+  for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
+    const auto [b, x, off, msk] = s.block(input, n0);
     for (int64_t r0 = 0; r0 < b * P; r0 += chunk) {
       const int64_t r1 = std::min(b * P, r0 + chunk);
       auto cb = cols.narrow(0, 0, r1 - r0);
@@ -113,17 +141,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   auto grad_bias = bias ? grad_output.sum({0, 2, 3}).to(bias->scalar_type()) : at::empty({0}, input.options());
   auto gw_acc = at::zeros({g.groups, Cout_g, K * Cg}, input.options().dtype(acc_type));
   if (g.N > 0 && g.P() > 0 && g.C > 0) {
-    const auto offset_c = offset.contiguous();
-    const std::optional<at::Tensor> mask_c = mask ? std::optional<at::Tensor>(mask->contiguous()) : std::nullopt;
-    const auto w2 = weight.reshape({g.groups, Cout_g, Cg, K}).transpose(2, 3).contiguous().view({g.groups, Cout_g, K * Cg});
-    const int64_t nb = deform_conv_block(g, input.element_size());
-    const int64_t chunk = deform_conv_chunk_rows(g, input.element_size(), Kernels::kColsBytes, nb * P);
+    const DriverSetup<Kernels> s(input, weight, offset, mask, g);
+    const auto& w2 = s.w2;
+    const int64_t chunk = s.chunk;
     auto cols = at::empty({chunk, g.ldc()}, input.options());
-    for (int64_t n0 = 0; n0 < g.N; n0 += nb) {
-      const int64_t b = std::min(nb, g.N - n0);
-      const auto x = input.narrow(0, n0, b).permute({0, 2, 3, 1}).contiguous();
-      const auto off = offset_c.narrow(0, n0, b);
-      const std::optional<at::Tensor> msk = mask_c ? std::optional<at::Tensor>(mask_c->narrow(0, n0, b)) : std::nullopt;
+    for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
+      const auto [b, x, off, msk] = s.block(input, n0);
       const auto go = grad_output.narrow(0, n0, b).permute({0, 2, 3, 1}).reshape({b * P, g.Cout});
       auto goff = grad_offset.narrow(0, n0, b);
       std::optional<at::Tensor> gmsk = mask ? std::optional<at::Tensor>(grad_mask.narrow(0, n0, b)) : std::nullopt;

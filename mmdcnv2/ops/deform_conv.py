@@ -357,7 +357,13 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
             nn.init.zeros_(self.conv_offset.weight)
             nn.init.zeros_(self.conv_offset.bias)
 
+    @staticmethod
+    def split_offset_mask(raw: Tensor) -> Tuple[Tensor, Tensor]:
+        """``conv_offset``'s output -> (offset, mask): three equal chunks o1, o2, m;
+        offset = cat(o1, o2), mask = sigmoid(m) (mmcv's layout)."""
+        o1, o2, m = torch.chunk(raw, 3, dim=1)
+        return torch.cat((o1, o2), dim=1), torch.sigmoid(m)
+
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        o1, o2, m = torch.chunk(self.conv_offset(x), 3, dim=1)
-        offset = torch.cat((o1, o2), dim=1)
-        return super().forward(x, offset, torch.sigmoid(m))
+        offset, mask = self.split_offset_mask(self.conv_offset(x))
+        return super().forward(x, offset, mask)

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from mmdcnv2.ops import DeformConv2dPack, DeformRoIPoolPack, ModulatedDeformConv2dPack, ModulatedDeformRoIPoolPack
+from mmdcnv2.ops import DeformConv2dPack, ModulatedDeformConv2dPack
 
 
 @dataclass
@@ -72,34 +72,23 @@ def effective_sampling_points(layers: Sequence[LayerGeometry], position: Tuple[f
 
 class DCNRecorder:
     """Records, during a forward pass, the offsets and masks of every deformable conv layer
-    and deformable RoI pooling layer of ``model`` (anything built on mmdcnv2's Pack modules)."""
+    of ``model`` (anything built on mmdcnv2's Pack modules)."""
 
     def __init__(self, model: nn.Module):
         self.convs: List[Tuple[str, nn.Module]] = [
             (n, m) for n, m in model.named_modules() if isinstance(m, (DeformConv2dPack, ModulatedDeformConv2dPack))]
-        self.pools = [(n, m) for n, m in model.named_modules() if isinstance(m, DeformRoIPoolPack)]
         self.records = {}
         self._handles = []
         for name, m in self.convs:
             self._handles.append(m.conv_offset.register_forward_hook(self._conv_hook(name, m)))
-        for name, m in self.pools:
-            self._handles.append(m.offset_fc.register_forward_hook(self._fc_hook(name, "offset")))
-            if isinstance(m, ModulatedDeformRoIPoolPack):
-                self._handles.append(m.mask_fc.register_forward_hook(self._fc_hook(name, "mask")))
 
     def _conv_hook(self, name, module):
         def hook(_, inputs, out):
             out = out.detach()
             if isinstance(module, ModulatedDeformConv2dPack):
-                o1, o2, m = torch.chunk(out, 3, dim=1)
-                self.records[name] = (torch.cat((o1, o2), 1), torch.sigmoid(m), inputs[0].shape[-2:])
+                self.records[name] = module.split_offset_mask(out)
             else:
-                self.records[name] = (out, None, inputs[0].shape[-2:])
-        return hook
-
-    def _fc_hook(self, name, kind):
-        def hook(_, inputs, out):
-            self.records.setdefault(name + "#pool", {}).setdefault(kind, []).append(out.detach())
+                self.records[name] = (out, None)
         return hook
 
     def geometry(self, names: Sequence[str], image_index: int = 0) -> List[LayerGeometry]:
@@ -107,14 +96,11 @@ class DCNRecorder:
         mods = dict(self.convs)
         out = []
         for n in names:
-            off, mask, _ = self.records[n]
+            off, mask = self.records[n]
             m = mods[n]
             out.append(LayerGeometry(off[image_index], None if mask is None else mask[image_index],
                                      m.kernel_size, m.stride, m.padding, m.dilation))
         return out
-
-    def input_size(self, name: str):
-        return tuple(self.records[name][2])
 
     def remove(self):
         for h in self._handles:
