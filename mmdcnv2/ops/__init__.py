@@ -8,6 +8,7 @@ from .deform_conv import (
     deform_conv2d,
 )
 from .deform_roi_pool import DeformRoIPool, DeformRoIPoolPack, ModulatedDeformRoIPoolPack, deform_roi_pool
+from .export import UnsupportedONNXOperatorError, export_onnx, onnx_translation_table, register_onnx_symbolics
 from .reference import deform_conv2d_reference, deform_roi_pool_reference
 
 __all__ = [
@@ -24,4 +25,8 @@ __all__ = [
     "DeformRoIPool",
     "DeformRoIPoolPack",
     "ModulatedDeformRoIPoolPack",
+    "export_onnx",
+    "onnx_translation_table",
+    "register_onnx_symbolics",
+    "UnsupportedONNXOperatorError",
 ]
