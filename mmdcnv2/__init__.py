@@ -13,4 +13,5 @@ __version__ = "0.1.0"
 
 if importlib.util.find_spec("mmdet") is not None:
     from . import compat  # noqa: F401
+    from . import engine  # noqa: F401
     from . import models  # noqa: F401

@@ -88,6 +88,9 @@ optim_wrapper = dict(
     type="OptimWrapper",
     optimizer=dict(type="AdamW", lr=5e-4, weight_decay=1e-4),
     clip_grad=dict(max_norm=10.0, norm_type=2),
+    # the paper's 0.1x learning rate for the layers that predict offsets and modulation
+    # (deformable conv and RoI pooling); a no-op for the regular-convolution detector
+    paramwise_cfg=dict(custom_keys={k: dict(lr_mult=0.1) for k in ("conv_offset", "offset_fc", "mask_fc")}),
 )
 param_scheduler = [
     dict(type="LinearLR", start_factor=0.01, by_epoch=False, begin=0, end=50),

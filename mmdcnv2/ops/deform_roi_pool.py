@@ -110,8 +110,11 @@ class DeformRoIPool(nn.Module):
         self.gamma = float(gamma)
 
     def forward(self, input: Tensor, rois: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+        # Under autocast the op computes in float32; the modules hand back the input's dtype
+        # (as mmcv's RoI layers do: mmdet's RoI extractors write the result into a buffer of
+        # the features' dtype).
         return deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
-                               self.gamma)
+                               self.gamma).to(input.dtype)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
@@ -173,4 +176,4 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
         self._check_channels(input)
         pooled = DeformRoIPool.forward(self, input, rois)
         mask = self.mask_fc(pooled.flatten(1)).view(pooled.shape[0], 1, *self.output_size)
-        return DeformRoIPool.forward(self, input, rois, self._offset(pooled)) * mask
+        return (DeformRoIPool.forward(self, input, rois, self._offset(pooled)) * mask).to(input.dtype)

@@ -1,0 +1,3 @@
+from .mimic_hook import MimicHook
+
+__all__ = ["MimicHook"]
