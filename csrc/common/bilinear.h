@@ -137,11 +137,17 @@ C10_HOST_DEVICE inline RoIBin<acc_t> roi_bin(acc_t x1, acc_t y1, acc_t x2, acc_t
   const acc_t sx = x1 * spatial_scale - acc_t(0.5), sy = y1 * spatial_scale - acc_t(0.5);
   b.roi_w = x2 * spatial_scale - acc_t(0.5) - sx;
   b.roi_h = y2 * spatial_scale - acc_t(0.5) - sy;
+  // A RoI with a non-finite coordinate (x - x is 0 only for finite x) has no samples:
+  // zero output, zero gradients. Adaptive grids are capped before the cast to an integer.
+  const bool finite = (sx - sx) == acc_t(0) && (sy - sy) == acc_t(0) && (b.roi_w - b.roi_w) == acc_t(0) &&
+                      (b.roi_h - b.roi_h) == acc_t(0);
+  if (!finite) b.roi_w = b.roi_h = acc_t(0);
   const acc_t bin_h = b.roi_h / acc_t(PH), bin_w = b.roi_w / acc_t(PW);
-  b.grid_h = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(::ceil(bin_h));
-  b.grid_w = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(::ceil(bin_w));
-  b.grid_h = b.grid_h > 0 ? b.grid_h : 0;
-  b.grid_w = b.grid_w > 0 ? b.grid_w : 0;
+  constexpr acc_t kMaxGrid = acc_t(1 << 30);
+  b.grid_h = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(::ceil(bin_h < kMaxGrid ? bin_h : kMaxGrid));
+  b.grid_w = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(::ceil(bin_w < kMaxGrid ? bin_w : kMaxGrid));
+  b.grid_h = b.grid_h > 0 && finite ? b.grid_h : 0;
+  b.grid_w = b.grid_w > 0 && finite ? b.grid_w : 0;
   const int64_t count = b.grid_h * b.grid_w;
   b.inv_count = acc_t(1) / acc_t(count > 0 ? count : 1);
   b.y0 = sy + gamma * b.roi_h * dy + acc_t(ph) * bin_h;

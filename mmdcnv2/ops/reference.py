@@ -92,11 +92,14 @@ def clamped_gather(x: Tensor, y: Tensor, xq: Tensor) -> Tensor:
     """RoIAlign's bilinear samples of ``x`` (Tensor[C, H, W]) at ``y``, ``xq`` (same shape S).
 
     Returns Tensor[C, *S]. A sample counts where -1 <= y <= H and -1 <= x <= W;
-    coordinates in [-1, 0] and [size - 1, size] are clamped to the border.
+    coordinates in [-1, 0] and [size - 1, size] are clamped to the border. Any other
+    position (non-finite ones included) gives 0 and has zero gradient.
     """
     C, H, W = x.shape
     inside = (y >= -1) & (y <= H) & (xq >= -1) & (xq <= W)
     zero = torch.zeros_like(y)
+    # positions that do not count (non-finite ones included) read from 0, with zero weight below
+    y, xq = torch.where(inside, y, zero), torch.where(inside, xq, zero)
 
     def axis(v, size):
         v = torch.where(v <= 0, zero, v)
@@ -127,7 +130,8 @@ def deform_roi_pool_reference(
     gamma: float = 0.1,
 ) -> Tensor:
     """Deformable RoI pooling, one RoI at a time; same arguments as
-    :func:`mmdcnv2.ops.deform_roi_pool`. Returns Tensor[K, C, PH, PW]."""
+    :func:`mmdcnv2.ops.deform_roi_pool`. Returns Tensor[K, C, PH, PW]; a RoI with a
+    non-finite coordinate gives zeros."""
     PH, PW = _pair(output_size)
     C = input.shape[1]
     dt, dev = input.dtype, input.device
@@ -137,6 +141,9 @@ def deform_roi_pool_reference(
         x1, y1, x2, y2 = (rois[k, i].to(dt) for i in range(1, 5))
         sx, sy = x1 * spatial_scale - 0.5, y1 * spatial_scale - 0.5
         roi_w, roi_h = x2 * spatial_scale - 0.5 - sx, y2 * spatial_scale - 0.5 - sy
+        if not all(bool(torch.isfinite(v)) for v in (sx, sy, roi_w, roi_h)):
+            outs.append(input.new_zeros(C, PH, PW))  # a non-finite RoI has no samples
+            continue
         bin_h, bin_w = roi_h / PH, roi_w / PW
         gh = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(bin_h)), 0)
         gw = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(bin_w)), 0)
