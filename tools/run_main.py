@@ -11,20 +11,20 @@
 import argparse
 import glob
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mim_jobs import ROOT, coco_metrics, data_options, last_checkpoint, subprocess_env, test_cmd, train_cmd
+
 DEFAULT_CONFIG = "configs/shapes/faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py"
 
 
 def run(cmd, log_path):
     """Runs cmd, streaming its output (it shows progress) and keeping a copy in log_path."""
     print("$", " ".join(cmd), flush=True)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
+    env = subprocess_env()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
@@ -55,36 +55,27 @@ def main():
     if os.path.exists(work_dir):
         sys.exit(f"{work_dir} exists: choose a new --work-dir (nothing is overwritten)")
     os.makedirs(work_dir)
-    options = [f"train_dataloader.dataset.data_root={a.data}/", f"val_dataloader.dataset.data_root={a.data}/",
-               f"test_dataloader.dataset.data_root={a.data}/",
-               f"val_evaluator.ann_file={a.data}/annotations/val.json",
-               f"test_evaluator.ann_file={a.data}/annotations/val.json"]
-    if a.iters:
-        options += [f"train_cfg.max_iters={a.iters}", f"train_cfg.val_interval={a.iters}",
-                    f"default_hooks.checkpoint.interval={a.iters}"]
-    mim = [sys.executable, "-m", "mim"]
+    options = data_options(a.data, a.iters)
     print(f"[2/4] training {a.config} on the CPU (work dir {work_dir})", flush=True)
-    run(mim + ["train", "mmdet", a.config, "--gpus", "0", "--work-dir", work_dir, "--cfg-options", *options],
-        os.path.join(work_dir, "train_output.txt"))
-    ckpts = sorted(glob.glob(os.path.join(work_dir, "iter_*.pth")), key=lambda s: int(re.findall(r"\d+", s)[-1]))
-    if not ckpts:
+    run(train_cmd(a.config, work_dir, options), os.path.join(work_dir, "train_output.txt"))
+    ckpt = last_checkpoint(work_dir)
+    if not ckpt:
         sys.exit(f"no checkpoint in {work_dir}")
-    print(f"[3/4] COCO evaluation of {ckpts[-1]}", flush=True)
+    print(f"[3/4] COCO evaluation of {ckpt}", flush=True)
     show_dir = "detections"
-    out = run(mim + ["test", "mmdet", a.config, "--checkpoint", ckpts[-1], "--gpus", "0", "--work-dir", work_dir,
-                     "--show-dir", show_dir, "--cfg-options", *options], os.path.join(work_dir, "test_output.txt"))
-    m = re.findall(r"coco/bbox_mAP: ([0-9.]+)\s+coco/bbox_mAP_50: ([0-9.]+)\s+coco/bbox_mAP_75: ([0-9.]+)", out)
+    out = run(test_cmd(a.config, ckpt, work_dir, options, show_dir), os.path.join(work_dir, "test_output.txt"))
+    metrics = coco_metrics(out)
     print("[4/4] picture", flush=True)
     pics = sorted(glob.glob(os.path.join(work_dir, "*", show_dir, "**", "*.png"), recursive=True))
     if pics:
         shutil.copy(pics[0], os.path.join(work_dir, "detections.png"))
     print("\n==== main job done in %.1f min ====" % ((time.time() - t0) / 60))
-    if m:
-        ap, ap50, ap75 = m[-1]
-        print(f"COCO box mAP {ap}  (AP50 {ap50}, AP75 {ap75}) on {a.data}/annotations/val.json")
+    if metrics:
+        ap, ap50, ap75 = metrics
+        print(f"COCO box mAP {ap:.3f}  (AP50 {ap50:.3f}, AP75 {ap75:.3f}) on {a.data}/annotations/val.json")
     else:
         print("no COCO mAP found in the test output:", os.path.join(work_dir, "test_output.txt"))
-    print(f"work dir: {work_dir}  (logs, {os.path.basename(ckpts[-1])}, detections.png; all pictures in "
+    print(f"work dir: {work_dir}  (logs, {os.path.basename(ckpt)}, detections.png; all pictures in "
           f"{work_dir}/<time>/{show_dir}/)")
 
 
