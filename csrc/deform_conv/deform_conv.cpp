@@ -13,10 +13,21 @@ std::string shape_str(at::IntArrayRef s) {
   return r + ")";
 }
 
+// Geometry arguments are bounded so that every size computed from them fits in 64 bits.
+constexpr int64_t kMaxGeom = (int64_t(1) << 31) - 1;
+
 void check_pair(at::IntArrayRef v, const char* name, int64_t lowest) {
   TORCH_CHECK_VALUE(v.size() == 2, "deform_conv2d: ", name, " must have 2 elements, got ", v.size());
-  TORCH_CHECK_VALUE(v[0] >= lowest && v[1] >= lowest, "deform_conv2d: ", name, " must be >= ", lowest, ", got ",
-                    shape_str(v));
+  TORCH_CHECK_VALUE(v[0] >= lowest && v[1] >= lowest && v[0] <= kMaxGeom && v[1] <= kMaxGeom, "deform_conv2d: ",
+                    name, " must lie in [", lowest, ", 2^31 - 1], got ", shape_str(v));
+}
+
+// a * b + c, or a clear error naming what overflowed
+int64_t checked_mad(int64_t a, int64_t b, int64_t c, const char* what) {
+  int64_t r;
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(a, b, &r) && !__builtin_add_overflow(r, c, &r), "deform_conv2d: ", what,
+                    " overflows 64-bit integers");
+  return r;
 }
 
 void check_like(const at::Tensor& t, const at::Tensor& input, const char* name) {
@@ -47,8 +58,9 @@ DeformConvGeom check_deform_conv(const at::Tensor& input, const at::Tensor& weig
   check_pair(stride, "stride", 1);
   check_pair(padding, "padding", 0);
   check_pair(dilation, "dilation", 1);
-  TORCH_CHECK_VALUE(groups >= 1, "deform_conv2d: groups must be >= 1, got ", groups);
-  TORCH_CHECK_VALUE(deform_groups >= 1, "deform_conv2d: deform_groups must be >= 1, got ", deform_groups);
+  TORCH_CHECK_VALUE(groups >= 1 && groups <= kMaxGeom, "deform_conv2d: groups must lie in [1, 2^31 - 1], got ", groups);
+  TORCH_CHECK_VALUE(deform_groups >= 1 && deform_groups <= kMaxGeom,
+                    "deform_conv2d: deform_groups must lie in [1, 2^31 - 1], got ", deform_groups);
 
   DeformConvGeom g;
   g.N = input.size(0); g.C = input.size(1); g.H = input.size(2); g.W = input.size(3);
@@ -64,18 +76,26 @@ DeformConvGeom check_deform_conv(const at::Tensor& input, const at::Tensor& weig
                     ") must be divisible by deform_groups (", deform_groups, ")");
   TORCH_CHECK_VALUE(weight.size(1) * groups == g.C, "deform_conv2d: weight must have shape (C_out, ", g.C / groups, ", kH, kW) for ",
                     g.C, " input channels and groups=", groups, ", got ", shape_str(weight.sizes()));
-  const int64_t eff_h = g.dh * (g.kh - 1) + 1, eff_w = g.dw * (g.kw - 1) + 1;
-  g.Ho = (g.H + 2 * g.ph - eff_h) / g.sh + 1;
-  g.Wo = (g.W + 2 * g.pw - eff_w) / g.sw + 1;
-  TORCH_CHECK_VALUE(g.H + 2 * g.ph >= eff_h && g.W + 2 * g.pw >= eff_w,
-                    "deform_conv2d: the padded input (", g.H + 2 * g.ph, " x ", g.W + 2 * g.pw,
+  const int64_t eff_h = checked_mad(g.dh, g.kh - 1, 1, "the dilated kernel size (dilation, weight)");
+  const int64_t eff_w = checked_mad(g.dw, g.kw - 1, 1, "the dilated kernel size (dilation, weight)");
+  const int64_t pad_h = checked_mad(2, g.ph, g.H, "the padded input size (padding, input)");
+  const int64_t pad_w = checked_mad(2, g.pw, g.W, "the padded input size (padding, input)");
+  TORCH_CHECK_VALUE(pad_h >= eff_h && pad_w >= eff_w, "deform_conv2d: the padded input (", pad_h, " x ", pad_w,
                     ") is smaller than the dilated kernel (", eff_h, " x ", eff_w, ")");
-  const int64_t K = g.kh * g.kw;
-  const std::vector<int64_t> want_off = {g.N, 2 * deform_groups * K, g.Ho, g.Wo};
+  g.Ho = (pad_h - eff_h) / g.sh + 1;
+  g.Wo = (pad_w - eff_w) / g.sw + 1;
+  const int64_t K = checked_mad(g.kh, g.kw, 0, "the kernel size kH * kW (weight)");
+  const int64_t dgK2 = checked_mad(checked_mad(2, deform_groups, 0, "2 * deform_groups"), K, 0,
+                                   "2 * deform_groups * kH * kW (offset channels)");
+  int64_t out_numel = checked_mad(g.N, g.Cout, 0, "the output size (input, weight)");
+  out_numel = checked_mad(out_numel, g.Ho, 0, "the output size (input, weight, stride, padding)");
+  out_numel = checked_mad(out_numel, g.Wo, 0, "the output size (input, weight, stride, padding)");
+  (void)out_numel;  // checked only: at::empty would fail with a message that names no argument
+  const std::vector<int64_t> want_off = {g.N, dgK2, g.Ho, g.Wo};
   TORCH_CHECK_VALUE(offset.sizes() == at::IntArrayRef(want_off), "deform_conv2d: offset must have shape ",
                     shape_str(want_off), " (N, 2 * deform_groups * kH * kW, H_out, W_out), got ", shape_str(offset.sizes()));
   if (mask) {
-    const std::vector<int64_t> want_mask = {g.N, deform_groups * K, g.Ho, g.Wo};
+    const std::vector<int64_t> want_mask = {g.N, dgK2 / 2, g.Ho, g.Wo};
     TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef(want_mask), "deform_conv2d: mask must have shape ",
                       shape_str(want_mask), " (N, deform_groups * kH * kW, H_out, W_out), got ", shape_str(mask->sizes()));
   }

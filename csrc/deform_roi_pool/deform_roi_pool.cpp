@@ -20,6 +20,12 @@ RoIPoolGeom check_deform_roi_pool(const at::Tensor& input, const at::Tensor& roi
                     " but input has dtype ", input.scalar_type());
   TORCH_CHECK_VALUE(pooled_height >= 1 && pooled_width >= 1, "deform_roi_pool: output_size must be >= 1, got (",
                     pooled_height, ", ", pooled_width, ")");
+  int64_t out_numel = 0;
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(rois.size(0), input.size(1), &out_numel) &&
+                        !__builtin_mul_overflow(out_numel, pooled_height, &out_numel) &&
+                        !__builtin_mul_overflow(out_numel, pooled_width, &out_numel),
+                    "deform_roi_pool: the output (", rois.size(0), " RoIs x ", input.size(1), " channels x output_size (",
+                    pooled_height, ", ", pooled_width, ")) overflows 64-bit integers");
   TORCH_CHECK_VALUE(sampling_ratio >= 0, "deform_roi_pool: sampling_ratio must be >= 0 (0: adaptive), got ",
                     sampling_ratio);
   TORCH_CHECK_VALUE(std::isfinite(spatial_scale) && spatial_scale > 0,

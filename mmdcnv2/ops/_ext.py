@@ -33,3 +33,11 @@ def assert_has_ops(*tensors: torch.Tensor) -> None:
             "mmdcnv2 was built without CUDA kernels, so its ops cannot run on a CUDA tensor; "
             "rebuild with `FORCE_CUDA=1 pip install --no-build-isolation -e .`."
         )
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for device types without autocast (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair, _single
 
-from ._ext import assert_has_ops, has_ops
+from ._ext import assert_has_ops, autocast_enabled, has_ops
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -75,7 +75,7 @@ def _check_args(input, offset, weight, bias, stride, padding, dilation, mask):
     if bias is not None and tuple(bias.shape) != (Cout,):
         raise ValueError(f"deform_conv2d: bias must have shape ({Cout},), got {tuple(bias.shape)}")
     # under autocast, the dispatcher casts every floating input to float32 before the kernel runs
-    autocast = torch.is_autocast_enabled(input.device.type)
+    autocast = autocast_enabled(input.device.type)
     for name, t in (("weight", weight), ("offset", offset), ("mask", mask), ("bias", bias)):
         if t is None:
             continue
@@ -131,17 +131,55 @@ def deform_conv2d(
 
 if has_ops():
 
-    @torch.library.register_fake("mmdcnv2::deform_conv2d")
-    def _deform_conv2d_fake(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups):
-        torch._check(input.dim() == 4 and weight.dim() == 4, lambda: "deform_conv2d: input and weight must be 4-D")
+    def _fake_checks(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups):
+        """What the compiled op checks, for fake and meta tensors (and for calls that mix a meta tensor
+        with real ones, which the dispatcher sends here): the argument's name in every message."""
+        for name, t in (("input", input), ("weight", weight), ("offset", offset)):
+            torch._check_value(t.dim() == 4, lambda: f"deform_conv2d: {name} must be 4-D, got shape {tuple(t.shape)}")
+        for name, t in (("weight", weight), ("offset", offset), ("mask", mask), ("bias", bias)):
+            if t is None:
+                continue
+            torch._check_value(t.device == input.device,
+                               lambda: f"deform_conv2d: {name} is on {t.device} but input is on {input.device}")
+            torch._check_value(t.dtype == input.dtype,
+                               lambda: f"deform_conv2d: {name} has dtype {t.dtype} but input has dtype {input.dtype}")
+        torch._check_value(input.dtype.is_floating_point,
+                           lambda: f"deform_conv2d: input must be a floating-point tensor, got {input.dtype}")
+        torch._check_value(groups >= 1 and deform_groups >= 1,
+                           lambda: f"deform_conv2d: groups ({groups}) and deform_groups ({deform_groups}) must be >= 1")
+        torch._check_value(weight.shape[1] * groups == input.shape[1], lambda: (
+            f"deform_conv2d: weight must have shape (C_out, C_in / groups, kH, kW) for {input.shape[1]} input "
+            f"channels and groups={groups}, got {tuple(weight.shape)}"))
         Ho = _conv_out(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
         Wo = _conv_out(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+        torch._check_value(Ho > 0 and Wo > 0, lambda: "deform_conv2d: the padded input is smaller than the dilated kernel")
+        K = weight.shape[2] * weight.shape[3]
+        want = (input.shape[0], 2 * deform_groups * K, Ho, Wo)
+        torch._check_value(tuple(offset.shape) == want,
+                           lambda: f"deform_conv2d: offset must have shape {want}, got {tuple(offset.shape)}")
+        if mask is not None:
+            want = (input.shape[0], deform_groups * K, Ho, Wo)
+            torch._check_value(tuple(mask.shape) == want,
+                               lambda: f"deform_conv2d: mask must have shape {want}, got {tuple(mask.shape)}")
+        if bias is not None:
+            torch._check_value(tuple(bias.shape) == (weight.shape[0],), lambda: (
+                f"deform_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"))
+        return Ho, Wo
+
+    @torch.library.register_fake("mmdcnv2::deform_conv2d")
+    def _deform_conv2d_fake(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups):
+        Ho, Wo = _fake_checks(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups)
         return input.new_empty((input.shape[0], weight.shape[0], Ho, Wo))
 
     @torch.library.register_fake("mmdcnv2::deform_conv2d_backward")
     def _deform_conv2d_backward_fake(
         grad_output, input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups
     ):
+        Ho, Wo = _fake_checks(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups)
+        want = (input.shape[0], weight.shape[0], Ho, Wo)
+        torch._check_value(tuple(grad_output.shape) == want and grad_output.device == input.device, lambda: (
+            f"deform_conv2d_backward: grad_output must have shape {want} on {input.device}, "
+            f"got {tuple(grad_output.shape)} on {grad_output.device}"))
         grad_mask = input.new_empty(mask.shape) if mask is not None else input.new_empty((0,))
         grad_bias = input.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
         return (

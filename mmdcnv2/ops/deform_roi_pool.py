@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from ._ext import assert_has_ops, has_ops
+from ._ext import assert_has_ops, autocast_enabled, has_ops
 
 __all__ = ["deform_roi_pool", "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack"]
 
@@ -57,7 +57,7 @@ def deform_roi_pool(
         raise ValueError(
             f"deform_roi_pool: offset must have shape {(rois.shape[0], 2, ph, pw)}, got {tuple(offset.shape)}"
         )
-    if not torch.is_autocast_enabled(input.device.type):
+    if not autocast_enabled(input.device.type):
         for name, t in (("rois", rois), ("offset", offset)):
             if t is not None and t.dtype != input.dtype:
                 raise ValueError(f"deform_roi_pool: {name} has dtype {t.dtype} but input has dtype {input.dtype}")
@@ -69,12 +69,40 @@ def deform_roi_pool(
 
 if has_ops():
 
+    def _fake_checks(input, rois, offset, pooled_height, pooled_width):
+        """What the compiled op checks, for fake and meta tensors (and for calls that mix a meta tensor
+        with real ones, which the dispatcher sends here): the argument's name in every message."""
+        torch._check_value(input.dim() == 4, lambda: f"deform_roi_pool: input must be 4-D, got {tuple(input.shape)}")
+        torch._check_value(input.dtype.is_floating_point,
+                           lambda: f"deform_roi_pool: input must be floating point, got {input.dtype}")
+        torch._check_value(rois.dim() == 2 and rois.shape[1] == 5,
+                           lambda: f"deform_roi_pool: rois must have shape (K, 5), got {tuple(rois.shape)}")
+        torch._check_value(pooled_height >= 1 and pooled_width >= 1, lambda: (
+            f"deform_roi_pool: output_size must be >= 1, got ({pooled_height}, {pooled_width})"))
+        for name, t in (("rois", rois), ("offset", offset)):
+            if t is None:
+                continue
+            torch._check_value(t.device == input.device,
+                               lambda: f"deform_roi_pool: {name} is on {t.device} but input is on {input.device}")
+            torch._check_value(t.dtype == input.dtype,
+                               lambda: f"deform_roi_pool: {name} has dtype {t.dtype} but input has dtype {input.dtype}")
+        if offset is not None:
+            want = (rois.shape[0], 2, pooled_height, pooled_width)
+            torch._check_value(tuple(offset.shape) == want,
+                               lambda: f"deform_roi_pool: offset must have shape {want}, got {tuple(offset.shape)}")
+
     @torch.library.register_fake("mmdcnv2::deform_roi_pool")
     def _deform_roi_pool_fake(input, rois, offset, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma):
+        _fake_checks(input, rois, offset, pooled_height, pooled_width)
         return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
     @torch.library.register_fake("mmdcnv2::deform_roi_pool_backward")
     def _deform_roi_pool_backward_fake(grad_output, input, rois, offset, *args):
+        _fake_checks(input, rois, offset, args[0], args[1])
+        want = (rois.shape[0], input.shape[1], args[0], args[1])
+        torch._check_value(tuple(grad_output.shape) == want and grad_output.device == input.device, lambda: (
+            f"deform_roi_pool_backward: grad_output must have shape {want} on {input.device}, "
+            f"got {tuple(grad_output.shape)} on {grad_output.device}"))
         goff = input.new_empty(offset.shape) if offset is not None else input.new_empty((0,))
         return input.new_empty(input.shape), goff
 
