@@ -55,6 +55,23 @@ MMDCNV2_INLINE void dot4(const T* __restrict__ g, const T* __restrict__ a, const
   }
   s[0] += s0; s[1] += s1; s[2] += s2; s[3] += s3;
 }
+// dst = w0 a + w1 b + w2 c + w3 d and s[q] += sum_j g[j] * x_q[j]: the corners are read once for both
+template <typename T>
+MMDCNV2_INLINE void lerp4_dot4(T* __restrict__ dst, const T* __restrict__ g, const T* __restrict__ a,
+                               const T* __restrict__ b, const T* __restrict__ c, const T* __restrict__ d, T w0, T w1,
+                               T w2, T w3, T* s, int64_t n) {
+  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t j = 0; j < n; ++j) {
+    const T av = a[j], bv = b[j], cv = c[j], dv = d[j], gv = g[j];
+    dst[j] = w0 * av + w1 * bv + w2 * cv + w3 * dv;
+    s0 += gv * av;
+    s1 += gv * bv;
+    s2 += gv * cv;
+    s3 += gv * dv;
+  }
+  s[0] += s0; s[1] += s1; s[2] += s2; s[3] += s3;
+}
 template <typename T>
 MMDCNV2_INLINE T dot(const T* __restrict__ g, const T* __restrict__ a, int64_t n) {
   T s = 0;
@@ -96,6 +113,23 @@ void dot4_base(const T* g, const T* a, const T* b, const T* c, const T* d, T* s,
 template <typename T>
 inline void dot4(const T* g, const T* a, const T* b, const T* c, const T* d, T* s, int64_t n) {
   has_avx2() ? dot4_avx2(g, a, b, c, d, s, n) : dot4_base(g, a, b, c, d, s, n);
+}
+
+template <typename T>
+MMDCNV2_AVX2 void lerp4_dot4_avx2(T* dst, const T* g, const T* a, const T* b, const T* c, const T* d, T w0, T w1, T w2,
+                                  T w3, T* s, int64_t n) {
+  body::lerp4_dot4(dst, g, a, b, c, d, w0, w1, w2, w3, s, n);
+}
+template <typename T>
+void lerp4_dot4_base(T* dst, const T* g, const T* a, const T* b, const T* c, const T* d, T w0, T w1, T w2, T w3, T* s,
+                     int64_t n) {
+  body::lerp4_dot4(dst, g, a, b, c, d, w0, w1, w2, w3, s, n);
+}
+template <typename T>
+inline void lerp4_dot4(T* dst, const T* g, const T* a, const T* b, const T* c, const T* d, T w0, T w1, T w2, T w3,
+                       T* s, int64_t n) {
+  has_avx2() ? lerp4_dot4_avx2(dst, g, a, b, c, d, w0, w1, w2, w3, s, n)
+             : lerp4_dot4_base(dst, g, a, b, c, d, w0, w1, w2, w3, s, n);
 }
 
 template <typename T>

@@ -6,9 +6,10 @@
 //      group's channels) and writes the contiguous channel vector
 //      cols[p, group, k, c] (times the modulation mask);
 //   2. one GEMM per convolution group over a block of images;
-//   3. backward: grad_cols = grad_out @ W; the offset and mask gradients need
-//      only four dot products per sample (bilinear_backward); grad_input is a
-//      scatter of grad_cols (partitioned by channel on the CPU: no atomics).
+//   3. backward: grad_cols = grad_out @ W; one sampling pass rebuilds the columns
+//      (for grad_weight) and takes the offset and mask gradients from four dot
+//      products per sample (bilinear_backward); grad_input is a scatter of
+//      grad_cols (partitioned by channel on the CPU: no atomics).
 // The column buffer covers a bounded chunk of output rows, never the whole batch.
 #pragma once
 
@@ -58,7 +59,8 @@ inline int64_t deform_conv_chunk_rows(const DeformConvGeom& g, int64_t element_s
 // all tensors contiguous; cols holds the chunk's rows only):
 //   im2col(x_nhwc[b,H,W,C], offset[b,2*dg*K,Ho,Wo], mask?[b,dg*K,Ho,Wo], cols[r1-r0, K*C], g, r0, r1)
 //   col2im(grad_cols, offset, mask?, grad_x_nhwc[b,H,W,C] (accumulation type, zeroed), g, r0, r1)
-//   coord_grad(x_nhwc, offset, mask?, grad_cols, grad_offset[b,...], grad_mask?[b,...], g, r0, r1)
+//   im2col_coord_grad(x_nhwc, offset, mask?, grad_cols, cols, grad_offset[b,...], grad_mask?[b,...], g, r0, r1):
+//       the columns as im2col writes them, and the offset and mask gradients from grad_cols
 // and kColsBytes, the column buffer's size.
 // What both drivers prepare once per call (contiguous offset and mask, the weight in column
 // order, block and chunk sizes) and per block of images (channels-last input, its offsets).
@@ -145,6 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const auto& w2 = s.w2;
     const int64_t chunk = s.chunk;
     auto cols = at::empty({chunk, g.ldc()}, input.options());
+    auto gcols = at::empty({chunk, g.ldc()}, input.options());
     for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
       const auto [b, x, off, msk] = s.block(input, n0);
       const auto go = grad_output.narrow(0, n0, b).permute({0, 2, 3, 1}).reshape({b * P, g.Cout});
@@ -154,23 +157,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       for (int64_t r0 = 0; r0 < b * P; r0 += chunk) {
         const int64_t r1 = std::min(b * P, r0 + chunk);
         auto cb = cols.narrow(0, 0, r1 - r0);
+        auto gcb = gcols.narrow(0, 0, r1 - r0);
         const auto gor = go.narrow(0, r0, r1 - r0);
-        // grad_weight needs the columns; then the same buffer receives grad_cols.
-        Kernels::im2col(x, off, msk, cb, g, r0, r1);
+        for (int64_t gi = 0; gi < g.groups; ++gi) {  // grad_cols = grad_out @ W
+          const auto gog = gor.narrow(1, gi * Cout_g, Cout_g);
+          auto gcg = gcb.narrow(1, gi * K * Cg, K * Cg);
+          if (g.groups == 1) {
+            at::mm_out(gcg, gog, w2[gi]);
+          } else {
+            gcg.copy_(at::mm(gog, w2[gi]));
+          }
+        }
+        // one sampling pass: the columns (for grad_weight) and the offset/mask gradients
+        Kernels::im2col_coord_grad(x, off, msk, gcb, cb, goff, gmsk, g, r0, r1);
         for (int64_t gi = 0; gi < g.groups; ++gi) {
           gw_acc[gi].add_(at::mm(gor.narrow(1, gi * Cout_g, Cout_g).t(), cb.narrow(1, gi * K * Cg, K * Cg)));
         }
-        for (int64_t gi = 0; gi < g.groups; ++gi) {
-          const auto gog = gor.narrow(1, gi * Cout_g, Cout_g);
-          auto cg = cb.narrow(1, gi * K * Cg, K * Cg);
-          if (g.groups == 1) {
-            at::mm_out(cg, gog, w2[gi]);
-          } else {
-            cg.copy_(at::mm(gog, w2[gi]));
-          }
-        }
-        Kernels::coord_grad(x, off, msk, cb, goff, gmsk, g, r0, r1);
-        Kernels::col2im(cb, off, msk, gx, g, r0, r1);
+        Kernels::col2im(gcb, off, msk, gx, g, r0, r1);
       }
       grad_input.narrow(0, n0, b).copy_(gx.permute({0, 3, 1, 2}));
     }

@@ -81,34 +81,41 @@ void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeo
   });
 }
 
+// The backward's sampling pass: for each sample, the masked columns (for grad_weight, as im2col
+// writes them) and the four dot products of grad_cols with its corners (for the offset and
+// mask gradients) from one read of the corners.
 template <typename T>
-void coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T* goff, T* gmsk, const DeformConvGeom& g,
-                int64_t row0, int64_t row1) {
+void im2col_coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T* cols, T* goff, T* gmsk,
+                       const DeformConvGeom& g, int64_t row0, int64_t row1) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
   at::parallel_for(row0, row1, row_grain(g), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r / P, p = r % P;
       const T* xi = x + i * HW * C;
-      const T* row = gcols + (r - row0) * g.ldc();
+      const T* grow = gcols + (r - row0) * g.ldc();
+      T* crow = cols + (r - row0) * g.ldc();
       for (int64_t dg = 0; dg < g.dgroups; ++dg) {
         for (int64_t k = 0; k < K; ++k) {
           const auto t = tap_sample(g, off, msk, i, p, dg, k);
           const auto& s = t.s;
           T S[4] = {0, 0, 0, 0};
-          if (s.inside) {
-            for_each_run(g, dg * Cdg, (dg + 1) * Cdg, [&](int64_t gi, int64_t c0, int64_t c1) {
-              const T* src = row + gi * K * Cg + k * Cg + (c0 - gi * Cg);
-              const int64_t n = c1 - c0;
-              if (s.all4) {
-                vec::dot4(src, xi + s.index[0] * C + c0, xi + s.index[1] * C + c0, xi + s.index[2] * C + c0,
-                          xi + s.index[3] * C + c0, S, n);
-                return;
-              }
-              for (int q = 0; q < 4; ++q) {
-                if (s.index[q] >= 0) S[q] += vec::dot(src, xi + s.index[q] * C + c0, n);
-              }
-            });
-          }
+          for_each_run(g, dg * Cdg, (dg + 1) * Cdg, [&](int64_t gi, int64_t c0, int64_t c1) {
+            const int64_t at = gi * K * Cg + k * Cg + (c0 - gi * Cg), n = c1 - c0;
+            T* dst = crow + at;
+            const T* src = grow + at;
+            if (s.all4) {
+              vec::lerp4_dot4(dst, src, xi + s.index[0] * C + c0, xi + s.index[1] * C + c0,
+                              xi + s.index[2] * C + c0, xi + s.index[3] * C + c0, s.weight[0] * t.m,
+                              s.weight[1] * t.m, s.weight[2] * t.m, s.weight[3] * t.m, S, n);
+              return;
+            }
+            std::fill(dst, dst + n, T(0));
+            for (int q = 0; q < 4; ++q) {
+              if (s.index[q] < 0) continue;
+              vec::axpy(dst, xi + s.index[q] * C + c0, s.weight[q] * t.m, n);
+              S[q] += vec::dot(src, xi + s.index[q] * C + c0, n);
+            }
+          });
           T value, d_h, d_w;
           bilinear_backward(s, S, value, d_h, d_w);
           goff[t.off_y] = t.m * d_h;
@@ -180,13 +187,13 @@ struct CpuKernels {
                                 gx.data_ptr<scalar_t>(), g, r0, r1);
     });
   }
-  static void coord_grad(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
-                         const at::Tensor& gcols, at::Tensor& goff, std::optional<at::Tensor>& gmsk,
-                         const DeformConvGeom& g, int64_t r0, int64_t r1) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_coord_grad", [&] {
-      mmdcnv2::coord_grad<scalar_t>(x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
-                                    gcols.data_ptr<scalar_t>(), goff.data_ptr<scalar_t>(), opt_mut_ptr<scalar_t>(gmsk),
-                                    g, r0, r1);
+  static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+                                const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff,
+                                std::optional<at::Tensor>& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_im2col_coord_grad", [&] {
+      mmdcnv2::im2col_coord_grad<scalar_t>(x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
+                                           gcols.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(),
+                                           goff.data_ptr<scalar_t>(), opt_mut_ptr<scalar_t>(gmsk), g, r0, r1);
     });
   }
 };

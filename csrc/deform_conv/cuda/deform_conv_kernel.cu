@@ -161,6 +161,14 @@ struct CudaKernels {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+  // The backward's sampling pass (the CPU fuses it; here the columns and the coordinate
+  // gradients are two kernels).
+  static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+                                const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff,
+                                std::optional<at::Tensor>& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+    im2col(x, off, msk, cols, g, r0, r1);
+    coord_grad(x, off, msk, gcols, goff, gmsk, g, r0, r1);
+  }
 };
 
 at::Tensor deform_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
