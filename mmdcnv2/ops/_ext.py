@@ -41,3 +41,14 @@ def autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except RuntimeError:
         return False
+
+
+def check_like_input(op: str, input: torch.Tensor, **tensors) -> None:
+    """For the fake kernels: every given tensor (None skipped) is on input's device with input's dtype."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        torch._check_value(t.device == input.device,
+                           lambda: f"{op}: {name} is on {t.device} but input is on {input.device}")
+        torch._check_value(t.dtype == input.dtype,
+                           lambda: f"{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair, _single
 
-from ._ext import assert_has_ops, autocast_enabled, has_ops
+from ._ext import assert_has_ops, autocast_enabled, check_like_input, has_ops
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -136,13 +136,7 @@ if has_ops():
         with real ones, which the dispatcher sends here): the argument's name in every message."""
         for name, t in (("input", input), ("weight", weight), ("offset", offset)):
             torch._check_value(t.dim() == 4, lambda: f"deform_conv2d: {name} must be 4-D, got shape {tuple(t.shape)}")
-        for name, t in (("weight", weight), ("offset", offset), ("mask", mask), ("bias", bias)):
-            if t is None:
-                continue
-            torch._check_value(t.device == input.device,
-                               lambda: f"deform_conv2d: {name} is on {t.device} but input is on {input.device}")
-            torch._check_value(t.dtype == input.dtype,
-                               lambda: f"deform_conv2d: {name} has dtype {t.dtype} but input has dtype {input.dtype}")
+        check_like_input("deform_conv2d", input, weight=weight, offset=offset, mask=mask, bias=bias)
         torch._check_value(input.dtype.is_floating_point,
                            lambda: f"deform_conv2d: input must be a floating-point tensor, got {input.dtype}")
         torch._check_value(groups >= 1 and deform_groups >= 1,

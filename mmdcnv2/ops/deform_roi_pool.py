@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from ._ext import assert_has_ops, autocast_enabled, has_ops
+from ._ext import assert_has_ops, autocast_enabled, check_like_input, has_ops
 
 __all__ = ["deform_roi_pool", "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack"]
 
@@ -79,13 +79,7 @@ if has_ops():
                            lambda: f"deform_roi_pool: rois must have shape (K, 5), got {tuple(rois.shape)}")
         torch._check_value(pooled_height >= 1 and pooled_width >= 1, lambda: (
             f"deform_roi_pool: output_size must be >= 1, got ({pooled_height}, {pooled_width})"))
-        for name, t in (("rois", rois), ("offset", offset)):
-            if t is None:
-                continue
-            torch._check_value(t.device == input.device,
-                               lambda: f"deform_roi_pool: {name} is on {t.device} but input is on {input.device}")
-            torch._check_value(t.dtype == input.dtype,
-                               lambda: f"deform_roi_pool: {name} has dtype {t.dtype} but input has dtype {input.dtype}")
+        check_like_input("deform_roi_pool", input, rois=rois, offset=offset)
         if offset is not None:
             want = (rois.shape[0], 2, pooled_height, pooled_width)
             torch._check_value(tuple(offset.shape) == want,
