@@ -134,7 +134,9 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
   struct Task { int64_t gi, dg, c0, c1; };
   std::vector<Task> tasks;
   const int64_t threads = (row1 - row0) * K * C < (int64_t(1) << 15) ? 1 : at::get_num_threads();
-  const int64_t piece = std::max<int64_t>(16, (C + 2 * threads - 1) / (2 * threads));
+  // One channel slice per thread: every task streams the whole chunk of grad_cols and recomputes
+  // the sample geometry, so more (thinner) tasks only add traffic.
+  const int64_t piece = std::max<int64_t>(16, (C + threads - 1) / threads);
   for (int64_t dg = 0; dg < g.dgroups; ++dg) {
     for_each_run(g, dg * Cdg, (dg + 1) * Cdg, [&](int64_t gi, int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; c += piece) tasks.push_back({gi, dg, c, std::min(c1, c + piece)});
