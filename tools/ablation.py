@@ -15,8 +15,11 @@ results/ablation-<time>, never one that exists; work dirs inside it). Rows:
   mimic        + R-CNN feature mimicking (DCNv2)
 
 --jobs N trains N rows side by side, each with cores/N threads (two at a time on a
-2-core machine halve the wall time); the time per iteration is measured under that setting,
-the same for every row.
+2-core machine halve the wall time). The time per iteration in the table is measured
+afterwards, one row at a time with all cores, over a short run of --timing-iters
+iterations (median of the logged windows after the first): side-by-side jobs, or anything
+else running on the machine, would skew it. --reuse DIR takes the rows that finished in an
+earlier run's DIR/ablation.json (metrics and checkpoints) instead of training them again.
 """
 import argparse
 import json
@@ -69,8 +72,21 @@ def run_row(row, out_dir, data, iters, threads, status):
     if rc != 0 or metrics is None:
         status[name] = dict(state=f"testing failed (rc {rc}): {test_log}")
         return
-    status[name] = dict(state="done", ap=metrics[0], ap50=metrics[1], ap75=metrics[2],
-                        s_per_iter=seconds_per_iter(work), minutes=(time.time() - t0) / 60, checkpoint=ckpt)
+    status[name] = dict(state="done", ap=metrics[0], ap50=metrics[1], ap75=metrics[2], s_per_iter=None,
+                        s_per_iter_jobs=seconds_per_iter(work), minutes=(time.time() - t0) / 60, checkpoint=ckpt)
+
+
+def time_row(row, out_dir, data, iters, status):
+    """Seconds per training iteration of ``row``: a short run alone, with every core."""
+    name, config = row[0], row[1]
+    work = os.path.join(out_dir, "work", name + "-timing")
+    os.makedirs(work)
+    options = data_options(data, iters) + [f"default_hooks.logger.interval={max(1, iters // 5)}",
+                                           f"default_hooks.checkpoint.interval={iters + 1}"]
+    with open(os.path.join(work, "train_output.txt"), "w") as log:
+        rc = subprocess.call(train_cmd(config, work, options), cwd=ROOT, env=subprocess_env(), stdout=log,
+                             stderr=subprocess.STDOUT)
+    status[name]["s_per_iter"] = seconds_per_iter(work) if rc == 0 else None
 
 
 def progress_line(status):
@@ -88,13 +104,16 @@ def progress_line(status):
 def markdown(rows, status, meta):
     check = {True: "yes", False: ""}
     lines = [f"Embedded shapes dataset, {meta['iters']} iterations from scratch, seed 0, {meta['machine']}; "
-             f"{meta['jobs']} job(s) side by side with {meta['threads']} thread(s) each.", "",
+             f"trained {meta['jobs']} job(s) side by side with {meta['threads']} thread(s) each; s/iter: "
+             + (f"{meta['timing_iters']} iterations of each row alone, all cores." if meta["timing_iters"] else
+                "measured during training."), "",
              "| | deformable conv | modulation | RoI pooling | mimicking | box AP | AP50 | AP75 | s/iter |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, _, stages, modulated, pool, mimic in rows:
         st = status[name]
         if st.get("state") == "done":
-            spi = "n/a" if st["s_per_iter"] is None else f"{st['s_per_iter']:.2f}"
+            t = st.get("s_per_iter") or st.get("s_per_iter_jobs")
+            spi = "n/a" if t is None else f"{t:.2f}"
             nums = f"{st['ap']:.3f} | {st['ap50']:.3f} | {st['ap75']:.3f} | {spi}"
         else:
             nums = f"{st.get('state', 'not run')} | | | "
@@ -121,7 +140,8 @@ def plot(rows, status, path):
     ax.set_ylabel("COCO metric (val)")
     ax.set_title("Ablation on the embedded dataset (same schedule and seed)")
     ax.legend(loc="upper left", fontsize=8)
-    bars = bx.bar(range(len(done)), [status[n]["s_per_iter"] or 0 for n in done], color="gray")
+    bars = bx.bar(range(len(done)), [status[n].get("s_per_iter") or status[n].get("s_per_iter_jobs") or 0
+                                           for n in done], color="gray")
     bx.bar_label(bars, fmt="%.2f", fontsize=7)
     bx.set_xticks(range(len(done)), [LABELS[n] for n in done], rotation=20, ha="right")
     bx.set_ylabel("seconds per training iteration")
@@ -138,6 +158,8 @@ def main(argv=None):
     p.add_argument("--data", default="data/shapes")
     p.add_argument("--out", default=None, help="results folder; must not exist (default results/ablation-<time>)")
     p.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
+    p.add_argument("--timing-iters", type=int, default=30, help="iterations of the timing run per row (0: none)")
+    p.add_argument("--reuse", default=None, help="an earlier results folder: its finished rows are not retrained")
     a = p.parse_args(argv)
     names = [n.strip() for n in a.rows.split(",") if n.strip()]
     known = [r[0] for r in ROWS]
@@ -162,7 +184,17 @@ def main(argv=None):
     jobs = min(a.jobs, len(rows))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     status = {r[0]: {} for r in rows}
-    pending = list(rows)
+    earlier_meta = {}
+    if a.reuse:
+        with open(os.path.join(a.reuse, "ablation.json")) as f:
+            earlier_json = json.load(f)
+        earlier, earlier_meta = earlier_json["rows"], earlier_json.get("meta", {})
+        for name in status:
+            if earlier.get(name, {}).get("state") == "done":
+                status[name] = {k: v for k, v in earlier[name].items() if k != "config"}
+                print(f"{name}: reusing the result in {a.reuse}", flush=True)
+    pending = [r for r in rows if status[r[0]].get("state") != "done"]
+    trained = list(pending)
     running = []
     t0 = time.time()
     print(f"{len(rows)} rows, {jobs} at a time, {threads} thread(s) each; results in {out}", flush=True)
@@ -177,9 +209,16 @@ def main(argv=None):
             for t in running:
                 t.join(timeout=a.poll / max(1, len(running)))
             print(f"[{(time.time() - t0) / 60:5.1f} min] {progress_line(status)}", flush=True)
+    if a.timing_iters > 0:
+        for row in rows:
+            if status[row[0]].get("state") == "done":
+                print(f"timing {row[0]}: {a.timing_iters} iterations alone", flush=True)
+                time_row(row, out, a.data, a.timing_iters, status)
     import platform
 
-    meta = dict(iters=a.iters or 700, jobs=jobs, threads=threads,
+    if not any(r in rows for r in trained):  # every row came from --reuse: keep how they were trained
+        jobs, threads = earlier_meta.get("jobs", jobs), earlier_meta.get("threads", threads)
+    meta = dict(iters=a.iters or 700, jobs=jobs, threads=threads, timing_iters=a.timing_iters,
                 machine=f"{os.cpu_count()}-core {platform.machine()} CPU", minutes=(time.time() - t0) / 60)
     table = markdown(rows, status, meta)
     with open(os.path.join(out, "ablation.md"), "w") as f:

@@ -170,8 +170,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         }
         // one sampling pass: the columns (for grad_weight) and the offset/mask gradients
         Kernels::im2col_coord_grad(x, off, msk, gcb, cb, goff, gmsk, g, r0, r1);
-        for (int64_t gi = 0; gi < g.groups; ++gi) {
-          gw_acc[gi].add_(at::mm(gor.narrow(1, gi * Cout_g, Cout_g).t(), cb.narrow(1, gi * K * Cg, K * Cg)));
+        for (int64_t gi = 0; gi < g.groups; ++gi) {  // grad_weight += grad_out^T @ cols
+          const auto a = gor.narrow(1, gi * Cout_g, Cout_g).t();
+          const auto c = cb.narrow(1, gi * K * Cg, K * Cg);
+          auto acc = gw_acc[gi];
+          if (acc.scalar_type() == c.scalar_type()) {
+            acc.addmm_(a, c);  // in place: no temporary of the weight's size per chunk
+          } else {
+            acc.add_(at::mm(a, c));  // reduced precision on CUDA: accumulate in float
+          }
         }
         Kernels::col2im(gcb, off, msk, gx, g, r0, r1);
       }

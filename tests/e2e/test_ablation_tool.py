@@ -20,7 +20,8 @@ def test_ablation_tool_trains_evaluates_and_writes_the_table(tmp_path, capsys):
     data = str(tmp_path / "shapes")
     make_shapes_dataset(data, num_train=6, num_val=3, size=96, progress=None)
     out = str(tmp_path / "results")
-    ablation.main(["--rows", "mimic", "--iters", "2", "--data", data, "--out", out, "--poll", "2"])
+    ablation.main(["--rows", "mimic", "--iters", "2", "--data", data, "--out", out, "--poll", "2",
+                   "--timing-iters", "3"])
     with open(os.path.join(out, "ablation.json")) as f:
         rows = json.load(f)["rows"]
     row = rows["mimic"]
@@ -34,6 +35,13 @@ def test_ablation_tool_trains_evaluates_and_writes_the_table(tmp_path, capsys):
     # the mimicking row's log has the branch's scalars
     log = open(os.path.join(out, "work", "mimic", "train_output.txt")).read()
     assert "loss_mimic" in log and "mimic_cos" in log and "mean cosine similarity" in log
+    assert os.path.isdir(os.path.join(out, "work", "mimic-timing"))
+    # --reuse takes the finished row instead of training it again
+    again = str(tmp_path / "again")
+    ablation.main(["--rows", "mimic", "--data", data, "--out", again, "--reuse", out, "--timing-iters", "0"])
+    with open(os.path.join(again, "ablation.json")) as f:
+        assert json.load(f)["rows"]["mimic"]["ap"] == row["ap"]
+    assert not os.path.exists(os.path.join(again, "work"))
     # an existing results folder is never reused
     with pytest.raises(SystemExit, match="exists"):
         ablation.main(["--rows", "regular", "--iters", "2", "--data", data, "--out", out])
