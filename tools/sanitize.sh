@@ -40,18 +40,12 @@ ARGS=("$@")
 [ ${#ARGS[@]} -eq 0 ] && ARGS=("$ROOT/tests/ops")
 echo "[sanitize] running pytest ${ARGS[*]} against $SO"
 set +e
-(cd "$DIR/pkg" && \
-  PYTHONPATH="$DIR/pkg" \
-  LD_PRELOAD="$LIBASAN $LIBUBSAN" \
-  ASAN_OPTIONS="detect_leaks=0:log_path=$DIR/reports/asan:halt_on_error=1:abort_on_error=1" \
-  UBSAN_OPTIONS="print_stacktrace=1:log_path=$DIR/reports/ubsan:halt_on_error=0" \
-  OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}" \
-  "$PY" -c "import mmdcnv2, sys; assert mmdcnv2.__file__.startswith('$DIR/pkg'), mmdcnv2.__file__" && \
-  PYTHONPATH="$DIR/pkg" \
-  LD_PRELOAD="$LIBASAN $LIBUBSAN" \
-  ASAN_OPTIONS="detect_leaks=0:log_path=$DIR/reports/asan:halt_on_error=1:abort_on_error=1" \
-  UBSAN_OPTIONS="print_stacktrace=1:log_path=$DIR/reports/ubsan:halt_on_error=0" \
-  OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}" \
+(cd "$DIR/pkg" &&
+  export PYTHONPATH="$DIR/pkg" LD_PRELOAD="$LIBASAN $LIBUBSAN" \
+    ASAN_OPTIONS="detect_leaks=0:log_path=$DIR/reports/asan:halt_on_error=1:abort_on_error=1" \
+    UBSAN_OPTIONS="print_stacktrace=1:log_path=$DIR/reports/ubsan:halt_on_error=0" \
+    OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}" &&
+  "$PY" -c "import mmdcnv2, sys; assert mmdcnv2.__file__.startswith('$DIR/pkg'), mmdcnv2.__file__" &&
   "$PY" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml" "${ARGS[@]}")
 RC=$?
 set -e

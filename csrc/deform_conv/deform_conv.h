@@ -61,7 +61,8 @@ inline int64_t deform_conv_chunk_rows(const DeformConvGeom& g, int64_t element_s
 //   col2im(grad_cols, offset, mask?, grad_x_nhwc[b,H,W,C] (accumulation type, zeroed), g, r0, r1)
 //   im2col_coord_grad(x_nhwc, offset, mask?, grad_cols, cols, grad_offset[b,...], grad_mask?[b,...], g, r0, r1):
 //       the columns as im2col writes them, and the offset and mask gradients from grad_cols
-// and kColsBytes, the column buffer's size.
+// and kColsBytes, the size of one column buffer (the forward holds one, the backward two: the
+// columns and grad_cols).
 // What both drivers prepare once per call (contiguous offset and mask, the weight in column
 // order, block and chunk sizes) and per block of images (channels-last input, its offsets).
 template <typename Kernels>
