@@ -36,7 +36,11 @@ LIBUBSAN=$(gcc -print-file-name=libubsan.so)
 [ -f "$LIBASAN" ] || { echo "[sanitize] libasan.so not found (gcc -print-file-name)"; exit 1; }
 ldd "$DIR/pkg/mmdcnv2/$(basename "$SO")" | grep -q asan || { echo "[sanitize] the build is not instrumented"; exit 1; }
 
-ARGS=("$@")
+# pytest runs from the package copy: test paths given relative to the repository root are made absolute
+ARGS=()
+for a in "$@"; do
+  if [[ "$a" != /* && -e "$ROOT/${a%%::*}" ]]; then ARGS+=("$ROOT/$a"); else ARGS+=("$a"); fi
+done
 [ ${#ARGS[@]} -eq 0 ] && ARGS=("$ROOT/tests/ops")
 echo "[sanitize] running pytest ${ARGS[*]} against $SO"
 set +e
