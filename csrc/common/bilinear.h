@@ -118,6 +118,10 @@ C10_HOST_DEVICE inline void clamped_backward(const ClampedSample<acc_t>& s, cons
   d_x = s.clamped_x ? acc_t(0) : (acc_t(1) - s.ly) * (S[1] - S[0]) + s.ly * (S[3] - S[2]);
 }
 
+// Samples per bin along each axis, at most: the adaptive grid (sampling_ratio 0) is capped here,
+// and a larger explicit sampling_ratio is refused (mmdcnv2.ops.reference mirrors both).
+constexpr int64_t kMaxRoISamples = 64;
+
 // Geometry of output bin (ph, pw) of one RoI (batch, x1, y1, x2, y2), RoIAlign(aligned=True) style,
 // shifted by gamma * (roi_w * dx, roi_h * dy) where (dx, dy) is the bin's learned offset.
 template <typename acc_t>
@@ -138,12 +142,13 @@ C10_HOST_DEVICE inline RoIBin<acc_t> roi_bin(acc_t x1, acc_t y1, acc_t x2, acc_t
   b.roi_w = x2 * spatial_scale - acc_t(0.5) - sx;
   b.roi_h = y2 * spatial_scale - acc_t(0.5) - sy;
   // A RoI with a non-finite coordinate (x - x is 0 only for finite x) has no samples:
-  // zero output, zero gradients. Adaptive grids are capped before the cast to an integer.
+  // zero output, zero gradients. Adaptive grids are capped at kMaxRoISamples per axis (before
+  // the cast to an integer), so that no RoI, however large, makes a thread loop for ever.
   const bool finite = (sx - sx) == acc_t(0) && (sy - sy) == acc_t(0) && (b.roi_w - b.roi_w) == acc_t(0) &&
                       (b.roi_h - b.roi_h) == acc_t(0);
   if (!finite) b.roi_w = b.roi_h = acc_t(0);
   const acc_t bin_h = b.roi_h / acc_t(PH), bin_w = b.roi_w / acc_t(PW);
-  constexpr acc_t kMaxGrid = acc_t(1 << 30);
+  constexpr acc_t kMaxGrid = acc_t(kMaxRoISamples);
   b.grid_h = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(::ceil(bin_h < kMaxGrid ? bin_h : kMaxGrid));
   b.grid_w = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(::ceil(bin_w < kMaxGrid ? bin_w : kMaxGrid));
   b.grid_h = b.grid_h > 0 && finite ? b.grid_h : 0;

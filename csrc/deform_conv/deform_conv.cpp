@@ -3,6 +3,8 @@
 
 #include <torch/library.h>
 
+#include <atomic>
+
 namespace mmdcnv2 {
 
 namespace {
@@ -113,6 +115,17 @@ void check_deform_conv_grad(const at::Tensor& grad_output, const at::Tensor& inp
   check_like(grad_output, input, "grad_output");
 }
 
+namespace {
+std::atomic<int64_t> g_column_budget{0};
+}  // namespace
+
+int64_t column_budget() { return g_column_budget.load(std::memory_order_relaxed); }
+
+int64_t set_column_budget(int64_t bytes) {
+  TORCH_CHECK_VALUE(bytes >= 0, "set_column_budget: bytes must be >= 0 (0: the defaults), got ", bytes);
+  return g_column_budget.exchange(bytes);
+}
+
 int64_t deform_conv_block(const DeformConvGeom& g, int64_t element_size) {
   // About 64 MiB of channels-last input and output, at least one image.
   constexpr int64_t kBudget = int64_t(64) << 20;
@@ -130,4 +143,6 @@ TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
       "deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, Tensor? mask, "
       "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, int deform_groups) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_offset, Tensor grad_mask, Tensor grad_bias)");
+  // The column workspace of every later call, all devices (bytes; 0: each device's default). Returns the old value.
+  m.def("set_column_budget(int bytes) -> int", &mmdcnv2::set_column_budget);
 }

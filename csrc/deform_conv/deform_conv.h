@@ -44,15 +44,42 @@ void check_deform_conv_grad(const at::Tensor& grad_output, const at::Tensor& inp
 // Number of images converted to channels-last at once (about 64 MiB of input and output).
 int64_t deform_conv_block(const DeformConvGeom& g, int64_t element_size);
 
-// Rows (output positions of the block) whose columns are built at once: about
-// Kernels::kColsBytes of column buffer, at least one row. Small on the CPU, so that the
-// columns are still in the last-level cache when the GEMM reads them.
-inline int64_t deform_conv_chunk_rows(const DeformConvGeom& g, int64_t element_size, int64_t cols_bytes,
-                                      int64_t rows) {
-  // at least 2048 rows, so that each GEMM stays efficient; chunks of equal size
-  const int64_t cap = std::max<int64_t>(2048, cols_bytes / std::max<int64_t>(1, g.ldc() * element_size));
+// The column workspace: Kernels::kColsBytes is the target size of all column buffers of a call
+// together (the forward holds one buffer, the backward two: the columns and grad_cols), and
+// Kernels::kMinRows the fewest rows that keep a GEMM efficient on that device. Whatever the
+// floor, the buffers never exceed kMaxColumnWorkspace together (one row at least).
+// set_column_budget(bytes) replaces both with a budget of its own (0: the defaults again):
+// tests shrink it to run many chunks on small inputs.
+constexpr int64_t kMaxColumnWorkspace = int64_t(256) << 20;
+int64_t column_budget();                   // 0 where unset
+int64_t set_column_budget(int64_t bytes);  // returns the previous value
+
+// Rows (output positions of the block) whose columns are built at once, in chunks of equal size.
+template <typename Kernels>
+int64_t deform_conv_chunk_rows(const DeformConvGeom& g, int64_t element_size, int64_t rows, int64_t buffers) {
+  const int64_t row_bytes = std::max<int64_t>(1, g.ldc() * element_size) * buffers;
+  const int64_t budget = column_budget();
+  int64_t cap;
+  if (budget > 0) {
+    cap = std::max<int64_t>(1, budget / row_bytes);
+  } else {
+    cap = std::max<int64_t>(Kernels::kMinRows, Kernels::kColsBytes / row_bytes);
+    cap = std::max<int64_t>(1, std::min<int64_t>(cap, kMaxColumnWorkspace / row_bytes));
+  }
   const int64_t chunks = (rows + cap - 1) / cap;
   return std::max<int64_t>(1, (rows + chunks - 1) / chunks);
+}
+
+// acc += a @ b with acc in float (double) while a and b may be half/bfloat16: the sum over
+// chunks is never rounded to the reduced type on the way.
+inline void addmm_accumulate(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (acc.scalar_type() == a.scalar_type()) {
+    acc.addmm_(a, b);  // in place: no temporary of the weight's size
+  } else if (a.is_cuda()) {
+    acc.add_(at::mm(a, b, acc.scalar_type()));  // cuBLAS: reduced-precision inputs, float output
+  } else {
+    acc.addmm_(a.to(acc.scalar_type()), b.to(acc.scalar_type()));  // the host emulation of the GPU path
+  }
 }
 
 // Kernels provides, for rows [r0, r1) of a block of b images (row r = image r / P, position r % P;
@@ -61,8 +88,7 @@ inline int64_t deform_conv_chunk_rows(const DeformConvGeom& g, int64_t element_s
 //   col2im(grad_cols, offset, mask?, grad_x_nhwc[b,H,W,C] (accumulation type, zeroed), g, r0, r1)
 //   im2col_coord_grad(x_nhwc, offset, mask?, grad_cols, cols, grad_offset[b,...], grad_mask?[b,...], g, r0, r1):
 //       the columns as im2col writes them, and the offset and mask gradients from grad_cols
-// and kColsBytes, the size of one column buffer (the forward holds one, the backward two: the
-// columns and grad_cols).
+// and kColsBytes, kMinRows (see deform_conv_chunk_rows).
 // What both drivers prepare once per call (contiguous offset and mask, the weight in column
 // order, block and chunk sizes) and per block of images (channels-last input, its offsets).
 template <typename Kernels>
@@ -73,7 +99,7 @@ struct DriverSetup {
   int64_t nb, chunk;
 
   DriverSetup(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset_,
-              const std::optional<at::Tensor>& mask_, const DeformConvGeom& geom)
+              const std::optional<at::Tensor>& mask_, const DeformConvGeom& geom, int64_t buffers)
       : g(geom),
         offset(offset_.contiguous()),
         // weight [Cout, Cg, kh, kw] -> [groups, Cout_g, K * Cg], matching the column layout (k, c)
@@ -83,7 +109,7 @@ struct DriverSetup {
                .view({geom.groups, geom.Cout_g(), geom.K() * geom.Cg()})),
         mask(mask_ ? std::optional<at::Tensor>(mask_->contiguous()) : std::nullopt),
         nb(deform_conv_block(geom, input.element_size())),
-        chunk(deform_conv_chunk_rows(geom, input.element_size(), Kernels::kColsBytes, nb * geom.P())) {}
+        chunk(deform_conv_chunk_rows<Kernels>(geom, input.element_size(), nb * geom.P(), buffers)) {}
 
   struct Block {
     int64_t b;
@@ -104,7 +130,7 @@ at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor&
   const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
   auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options());
   if (out.numel() == 0) return out;
-  const DriverSetup<Kernels> s(input, weight, offset, mask, g);
+  const DriverSetup<Kernels> s(input, weight, offset, mask, g, 1);
   const auto& w2 = s.w2;
   const int64_t chunk = s.chunk;
   auto cols = at::empty({chunk, g.ldc()}, input.options());
@@ -120,11 +146,8 @@ at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor&
         const auto cg = cb.narrow(1, gi * K * Cg, K * Cg);
         const auto wt = w2[gi].t();
         auto og = ob.narrow(1, gi * Cout_g, Cout_g);
-        if (g.groups == 1) {
-          bias ? at::addmm_out(og, *bias, cg, wt) : at::mm_out(og, cg, wt);
-        } else {
-          og.copy_(bias ? at::addmm(bias->narrow(0, gi * Cout_g, Cout_g), cg, wt) : at::mm(cg, wt));
-        }
+        // straight into the group's columns of the output (a strided view): no temporary per group
+        bias ? at::addmm_out(og, bias->narrow(0, gi * Cout_g, Cout_g), cg, wt) : at::mm_out(og, cg, wt);
       }
     }
     out.narrow(0, n0, b).copy_(out_blk.narrow(0, 0, b * P).view({b, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2}));
@@ -144,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   auto grad_bias = bias ? grad_output.sum({0, 2, 3}).to(bias->scalar_type()) : at::empty({0}, input.options());
   auto gw_acc = at::zeros({g.groups, Cout_g, K * Cg}, input.options().dtype(acc_type));
   if (g.N > 0 && g.P() > 0 && g.C > 0) {
-    const DriverSetup<Kernels> s(input, weight, offset, mask, g);
+    const DriverSetup<Kernels> s(input, weight, offset, mask, g, 2);
     const auto& w2 = s.w2;
     const int64_t chunk = s.chunk;
     auto cols = at::empty({chunk, g.ldc()}, input.options());
@@ -163,11 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         for (int64_t gi = 0; gi < g.groups; ++gi) {  // grad_cols = grad_out @ W
           const auto gog = gor.narrow(1, gi * Cout_g, Cout_g);
           auto gcg = gcb.narrow(1, gi * K * Cg, K * Cg);
-          if (g.groups == 1) {
-            at::mm_out(gcg, gog, w2[gi]);
-          } else {
-            gcg.copy_(at::mm(gog, w2[gi]));
-          }
+          at::mm_out(gcg, gog, w2[gi]);
         }
         // one sampling pass: the columns (for grad_weight) and the offset/mask gradients
         Kernels::im2col_coord_grad(x, off, msk, gcb, cb, goff, gmsk, g, r0, r1);
@@ -175,11 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
           const auto a = gor.narrow(1, gi * Cout_g, Cout_g).t();
           const auto c = cb.narrow(1, gi * K * Cg, K * Cg);
           auto acc = gw_acc[gi];
-          if (acc.scalar_type() == c.scalar_type()) {
-            acc.addmm_(a, c);  // in place: no temporary of the weight's size per chunk
-          } else {
-            acc.add_(at::mm(a, c));  // reduced precision on CUDA: accumulate in float
-          }
+          addmm_accumulate(acc, a, c);
         }
         Kernels::col2im(gcb, off, msk, gx, g, r0, r1);
       }

@@ -1,6 +1,8 @@
 // Schemas of the deformable RoI pooling ops (defined once, here) and their argument checks.
 #include "deform_roi_pool.h"
 
+#include "../common/bilinear.h"
+
 #include <torch/library.h>
 
 namespace mmdcnv2 {
@@ -26,8 +28,8 @@ RoIPoolGeom check_deform_roi_pool(const at::Tensor& input, const at::Tensor& roi
                         !__builtin_mul_overflow(out_numel, pooled_width, &out_numel),
                     "deform_roi_pool: the output (", rois.size(0), " RoIs x ", input.size(1), " channels x output_size (",
                     pooled_height, ", ", pooled_width, ")) overflows 64-bit integers");
-  TORCH_CHECK_VALUE(sampling_ratio >= 0, "deform_roi_pool: sampling_ratio must be >= 0 (0: adaptive), got ",
-                    sampling_ratio);
+  TORCH_CHECK_VALUE(sampling_ratio >= 0 && sampling_ratio <= kMaxRoISamples, "deform_roi_pool: sampling_ratio must lie in [0, ",
+                    kMaxRoISamples, "] (0: adaptive, capped at ", kMaxRoISamples, " samples per axis), got ", sampling_ratio);
   TORCH_CHECK_VALUE(std::isfinite(spatial_scale) && spatial_scale > 0,
                     "deform_roi_pool: spatial_scale must be a positive finite number, got ", spatial_scale);
   TORCH_CHECK_VALUE(std::isfinite(gamma), "deform_roi_pool: gamma must be finite, got ", gamma);

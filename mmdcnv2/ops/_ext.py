@@ -52,3 +52,30 @@ def check_like_input(op: str, input: torch.Tensor, **tensors) -> None:
                            lambda: f"{op}: {name} is on {t.device} but input is on {input.device}")
         torch._check_value(t.dtype == input.dtype,
                            lambda: f"{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}")
+
+
+class column_budget:
+    """Context manager: the column workspace of the deformable convolution, in bytes, for every
+    call inside it (all devices; the buffers of one call together, at least one row). 0 restores
+    each device's default: 8 MiB target with at least 2048 rows on the CPU, 256 MiB on CUDA, and
+    never more than 256 MiB. Smaller budgets mean more, smaller chunks (and GEMMs); the tests use
+    it to run many chunks on small inputs.
+
+        with column_budget(64 << 10):
+            out = deform_conv2d(...)
+    """
+
+    def __init__(self, nbytes: int):
+        if int(nbytes) < 0:
+            raise ValueError(f"column_budget: nbytes must be >= 0, got {nbytes}")
+        self.nbytes = int(nbytes)
+        self._previous = None
+
+    def __enter__(self):
+        assert_has_ops()
+        self._previous = torch.ops.mmdcnv2.set_column_budget(self.nbytes)
+        return self
+
+    def __exit__(self, *exc):
+        torch.ops.mmdcnv2.set_column_budget(self._previous)
+        return False

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ._ext import assert_has_ops, autocast_enabled, check_like_input, has_ops
+from .reference import MAX_ROI_SAMPLES
 
 __all__ = ["deform_roi_pool", "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack"]
 
@@ -39,7 +40,8 @@ def deform_roi_pool(
             channel 1 along y, in units of the RoI's width and height (times gamma).
         output_size (int or (int, int)): (PH, PW).
         spatial_scale (float): feature-map size over image size.
-        sampling_ratio (int): samples per bin along each axis; 0: ceil(bin size).
+        sampling_ratio (int): samples per bin along each axis, at most 64; 0: ceil(bin size),
+            capped at 64 (so that a huge RoI cannot make the op run for ever).
         gamma (float): scale of the offsets.
 
     Returns:
@@ -53,6 +55,9 @@ def deform_roi_pool(
         raise ValueError(f"deform_roi_pool: input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"deform_roi_pool: rois must have shape (K, 5), got {tuple(rois.shape)}")
+    if not 0 <= int(sampling_ratio) <= MAX_ROI_SAMPLES:
+        raise ValueError(f"deform_roi_pool: sampling_ratio must lie in [0, {MAX_ROI_SAMPLES}] (0: adaptive), "
+                         f"got {sampling_ratio}")
     if offset is not None and tuple(offset.shape) != (rois.shape[0], 2, ph, pw):
         raise ValueError(
             f"deform_roi_pool: offset must have shape {(rois.shape[0], 2, ph, pw)}, got {tuple(offset.shape)}"

@@ -11,6 +11,10 @@ from torch import Tensor
 
 IntPair = Union[int, Tuple[int, int]]
 
+#: Samples per RoI bin along each axis, at most (csrc/common/bilinear.h, kMaxRoISamples): the
+#: adaptive grid (sampling_ratio=0) is capped there and larger explicit ratios are refused.
+MAX_ROI_SAMPLES = 64
+
 
 def _pair(v: IntPair) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
@@ -79,7 +83,10 @@ def deform_conv2d_reference(
     x = ox + kx + off[:, :, :, 1]
     vals = bilinear_gather(input.reshape(N, dg, C // dg, H, W), y, x)  # [N, dg, C/dg, K, Ho, Wo]
     if mask is not None:
-        vals = vals * mask.reshape(N, dg, 1, K, Ho, Wo)
+        # a sample off the map is zero whatever its mask (NaN and inf included), as in the kernels
+        inside = (y > -1) & (y < H) & (x > -1) & (x < W)
+        m = torch.where(inside, mask.reshape(N, dg, K, Ho, Wo), torch.zeros((), dtype=mask.dtype, device=dev))
+        vals = vals * m.unsqueeze(2)
     cols = vals.reshape(N, groups, Cg * K, Ho * Wo)
     out = torch.einsum("gok,ngkp->ngop", weight.reshape(groups, Cout // groups, Cg * K), cols)
     out = out.reshape(N, Cout, Ho, Wo)
@@ -145,8 +152,9 @@ def deform_roi_pool_reference(
             outs.append(input.new_zeros(C, PH, PW))  # a non-finite RoI has no samples
             continue
         bin_h, bin_w = roi_h / PH, roi_w / PW
-        gh = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(bin_h)), 0)
-        gw = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(bin_w)), 0)
+        # the adaptive grid is capped at MAX_ROI_SAMPLES per axis, as in the kernels
+        gh = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(bin_h.clamp(max=MAX_ROI_SAMPLES))), 0)
+        gw = sampling_ratio if sampling_ratio > 0 else max(int(torch.ceil(bin_w.clamp(max=MAX_ROI_SAMPLES))), 0)
         if gh == 0 or gw == 0:
             outs.append(input.new_zeros(C, PH, PW))
             continue

@@ -118,8 +118,9 @@ void im2col_coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T
           });
           T value, d_h, d_w;
           bilinear_backward(s, S, value, d_h, d_w);
-          goff[t.off_y] = t.m * d_h;
-          goff[t.off_y + P] = t.m * d_w;
+          // off the map: zero gradient whatever the mask (a NaN mask must not leak in as 0 * NaN)
+          goff[t.off_y] = s.inside ? t.m * d_h : T(0);
+          goff[t.off_y + P] = s.inside ? t.m * d_w : T(0);
           if (gmsk) gmsk[((i * g.dgroups + dg) * K + k) * P + p] = value;
         }
       }
@@ -175,6 +176,7 @@ T* opt_mut_ptr(std::optional<at::Tensor>& t) {
 
 struct CpuKernels {
   static constexpr int64_t kColsBytes = int64_t(8) << 20;  // stays in the last-level cache for the GEMM
+  static constexpr int64_t kMinRows = 2048;                 // fewer rows make MKL's GEMMs slow
   static void im2col(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
                      at::Tensor& cols, const DeformConvGeom& g, int64_t r0, int64_t r1) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_im2col", [&] {
