@@ -5,7 +5,10 @@ autograd, a fake (meta) kernel for torch.compile and export, autocast, a
 functional form with torchvision's arguments and ``nn.Module`` classes with
 mmcv 2.x's names, arguments, initialisation and state-dict keys.
 """
+import functools
 import math
+import warnings
+import weakref
 from typing import Optional, Tuple, Union
 
 import torch
@@ -218,6 +221,69 @@ if has_ops():
 # --- nn.Modules (mmcv 2.x names, arguments, initialisation and state-dict keys) ---------------------
 
 
+def _accepts_deformable_groups(cls_name: str):
+    """``__init__`` also takes mmcv's deprecated keyword ``deformable_groups`` for ``deform_groups``,
+    with the ``DeprecationWarning`` that mmcv's ``deprecated_api_warning`` gives."""
+
+    def wrap(init):
+        @functools.wraps(init)
+        def new_init(self, *args, **kwargs):
+            if "deformable_groups" in kwargs:
+                if "deform_groups" in kwargs:
+                    raise TypeError(f"{cls_name}.__init__: give deform_groups or its deprecated name "
+                                    "deformable_groups, not both")
+                warnings.warn(f'"deformable_groups" is deprecated in `{cls_name}.__init__`, please use '
+                              '"deform_groups" instead', DeprecationWarning, stacklevel=2)
+                kwargs["deform_groups"] = kwargs.pop("deformable_groups")
+            init(self, *args, **kwargs)
+
+        return new_init
+
+    return wrap
+
+
+# mmcv < 2 (mmdet 1.x checkpoints) saved a Pack's offset conv as a sibling, ``<name>_offset.*``, where
+# mmcv 2 has ``<name>.conv_offset.*``; mmcv's Pack classes rename the keys in ``_load_from_state_dict``
+# when the module's saved version is below 2. That never triggers with current torch (and mmengine's
+# loader): both hand a child only the keys under its own prefix, so the sibling key is invisible to it.
+# The rename has to happen one level up, in the parent: whenever a Pack module becomes a child of a
+# module, that parent gets a load_state_dict pre-hook that renames the keys of its Pack children before
+# the parent checks for unexpected keys and before the children's keys are filtered.
+
+_PARENTS_WITH_KEY_HOOK: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_OLD_OFFSET_SUFFIXES = ("weight", "bias")
+
+
+def _rename_old_offset_keys(parent: nn.Module, state_dict, prefix: str, local_metadata, *args) -> None:
+    metadata = getattr(state_dict, "_metadata", None)  # only the top-level call sees the saved metadata
+    for name, child in parent._modules.items():
+        if not isinstance(child, _PackVersion) or name + "_offset" in parent._modules:
+            continue
+        if metadata is not None:
+            version = metadata.get(prefix + name, {}).get("version")
+            if version is not None and version >= 2:
+                continue
+        for suffix in _OLD_OFFSET_SUFFIXES:
+            old, new = f"{prefix}{name}_offset.{suffix}", f"{prefix}{name}.conv_offset.{suffix}"
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+
+
+def _watch_pack_children(parent: nn.Module, name: str, child) -> None:
+    if isinstance(child, _PackVersion) and parent not in _PARENTS_WITH_KEY_HOOK:
+        _PARENTS_WITH_KEY_HOOK.add(parent)
+        parent._register_load_state_dict_pre_hook(_rename_old_offset_keys, with_module=True)
+
+
+class _PackVersion:
+    """Marks the Pack modules: state-dict version 2 (mmcv's), old offset keys renamed on load."""
+
+    _version = 2
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_watch_pack_children)
+
+
 def _check_channels(in_channels, out_channels, groups, deform_groups):
     if groups < 1 or in_channels % groups or out_channels % groups:
         raise ValueError(
@@ -285,6 +351,7 @@ class DeformConv2d(_DeformConvNd):
         output: Tensor[N, out_channels, H_out, W_out].
     """
 
+    @_accepts_deformable_groups("DeformConv2d")
     def __init__(
         self,
         in_channels: int,
@@ -312,7 +379,7 @@ class DeformConv2d(_DeformConvNd):
         return deform_conv2d(x, offset, self.weight, None, self.stride, self.padding, self.dilation)
 
 
-class DeformConv2dPack(DeformConv2d):
+class DeformConv2dPack(_PackVersion, DeformConv2d):
     """``DeformConv2d`` that predicts its own offsets with a zero-initialised ``conv_offset``
     (2 * deform_groups * kH * kW channels, same kernel, stride, padding and dilation).
     Registered in mmcv as ``DCN``; ``forward(x)``."""
@@ -346,6 +413,7 @@ class ModulatedDeformConv2d(_DeformConvNd):
         output: Tensor[N, out_channels, H_out, W_out].
     """
 
+    @_accepts_deformable_groups("ModulatedDeformConv2d")
     def __init__(
         self,
         in_channels: int,
@@ -373,7 +441,7 @@ class ModulatedDeformConv2d(_DeformConvNd):
         return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
 
 
-class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
+class ModulatedDeformConv2dPack(_PackVersion, ModulatedDeformConv2d):
     """``ModulatedDeformConv2d`` that predicts its offsets and mask with a zero-initialised
     ``conv_offset`` of 3 * deform_groups * kH * kW channels: its output splits into three
     equal chunks o1, o2, m; offset = cat(o1, o2), mask = sigmoid(m) (mmcv's layout).
