@@ -20,18 +20,26 @@ Two exporters are supported (``exporter=``):
   symbolic registered through ``torch.onnx.register_custom_op_symbolic``; needs nothing
   beyond torch, but PyTorch has deprecated it and will remove it.
 
-Users of ``torch.onnx.export`` itself can pass :func:`onnx_translation_table` as
-``custom_translation_table`` (dynamo) or call :func:`register_onnx_symbolics` first
-(TorchScript).
+Plain ``torch.onnx.export(model, args, f, opset_version=19)`` works too, with either exporter:
+importing mmdcnv2 adds our translations to the registries the exporters consult by default
+(:func:`_register_default_translations`), lazily: nothing is imported until the exporter itself is
+(onnxscript is never imported by ``import mmdcnv2``). Explicitly, :func:`onnx_translation_table` can
+be passed as ``custom_translation_table`` (dynamo) and :func:`register_onnx_symbolics` registers the
+TorchScript symbolics for another opset.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
+import sys
 import warnings
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
+
+from ._ext import has_ops
 
 __all__ = [
     "MIN_OPSET",
@@ -80,11 +88,9 @@ def _onnxscript_opset(opset: int):
     raise ValueError(f"export_onnx: onnxscript has no module for opset {opset}")
 
 
-def onnx_translation_table(opset: int = MIN_OPSET) -> Dict[Any, Any]:
-    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: our
-    deformable convolution as ONNX ``DeformConv``; deformable RoI pooling raises
-    :class:`UnsupportedONNXOperatorError`."""
-    op = _onnxscript_opset(_check_opset(opset))
+def _deform_conv2d_translation(op):
+    """The onnxscript translation of ``mmdcnv2::deform_conv2d`` into ``DeformConv``, built with
+    ``op``, an onnxscript opset module (``onnxscript.opset19`` or later)."""
 
     def deform_conv2d(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups):
         attrs = dict(
@@ -103,12 +109,26 @@ def onnx_translation_table(opset: int = MIN_OPSET) -> Dict[Any, Any]:
             return op.DeformConv(input, weight, offset, bias, **attrs)
         return op.DeformConv(input, weight, offset, bias, mask, **attrs)  # bias None -> empty input
 
-    def deform_roi_pool(*args, **kwargs):
-        raise UnsupportedONNXOperatorError(_ROI_POOL_MESSAGE)
+    return deform_conv2d
 
+
+def _deform_conv2d_below_min_opset(*args, **kwargs):
+    raise ValueError(f"mmdcnv2.deform_conv2d becomes the ONNX operator DeformConv, which needs "
+                     f"opset_version >= {MIN_OPSET}")
+
+
+def _deform_roi_pool_translation(*args, **kwargs):
+    raise UnsupportedONNXOperatorError(_ROI_POOL_MESSAGE)
+
+
+def onnx_translation_table(opset: int = MIN_OPSET) -> Dict[Any, Any]:
+    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: our
+    deformable convolution as ONNX ``DeformConv``; deformable RoI pooling raises
+    :class:`UnsupportedONNXOperatorError`."""
+    op = _onnxscript_opset(_check_opset(opset))
     return {
-        torch.ops.mmdcnv2.deform_conv2d.default: deform_conv2d,
-        torch.ops.mmdcnv2.deform_roi_pool.default: deform_roi_pool,
+        torch.ops.mmdcnv2.deform_conv2d.default: _deform_conv2d_translation(op),
+        torch.ops.mmdcnv2.deform_roi_pool.default: _deform_roi_pool_translation,
     }
 
 
@@ -123,6 +143,116 @@ def _check_no_roi_pool(program: torch.export.ExportedProgram) -> None:
                 torch.ops.mmdcnv2.deform_roi_pool,
             ):
                 raise UnsupportedONNXOperatorError(f"{_ROI_POOL_MESSAGE} (graph node {node.name})")
+
+
+def _deform_conv2d_below_min_opset_symbolic(g, *args):
+    _deform_conv2d_below_min_opset()
+
+
+# --- the exporters' default registries ------------------------------------------------------------
+#
+# torch.onnx.export(dynamo=True) builds, for every call, a registry from torch's own torchlib: the
+# functions that torch.onnx._internal.exporter._torchlib.ops declares with its ``onnx_impl`` decorator
+# (ATen ops) plus onnxscript's torchlib (where torchvision::deform_conv2d is). We declare ours with the
+# same decorator right after torch has declared its own, i.e. when that module is first imported (by the
+# exporter, at the first export), so ``import mmdcnv2`` imports neither onnxscript nor the exporter. The
+# legacy TorchScript exporter looks symbolics up in a registry that ``torch.onnx.register_custom_op_symbolic``
+# fills; ours go in when ``torch.onnx`` is imported. Both are private torch APIs; if they change, a
+# warning says so and ``export_onnx`` (which passes the translations explicitly) still works.
+
+_TORCHLIB_OPS = "torch.onnx._internal.exporter._torchlib.ops"
+_TORCH_ONNX = "torch.onnx"
+_registered = set()
+
+
+class _LoaderThenCall(importlib.abc.Loader):
+    """Runs a module's own loader, then a callback (once the module is fully initialised)."""
+
+    def __init__(self, loader, callback: Callable[[], None]):
+        self._loader, self._callback = loader, callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._callback()
+
+    def __getattr__(self, name):  # get_source, is_package, get_resource_reader, ...
+        return getattr(self._loader, name)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls ``callback`` right after the module ``name`` is first imported (one shot)."""
+
+    def __init__(self, name: str, callback: Callable[[], None]):
+        self._name, self._callback = name, callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self._name:
+            return None
+        sys.meta_path.remove(self)  # one shot; the other finders find the module
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _LoaderThenCall(spec.loader, self._callback)
+        return spec
+
+
+def _when_imported(name: str, callback: Callable[[], None]) -> None:
+    if name in sys.modules:
+        callback()
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, callback))
+
+
+def _warn_not_registered(exporter: str, e: BaseException) -> None:
+    warnings.warn(
+        f"mmdcnv2 could not register its ONNX translations with the {exporter} exporter's default registry "
+        f"({type(e).__name__}: {e}); plain torch.onnx.export will not export mmdcnv2.deform_conv2d. Use "
+        "mmdcnv2.ops.export_onnx, or pass custom_translation_table=mmdcnv2.ops.onnx_translation_table()",
+        RuntimeWarning, stacklevel=2)
+
+
+def _register_torchlib() -> None:
+    if "dynamo" in _registered:
+        return
+    try:
+        import onnxscript
+        from torch.onnx._internal.exporter._torchlib._torchlib_registry import onnx_impl
+
+        conv, pool = torch.ops.mmdcnv2.deform_conv2d.default, torch.ops.mmdcnv2.deform_roi_pool.default
+        # the exporter keeps, per op, the functions with the highest opset_introduced <= its opset
+        onnx_impl(conv, trace_only=True, opset_introduced=MIN_OPSET)(_deform_conv2d_translation(onnxscript.opset19))
+        onnx_impl(conv, trace_only=True, opset_introduced=1)(_deform_conv2d_below_min_opset)
+        onnx_impl(pool, trace_only=True, opset_introduced=1)(_deform_roi_pool_translation)
+    except Exception as e:  # noqa: BLE001  (a torch whose private API moved: export_onnx still works)
+        _warn_not_registered("dynamo", e)
+        return
+    _registered.add("dynamo")
+
+
+def _register_torchscript() -> None:
+    if "torchscript" in _registered:
+        return
+    try:
+        from torch.onnx import register_custom_op_symbolic  # runs while torch.onnx finishes importing
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+            register_custom_op_symbolic("mmdcnv2::deform_conv2d", _deform_conv2d_below_min_opset_symbolic, 1)
+        register_onnx_symbolics(MIN_OPSET)
+    except Exception as e:  # noqa: BLE001
+        _warn_not_registered("TorchScript", e)
+        return
+    _registered.add("torchscript")
+
+
+def _register_default_translations() -> None:
+    """Makes plain ``torch.onnx.export`` (both exporters) translate our ops; called when this module is
+    imported, once the compiled ops are loaded. Lazy: each registration runs when its exporter is first
+    imported."""
+    _when_imported(_TORCHLIB_OPS, _register_torchlib)
+    _when_imported(_TORCH_ONNX, _register_torchscript)
 
 
 # --- TorchScript exporter: symbolics ---------------------------------------------------------------
@@ -163,11 +293,13 @@ def register_onnx_symbolics(opset: int = MIN_OPSET) -> None:
     """Registers, for the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``)
     at ``opset`` and later, our deformable convolution as ONNX ``DeformConv`` and a
     deformable RoI pooling symbolic that raises :class:`UnsupportedONNXOperatorError`."""
+    from torch.onnx import register_custom_op_symbolic
+
     _check_opset(opset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
-        torch.onnx.register_custom_op_symbolic("mmdcnv2::deform_conv2d", _deform_conv2d_symbolic, opset)
-        torch.onnx.register_custom_op_symbolic("mmdcnv2::deform_roi_pool", _deform_roi_pool_symbolic, opset)
+        register_custom_op_symbolic("mmdcnv2::deform_conv2d", _deform_conv2d_symbolic, opset)
+        register_custom_op_symbolic("mmdcnv2::deform_roi_pool", _deform_roi_pool_symbolic, opset)
 
 
 # --- the one function ------------------------------------------------------------------------------
@@ -255,3 +387,7 @@ def export_onnx(
             raise UnsupportedONNXOperatorError(str(inner)) from e
         raise
     return onnx.load(path)
+
+
+if has_ops():  # plain torch.onnx.export translates our ops from here on (lazily, see above)
+    _register_default_translations()

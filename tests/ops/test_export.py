@@ -236,3 +236,103 @@ def test_onnx_bad_arguments(tmp_path):
         export_onnx(model, (x,), tmp_path / "a.onnx", opset=22, exporter="torchscript")
     with pytest.raises(ValueError, match="dynamic_axes"):
         export_onnx(model, (x,), tmp_path / "a.onnx", exporter="dynamo", dynamic_axes={"x": {0: "b"}})
+
+
+# --- plain torch.onnx.export, no extra arguments (import mmdcnv2 registered our translations) ------
+
+
+def _plain_export(model, args, path, **kwargs):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter's notice
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(model, args, str(path), **kwargs)
+    return onnx.load(str(path))
+
+
+def _assert_standard_deform_conv(proto, count):
+    assert [n.op_type for n in proto.graph.node].count("DeformConv") == count
+    assert not any(n.domain for n in proto.graph.node)  # standard ONNX only: no plugin domain
+    onnx.checker.check_model(proto, full_check=True)
+
+
+@pytest.mark.skipif("dynamo" not in EXPORTERS, reason="needs onnxscript")
+def test_plain_onnx_export_backbone(tmp_path):
+    bb = _backbone()
+    x = torch.randn(1, 3, 64, 64)
+    proto = _plain_export(bb, (x,), tmp_path / "backbone.onnx", opset_version=19)
+    _assert_standard_deform_conv(proto, 6)  # two BasicBlocks in each of c3, c4, c5
+    assert proto.opset_import[0].version == 19
+    x2 = torch.randn(1, 3, 64, 64)
+    got = _run_ort(tmp_path / "backbone.onnx", {proto.graph.input[0].name: x2})
+    with torch.no_grad():
+        want = bb(x2)
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [dict(opset_version=19), dict(), dict(opset_version=22)]
+                         * ("dynamo" in EXPORTERS) + [dict(opset_version=19, dynamo=False)],
+                         ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()) or "defaults")
+@pytest.mark.parametrize("make", [
+    lambda: ModulatedDeformConv2dPack(8, 12, 3, padding=1, deform_groups=2),
+    lambda: DeformConv2dPack(8, 12, 3, stride=2, padding=1, groups=2, deform_groups=4),  # no mask, no bias
+], ids=["mdconv", "dconv"])
+def test_plain_onnx_export_modules(tmp_path, kwargs, make):
+    model = _randomise_offsets(make().eval())
+    x = torch.randn(2, 8, 10, 12)
+    proto = _plain_export(model, (x,), tmp_path / "m.onnx", **kwargs)
+    _assert_standard_deform_conv(proto, 1)
+    node = next(n for n in proto.graph.node if n.op_type == "DeformConv")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["group"] == model.groups and attrs["offset_group"] == model.deform_groups
+    x2 = torch.randn(2, 8, 10, 12)
+    (got,) = _run_ort(tmp_path / "m.onnx", {proto.graph.input[0].name: x2})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x2).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dynamo", [True] * ("dynamo" in EXPORTERS) + [False])
+def test_plain_onnx_export_needs_opset_19(tmp_path, dynamo):
+    model = ModulatedDeformConv2dPack(4, 4, 3, padding=1).eval()
+    with pytest.raises(Exception, match="DeformConv, which needs opset_version >= 19"):
+        _plain_export(model, (torch.randn(1, 4, 8, 8),), tmp_path / "a.onnx", opset_version=17, dynamo=dynamo)
+
+
+def _causes(e):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+@pytest.mark.parametrize("dynamo", [True] * ("dynamo" in EXPORTERS) + [False])
+@pytest.mark.parametrize("cls", [DeformRoIPoolPack, ModulatedDeformRoIPoolPack])
+def test_plain_onnx_export_roi_pool_is_a_clear_error(tmp_path, dynamo, cls):
+    model = cls(7, 8, deform_fc_channels=16).eval()
+    args = (torch.randn(1, 8, 16, 16), torch.tensor([[0, 1.0, 1.0, 12.0, 14.0]]))
+    with pytest.raises(Exception, match="mmdcnv2.deform_roi_pool") as info:
+        _plain_export(model, args, tmp_path / "pool.onnx", opset_version=19, dynamo=dynamo)
+    assert any(isinstance(e, UnsupportedONNXOperatorError) for e in _causes(info.value))
+    assert not (tmp_path / "pool.onnx").exists()
+
+
+def test_import_does_not_load_the_exporters():
+    """The registration is lazy: `import mmdcnv2` imports neither onnxscript nor the dynamo exporter's
+    registry, and a plain export (in the same process) then finds our translation."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mmdcnv2, torch\n"
+        "heavy = [m for m in ('onnxscript', 'torch.onnx._internal.exporter._torchlib.ops') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "from torch.onnx._internal.exporter import _registration\n"
+        "r = _registration.ONNXRegistry.from_torchlib(opset_version=19)\n"
+        "assert r.is_registered(torch.ops.mmdcnv2.deform_conv2d.default)\n"
+        "assert r.is_registered(torch.ops.mmdcnv2.deform_roi_pool.default)\n"
+    )
+    if "dynamo" not in EXPORTERS:
+        code = code.split("from torch.onnx")[0]
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
