@@ -114,6 +114,8 @@ def configure_cpu_ddp(cfg: Config, timeout_s: Optional[float] = None) -> Config:
       ``find_unused_parameters`` from the config (default False, mmengine's default); other
       keys of the config's own ``model_wrapper_cfg`` are kept;
     * ``env_cfg.dist_cfg``: gloo and the timeout (for the record: the group exists already);
+    * ``mmdcnv2.SyncNormStatsHook`` in ``custom_hooks``: BN statistics averaged over the
+      processes after every iteration, so that every rank validates with the checkpoint's model;
     * checkpoints written through the all-or-nothing ``atomic_local`` file backend, unless
       the checkpoint hook names a backend itself.
     """
@@ -131,6 +133,10 @@ def configure_cpu_ddp(cfg: Config, timeout_s: Optional[float] = None) -> Config:
     env_cfg = cfg.get("env_cfg") or {}
     env_cfg["dist_cfg"] = dict(backend="gloo", **({} if timeout_s is None else dict(timeout=timeout_s)))
     cfg.env_cfg = env_cfg
+    hooks = list(cfg.get("custom_hooks") or [])
+    if not any(h.get("type") in ("mmdcnv2.SyncNormStatsHook", "SyncNormStatsHook") for h in hooks):
+        hooks.append(dict(type="mmdcnv2.SyncNormStatsHook"))
+    cfg.custom_hooks = hooks
     ckpt = (cfg.get("default_hooks") or {}).get("checkpoint")
     if ckpt is not None and not ckpt.get("backend_args") and not ckpt.get("file_client_args"):
         ckpt["backend_args"] = dict(backend=ATOMIC_BACKEND)

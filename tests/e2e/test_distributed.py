@@ -265,6 +265,7 @@ def test_distributed_rank_dies(runs, data, case):
     if case == "rank0_killed_saving":  # killed with the file written but not renamed into place
         assert os.path.exists(os.path.join(work, "iter_2.pth.partial"))
         return
+    cfg = write_cfg(str(tmp / "cfg_resume.py"), data, out_dir, load_from=init)  # the same without DieHook
     rc, out = torchrun(cfg, "--work-dir", work, "--resume", "--timeout", 60)
     assert rc == 0, out[-6000:]
     assert f"Load checkpoint from {os.path.join(work, 'iter_2.pth')}" in out or "resumed" in out.lower()
@@ -366,16 +367,15 @@ def test_distributed_main_job_config_with_coco_evaluation(tmp_path):
 
 
 def test_distributed_bad_launch(tmp_path):
-    """Started without torchrun, with a rank outside the world, or with a world size larger
-    than the processes started: one clear line, exit code 2, within the timeout."""
+    """Started without torchrun, or with a world size larger than the processes started: one
+    clear line, exit code 2, within the timeout. (The other checks of the launch variables are
+    in tests/engine/test_distributed_setup.py.)"""
     env = subprocess_env()
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cases = [
         ({}, r"\[dist_train\] LaunchError: environment variable\(s\) RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not "
              r"set: start this script with torchrun"),
-        (dict(RANK="2", WORLD_SIZE="2"), r"\[dist_train rank 2/2\] LaunchError: RANK must be in \[0, WORLD_SIZE=2\), got 2"),
-        (dict(RANK="0", WORLD_SIZE="two"), r"WORLD_SIZE must be an integer, got 'two'"),
         (dict(RANK="0", WORLD_SIZE="2"), r"\[dist_train rank 0/2\] LaunchError: only 1 of WORLD_SIZE=2 processes "
                                          r"joined at MASTER_ADDR:MASTER_PORT=127\.0\.0\.1:\d+ within 5 s"),
     ]

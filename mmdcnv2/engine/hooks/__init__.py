@@ -1,3 +1,4 @@
 from .mimic_hook import MimicHook
+from .sync_norm_stats_hook import SyncNormStatsHook
 
-__all__ = ["MimicHook"]
+__all__ = ["MimicHook", "SyncNormStatsHook"]
