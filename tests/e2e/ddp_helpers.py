@@ -6,6 +6,7 @@ import os
 import random
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -85,11 +86,12 @@ class DieHook(Hook):
     """SIGKILLs this process (no clean-up, like the OOM killer) on rank ``rank``:
     ``at='iter'``: before iteration ``iter`` (0-based) starts, once every rank got there (so
     rank 0 has finished saving the checkpoint of the iteration before);
+    ``at='hang'``: like 'iter', but sleeps instead of dying (alive, never in the next collective);
     ``at='commit'``: while saving the checkpoint of iteration ``iter`` (1-based, as in
     ``iter_<n>.pth``), at the moment its finished temporary file is renamed into place."""
 
     def __init__(self, rank, iter, at="iter"):
-        assert at in ("iter", "commit")
+        assert at in ("iter", "hang", "commit")
         self.rank, self.iter, self.at = rank, iter, at
         if at == "commit" and get_rank() == rank:
             target = f"iter_{iter}.pth"
@@ -101,7 +103,9 @@ class DieHook(Hook):
         os.kill(os.getpid(), signal.SIGKILL)
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
-        if self.at == "iter" and runner.iter == self.iter:
+        if self.at in ("iter", "hang") and runner.iter == self.iter:
             torch.distributed.barrier()
             if get_rank() == self.rank:
+                if self.at == "hang":
+                    time.sleep(3600)
                 self._kill()

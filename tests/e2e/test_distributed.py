@@ -233,29 +233,41 @@ def test_ddp_checkpoints_rank0_only(runs):
             assert len(re.findall(r"Iter\(train\) \[\s*\d+/3\]", f.read())) == ITERS
 
 
-@pytest.mark.parametrize("case", ["rank1_killed", "rank0_killed_saving"])
+# case: (DieHook arguments, rank whose failure torchrun reports first and its exit code, the
+# other rank's last words, the last complete checkpoint)
+FAILURES = {
+    # rank 1 SIGKILLed before the 3rd iteration: torchrun stops rank 0
+    "rank1_killed": (dict(rank=1, iter=2, at="iter"), 1, "-9", r"\[dist_train rank 0/2\] stopped by SIGTERM", 2),
+    # rank 0 SIGKILLed while saving iter_2.pth, its data written but not renamed into place:
+    # rank 1 is stopped by torchrun or finds its peer gone in the next collective
+    "rank0_killed_saving": (dict(rank=0, iter=2, at="commit"), 0, "-9",
+                            r"\[dist_train rank 1/2\] (stopped by SIGTERM|training failed: another process)", 1),
+    # rank 1 hangs (alive, never reaches the next collective): rank 0 gives up after --timeout
+    "rank1_hangs": (dict(rank=1, iter=2, at="hang"), 0, "1",
+                    r"\[dist_train rank 0/2\] training failed: another process did not answer within --timeout", 2),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
 def test_distributed_rank_dies(runs, data, case):
-    """A process SIGKILLed mid-run: torchrun stops the other one (which says why), exits with an
-    error naming the dead rank, and no checkpoint is presented as complete that is not. After
-    rank 1's death, `--resume` in 2 processes continues from rank 0's last checkpoint and ends
-    exactly where the uninterrupted run ended."""
+    """A process killed or hanging mid-run: no hang; torchrun exits with an error naming the
+    failed rank, the other process says why it stopped, and no checkpoint is presented as
+    complete that is not. After rank 1's death, `--resume` in 2 processes continues from rank
+    0's last checkpoint and ends exactly where the uninterrupted run ended."""
+    die, failed, exitcode, last_words, done = FAILURES[case]
     tmp = runs["tmp"] / case
     out_dir, work = str(tmp / "out"), str(tmp / "work")
     tmp.mkdir()
-    if case == "rank1_killed":
-        die, dead, done = dict(type="DieHook", rank=1, iter=2, at="iter"), 1, 2  # before the 3rd iteration
-    else:
-        die, dead, done = dict(type="DieHook", rank=0, iter=2, at="commit"), 0, 1  # saving iter_2.pth
     init = os.path.join(runs["ref_out"], "initial.pth")
-    cfg = write_cfg(str(tmp / "cfg.py"), data, out_dir, extra_hooks=[die], load_from=init)
+    cfg = write_cfg(str(tmp / "cfg.py"), data, out_dir, extra_hooks=[dict(type="DieHook", **die)], load_from=init)
     t0 = time.time()
-    rc, out = torchrun(cfg, "--work-dir", work, "--timeout", 60)
+    rc, out = torchrun(cfg, "--work-dir", work, "--timeout", 20 if case == "rank1_hangs" else 60)
     assert rc != 0
     assert time.time() - t0 < RUN_TIMEOUT
-    assert re.search(rf"rank\s*:\s*{dead} \(local_rank: {dead}\)\s*\n\s*exitcode\s*:\s*-9", out), out[-3000:]
-    survivor = 1 - dead
-    assert re.search(rf"\[dist_train rank {survivor}/2\] (stopped by SIGTERM|training failed: another process)",
-                     out), out[-3000:]
+    root_cause = out[out.index("Root Cause"):]
+    assert re.search(rf"rank\s*:\s*{failed} \(local_rank: {failed}\)\s*\n\s*exitcode\s*:\s*{exitcode}\b", root_cause), \
+        out[-3000:]
+    assert re.search(last_words, out), out[-3000:]
     # the last complete checkpoint is the one last_checkpoint names; nothing later exists
     with open(os.path.join(work, "last_checkpoint")) as f:
         assert f.read().strip() == os.path.join(work, f"iter_{done}.pth")
@@ -264,11 +276,12 @@ def test_distributed_rank_dies(runs, data, case):
     assert torch.load(os.path.join(work, f"iter_{done}.pth"), map_location="cpu")["meta"]["iter"] == done
     if case == "rank0_killed_saving":  # killed with the file written but not renamed into place
         assert os.path.exists(os.path.join(work, "iter_2.pth.partial"))
+    if case != "rank1_killed":
         return
     cfg = write_cfg(str(tmp / "cfg_resume.py"), data, out_dir, load_from=init)  # the same without DieHook
     rc, out = torchrun(cfg, "--work-dir", work, "--resume", "--timeout", 60)
     assert rc == 0, out[-6000:]
-    assert f"Load checkpoint from {os.path.join(work, 'iter_2.pth')}" in out or "resumed" in out.lower()
+    assert f"Load checkpoint from {os.path.join(work, 'iter_2.pth')}" in out and "resumed epoch: 0, iter: 2" in out
     r0 = read_record(out_dir, 0)
     assert [it["iter"] for it in r0["iters"]] == [ITERS - 1]  # only the missing iteration ran (0-based)
     assert_bit_identical(params(out_dir, 0), params(runs["ddp_out"], 0), "resumed vs uninterrupted")
