@@ -108,6 +108,9 @@ def init_gloo(timeout_s: float, environ=None) -> dict:
 def configure_cpu_ddp(cfg: Config, timeout_s: Optional[float] = None) -> Config:
     """Sets ``cfg`` up for mmengine's Runner in a gloo process group on CPUs (in place).
 
+    Refuses configs with synchronised BN (``norm_cfg=dict(type='SyncBN')``, ``sync_bn=...``):
+    torch's SyncBatchNorm runs on GPUs only.
+
     * ``launcher='pytorch'`` (the Runner is distributed; it does not call ``init_dist``
       because :func:`init_gloo` created the group);
     * ``model_wrapper_cfg``: ``MMDistributedDataParallel`` with ``device_ids=None`` and
@@ -119,6 +122,12 @@ def configure_cpu_ddp(cfg: Config, timeout_s: Optional[float] = None) -> Config:
     * checkpoints written through the all-or-nothing ``atomic_local`` file backend, unless
       the checkpoint hook names a backend itself.
     """
+    sync_bn = sorted(set(_sync_bn_types(cfg.get("model"))))
+    if cfg.get("sync_bn") or sync_bn:
+        what = f"sync_bn={cfg.get('sync_bn')!r}" if cfg.get("sync_bn") else f"norm_cfg type {', '.join(sync_bn)}"
+        raise ValueError(f"the config asks for synchronised BN ({what}), which runs on GPUs only (torch's "
+                         "SyncBatchNorm refuses CPU tensors): use type='BN' for CPU training (the BN statistics are "
+                         "averaged over the processes after every iteration)")
     cfg.launcher = "pytorch"
     wrapper = dict(cfg.get("model_wrapper_cfg") or {})
     wrapper_type = wrapper.setdefault("type", "MMDistributedDataParallel")
@@ -141,6 +150,19 @@ def configure_cpu_ddp(cfg: Config, timeout_s: Optional[float] = None) -> Config:
     if ckpt is not None and not ckpt.get("backend_args") and not ckpt.get("file_client_args"):
         ckpt["backend_args"] = dict(backend=ATOMIC_BACKEND)
     return cfg
+
+
+def _sync_bn_types(node):
+    """The SyncBN-like layer types named anywhere in a model config."""
+    if isinstance(node, dict):
+        kind = node.get("type")
+        if isinstance(kind, str) and "syncbn" in kind.lower().replace("_", ""):
+            yield kind
+        for value in node.values():
+            yield from _sync_bn_types(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _sync_bn_types(value)
 
 
 class RankLogRunner(Runner):

@@ -58,6 +58,13 @@ def test_configure_cpu_ddp():
     configure_cpu_ddp(cfg)
     assert cfg.default_hooks.checkpoint.backend_args == dict(backend="local")
     assert cfg.model_wrapper_cfg.find_unused_parameters is True
+    # synchronised BN runs on GPUs only: refused with the reason
+    cfg = Config.fromfile(os.path.join(ROOT, "configs", "shapes", "faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py"))
+    cfg.model.backbone.norm_cfg = dict(type="SyncBN", requires_grad=True)
+    with pytest.raises(ValueError, match=r"synchronised BN \(norm_cfg type SyncBN\), which runs on GPUs only"):
+        configure_cpu_ddp(cfg)
+    with pytest.raises(ValueError, match=r"synchronised BN \(sync_bn='torch'\)"):
+        configure_cpu_ddp(Config(dict(sync_bn="torch")))
     with pytest.raises(ValueError, match="model_wrapper_cfg.type must be MMDistributedDataParallel"):
         configure_cpu_ddp(Config(dict(model_wrapper_cfg=dict(type="MMFullyShardedDataParallel"))))
 
