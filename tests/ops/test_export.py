@@ -318,21 +318,26 @@ def test_plain_onnx_export_roi_pool_is_a_clear_error(tmp_path, dynamo, cls):
     assert not (tmp_path / "pool.onnx").exists()
 
 
-def test_import_does_not_load_the_exporters():
-    """The registration is lazy: `import mmdcnv2` imports neither onnxscript nor the dynamo exporter's
-    registry, and a plain export (in the same process) then finds our translation."""
+def test_import_does_not_load_the_exporters(tmp_path):
+    """The registration is lazy: `import mmdcnv2` imports neither torch.onnx nor onnxscript nor the dynamo
+    exporter's registry; once the exporters are imported (later, in the same process) they find ours."""
     import subprocess
     import sys
 
-    code = (
-        "import sys, mmdcnv2, torch\n"
-        "heavy = [m for m in ('onnxscript', 'torch.onnx._internal.exporter._torchlib.ops') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-        "from torch.onnx._internal.exporter import _registration\n"
-        "r = _registration.ONNXRegistry.from_torchlib(opset_version=19)\n"
-        "assert r.is_registered(torch.ops.mmdcnv2.deform_conv2d.default)\n"
-        "assert r.is_registered(torch.ops.mmdcnv2.deform_roi_pool.default)\n"
-    )
-    if "dynamo" not in EXPORTERS:
-        code = code.split("from torch.onnx")[0]
+    code = f"""
+import sys, warnings, mmdcnv2, torch, onnx
+heavy = [m for m in ('torch.onnx', 'onnxscript', 'torch.onnx._internal.exporter._torchlib.ops') if m in sys.modules]
+assert not heavy, heavy
+model = mmdcnv2.ops.ModulatedDeformConv2dPack(4, 4, 3, padding=1).eval()
+warnings.simplefilter('ignore')
+torch.onnx.export(model, (torch.randn(1, 4, 8, 8),), {str(tmp_path / 'ts.onnx')!r}, opset_version=19, dynamo=False)
+assert [n.op_type for n in onnx.load({str(tmp_path / 'ts.onnx')!r}).graph.node].count('DeformConv') == 1
+"""
+    if "dynamo" in EXPORTERS:
+        code += """
+from torch.onnx._internal.exporter import _registration
+r = _registration.ONNXRegistry.from_torchlib(opset_version=19)
+assert r.is_registered(torch.ops.mmdcnv2.deform_conv2d.default)
+assert r.is_registered(torch.ops.mmdcnv2.deform_roi_pool.default)
+"""
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
