@@ -139,6 +139,9 @@ def run(argv, where):
     try:
         runner = RankLogRunner.from_cfg(cfg)
         runner.train()
+    except LaunchError as e:  # e.g. resuming with another number of processes
+        print(f"{where} {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 2
     except Exception as e:
         traceback.print_exc()
         print(f"{where} training failed: {explain(e, a.timeout)}", file=sys.stderr, flush=True)

@@ -119,6 +119,8 @@ def configure_cpu_ddp(cfg: Config, timeout_s: Optional[float] = None) -> Config:
     * ``env_cfg.dist_cfg``: gloo and the timeout (for the record: the group exists already);
     * ``mmdcnv2.SyncNormStatsHook`` in ``custom_hooks``: BN statistics averaged over the
       processes after every iteration, so that every rank validates with the checkpoint's model;
+    * ``mmdcnv2.WorldSizeHook``: checkpoints say how many processes wrote them, and resuming one
+      with another number is refused (unless ``auto_scale_lr`` is enabled);
     * checkpoints written through the all-or-nothing ``atomic_local`` file backend, unless
       the checkpoint hook names a backend itself.
     """
@@ -143,8 +145,10 @@ def configure_cpu_ddp(cfg: Config, timeout_s: Optional[float] = None) -> Config:
     env_cfg["dist_cfg"] = dict(backend="gloo", **({} if timeout_s is None else dict(timeout=timeout_s)))
     cfg.env_cfg = env_cfg
     hooks = list(cfg.get("custom_hooks") or [])
-    if not any(h.get("type") in ("mmdcnv2.SyncNormStatsHook", "SyncNormStatsHook") for h in hooks):
-        hooks.append(dict(type="mmdcnv2.SyncNormStatsHook"))
+    added = (dict(type="mmdcnv2.SyncNormStatsHook"), dict(type="mmdcnv2.WorldSizeHook", resume=bool(cfg.get("resume"))))
+    for hook in added:
+        if not any(h.get("type") in (hook["type"], hook["type"].split(".")[1]) for h in hooks):
+            hooks.append(hook)
     cfg.custom_hooks = hooks
     ckpt = (cfg.get("default_hooks") or {}).get("checkpoint")
     if ckpt is not None and not ckpt.get("backend_args") and not ckpt.get("file_client_args"):

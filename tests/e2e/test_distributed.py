@@ -168,7 +168,8 @@ def test_ddp_ranks_end_bit_identical(runs):
     # these tiny images maps to (zero gradient; AdamW's decay step rounds to no change)
     initial = torch.load(os.path.join(runs["ref_out"], "initial.pth"), map_location="cpu")["state_dict"]
     final = params(runs["ddp_out"], 0)
-    still = [k for k, v in initial.items() if v.is_floating_point() and "running_" not in k and torch.equal(v, final[k])]
+    still = [k for k, v in initial.items()
+             if v.is_floating_point() and "running_" not in k and torch.equal(v, final[k])]
     assert all(re.match(r"roi_head\.bbox_roi_extractor\.roi_layers\.[123]\.", k) for k in still), still
     assert any(k.startswith("backbone.layer4") and "conv_offset" in k for k in final)
     assert not any(k.startswith("backbone.layer4") and "conv_offset" in k for k in still)
@@ -253,7 +254,8 @@ def test_distributed_rank_dies(runs, data, case):
     """A process killed or hanging mid-run: no hang; torchrun exits with an error naming the
     failed rank, the other process says why it stopped, and no checkpoint is presented as
     complete that is not. After rank 1's death, `--resume` in 2 processes continues from rank
-    0's last checkpoint and ends exactly where the uninterrupted run ended."""
+    0's last checkpoint and ends exactly where the uninterrupted run ended; in 1 process it is
+    refused (another batch per step)."""
     die, failed, exitcode, last_words, done = FAILURES[case]
     tmp = runs["tmp"] / case
     out_dir, work = str(tmp / "out"), str(tmp / "work")
@@ -279,6 +281,14 @@ def test_distributed_rank_dies(runs, data, case):
     if case != "rank1_killed":
         return
     cfg = write_cfg(str(tmp / "cfg_resume.py"), data, out_dir, load_from=init)  # the same without DieHook
+    # resuming with another number of processes is refused (the batch of a step would change)
+    rc, out = torchrun(cfg, "--work-dir", work, "--resume", "--timeout", 60, nproc=1)
+    assert rc != 0
+    assert re.search(r"\[dist_train rank 0/1\] WorldSizeError: the checkpoint was written by a run of 2 processes "
+                     r"\(WORLD_SIZE=2\), this run has 1", out), out[-3000:]
+    assert not [n for n in os.listdir(work) if n.startswith("iter_3")]
+    with open(os.path.join(work, "last_checkpoint")) as f:
+        assert f.read().strip() == os.path.join(work, "iter_2.pth")
     rc, out = torchrun(cfg, "--work-dir", work, "--resume", "--timeout", 60)
     assert rc == 0, out[-6000:]
     assert f"Load checkpoint from {os.path.join(work, 'iter_2.pth')}" in out and "resumed epoch: 0, iter: 2" in out

@@ -49,9 +49,10 @@ def test_configure_cpu_ddp():
                                          find_unused_parameters=False)
     assert cfg.env_cfg.dist_cfg == dict(backend="gloo", timeout=60)
     assert cfg.default_hooks.checkpoint.backend_args == dict(backend=ATOMIC_BACKEND)
-    assert cfg.custom_hooks == [dict(type="mmdcnv2.SyncNormStatsHook")]
+    hooks = [dict(type="mmdcnv2.SyncNormStatsHook"), dict(type="mmdcnv2.WorldSizeHook", resume=False)]
+    assert cfg.custom_hooks == hooks
     configure_cpu_ddp(cfg)
-    assert cfg.custom_hooks == [dict(type="mmdcnv2.SyncNormStatsHook")]  # once
+    assert cfg.custom_hooks == hooks  # once
     # a backend the config chose is kept; find_unused_parameters from the config is honoured
     cfg = Config(dict(default_hooks=dict(checkpoint=dict(type="CheckpointHook", backend_args=dict(backend="local"))),
                       find_unused_parameters=True))

@@ -1,4 +1,5 @@
 from .mimic_hook import MimicHook
 from .sync_norm_stats_hook import SyncNormStatsHook
+from .world_size_hook import WorldSizeError, WorldSizeHook
 
-__all__ = ["MimicHook", "SyncNormStatsHook"]
+__all__ = ["MimicHook", "SyncNormStatsHook", "WorldSizeError", "WorldSizeHook"]
