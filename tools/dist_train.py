@@ -3,10 +3,11 @@
     torchrun --nproc-per-node 2 tools/dist_train.py CONFIG [--work-dir DIR] [--resume [CKPT]]
              [--cfg-options KEY=VALUE ...] [--threads 1] [--timeout 1800]
 
-Two machines ("nodes") of N processes each, started on both with the same rendezvous address:
+Two machines ("nodes") of N processes each, started on both with the same rendezvous address
+(the c10d rendezvous hands out the ranks):
 
-    torchrun --nnodes 2 --node-rank I --nproc-per-node N --rdzv-backend c10d \\
-             --rdzv-endpoint HOST:PORT tools/dist_train.py CONFIG ...
+    torchrun --nnodes 2 --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT \\
+             --rdzv-id JOB tools/dist_train.py CONFIG ...
 
 What it does, in every process: checks the variables torchrun sets, creates the gloo process
 group (``--timeout`` bounds every wait for the other processes), sets the config up for
@@ -57,7 +58,7 @@ def parse_args(argv=None):
     return a
 
 
-def build_cfg(a, info):
+def build_cfg(a):
     from mmengine.config import Config
 
     from mmdcnv2.engine import configure_cpu_ddp
@@ -128,8 +129,8 @@ def run(argv, where):
     from mmdcnv2.engine import LaunchError, RankLogRunner, init_gloo, launch_env
 
     try:  # set-up: bad input fails here with one clear line, before any training
-        info = launch_env()
-        cfg = build_cfg(a, info)  # before meeting the others: every rank fails at once by itself
+        launch_env()
+        cfg = build_cfg(a)  # before meeting the others: every rank fails at once by itself
         init_gloo(a.timeout)
     except (LaunchError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"{where} {type(e).__name__}: {e}", file=sys.stderr, flush=True)
