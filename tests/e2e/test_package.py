@@ -122,6 +122,7 @@ def venv(tmp_path_factory, wheel):
     return python, purelib
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_configs(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(n[len("mmdcnv2/.mim/configs/"):] for n in names if n.startswith("mmdcnv2/.mim/configs/"))
@@ -174,6 +175,7 @@ print("user model built and ran from", os.path.dirname(mmdcnv2.__file__))
 """
 
 
+@pytest.mark.slow
 def test_wheel_user_config_builds_and_predicts(venv, tmp_path):
     python, purelib = venv
     user = tmp_path / "another_project"  # outside the repository
@@ -217,6 +219,7 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2))
 """
 
 
+@pytest.mark.slow
 def test_wheel_mim_train_and_test(venv, tmp_path):
     """`mim train mmdcnv2` / `mim test mmdcnv2` run the wheel's .mim/tools scripts (ours, which import
     mmdcnv2 and run mmdet's), so a user config that inherits ours trains and tests."""
@@ -239,6 +242,7 @@ def test_wheel_mim_train_and_test(venv, tmp_path):
     log = mim("train", "mmdcnv2", "my_detector.py", "--gpus", "0", "--work-dir", "work")
     assert os.path.join(purelib, "mmdcnv2", ".mim", "tools", "train.py") in log  # mim ran the wheel's script
     assert (user / "work" / "iter_2.pth").is_file()
+    assert "Failed to search registry" not in log and "Failed to import" not in log  # the scopes build cleanly
     log = mim("test", "mmdcnv2", "my_detector.py", "--checkpoint", "work/iter_2.pth", "--gpus", "0",
               "--work-dir", "test")
     assert "coco/bbox_mAP" in log
