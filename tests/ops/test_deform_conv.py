@@ -331,6 +331,44 @@ def test_cuda_autocast_and_torchvision():
     assert out.dtype == torch.float32
 
 
+class cpu_route:
+    """Forces the CPU route of float32 calls: 1 GEMM (MKL), 2 convolution over a column image (oneDNN)."""
+
+    def __init__(self, route):
+        self.route = route
+
+    def __enter__(self):
+        self.old = torch.ops.mmdcnv2.set_cpu_route(self.route)
+
+    def __exit__(self, *exc):
+        torch.ops.mmdcnv2.set_cpu_route(self.old)
+
+
+@pytest.mark.parametrize("budget", [0, 20 << 10])
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_routes_float32_against_reference(case, budget):
+    """Both CPU routes of float32 (GEMM over row-major columns; oneDNN convolution over the column
+    image, chunked by output rows: a small budget makes one-row chunks) against the float64 reference."""
+    from mmdcnv2.ops import column_budget
+
+    x, off, w, b, s, p, d, m = make_inputs(case, dtype=torch.float32, offset_scale=2.0)
+    ref_args = [t.double() if isinstance(t, torch.Tensor) else t for t in (x, off, w, b, s, p, d, m)]
+    out_ref, g_ref = grads(deform_conv2d_reference, *ref_args)
+    for route in (1, 2):
+        with cpu_route(route), column_budget(budget):
+            out, g = grads(deform_conv2d, x, off, w, b, s, p, d, m)
+            out2, g2 = grads(deform_conv2d, x, off, w, b, s, p, d, m)
+        torch.testing.assert_close(out.double(), out_ref, atol=1e-4, rtol=1e-4)
+        for name, a, r in zip(["input", "offset", "weight", "bias", "mask"], g, g_ref):
+            torch.testing.assert_close(a.double(), r, atol=1e-3, rtol=1e-4, msg=lambda e: f"route {route} grad {name}: {e}")
+        assert torch.equal(out, out2) and all(torch.equal(a, a2) for a, a2 in zip(g, g2)), "not bit-reproducible"
+
+
+def test_cpu_route_refuses_unknown_values():
+    with pytest.raises(ValueError, match="route"):
+        torch.ops.mmdcnv2.set_cpu_route(3)
+
+
 def test_many_column_chunks_across_images():
     """Large enough that the column buffer is filled in several chunks, some crossing an image border."""
     case = (3, 256, 30, 30, 8, 3, 3, 1, 1, 1, 2, 4)  # 2700 rows: two chunks of 1350, the cut inside image 1

@@ -1,7 +1,10 @@
 // CPU kernels of the deformable convolution: channels-last sampling, all cores
 // (at::parallel_for), no atomics. float16/bfloat16 run in float32 and are cast back.
 #include <ATen/Parallel.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
+
+#include <atomic>
 
 #include "../../common/bilinear.h"
 #include "../../common/cpu_vec.h"
@@ -28,6 +31,33 @@ inline int64_t row_grain(const DeformConvGeom& g) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, g.K() * g.C));
 }
 
+// Where the column values of output row r (image r / P, position r % P), tap k and channels
+// [c0, ...) of conv group gi live in a chunk's column buffer: offset = base(r) + tap(k, gi, c0).
+//   rows:  cols[r - row0][gi][k][c - gi * Cg]: one row of K * C per output position (the GEMM layout);
+//   image: a channels-last "column image" [kh * rows][kw * Wo][C] of the chunk's whole output rows
+//          (ho0 ...), tap (ki, kj) of output (ho, wo) at pixel (kh * (ho - ho0) + ki, kw * wo + kj):
+//          the forward GEMM is a kh x kw convolution with stride (kh, kw) over it, grad_cols its
+//          backward-data (both oneDNN, much faster than MKL's sgemm on these shapes).
+struct ColLayout {
+  bool image;
+  int64_t row0, ldc, K, Cg, kw, Wo, C, P, ho0;
+  static ColLayout rows(const DeformConvGeom& g, int64_t row0) {
+    return {false, row0, g.ldc(), g.K(), g.Cg(), g.kw, g.Wo, g.C, g.P(), 0};
+  }
+  static ColLayout image_rows(const DeformConvGeom& g, int64_t row0) {
+    return {true, row0, g.ldc(), g.K(), g.Cg(), g.kw, g.Wo, g.C, g.P(), (row0 % g.P()) / g.Wo};
+  }
+  int64_t base(int64_t r) const {
+    if (!image) return (r - row0) * ldc;
+    const int64_t p = r % P, ho = p / Wo, wo = p % Wo;
+    return ((ho - ho0) * (K / kw) * kw * Wo + kw * wo) * C;
+  }
+  int64_t tap(int64_t k, int64_t gi, int64_t c0) const {
+    if (!image) return gi * K * Cg + k * Cg + (c0 - gi * Cg);
+    return ((k / kw) * kw * Wo + (k % kw)) * C + c0;
+  }
+};
+
 template <typename T>
 struct TapSample {
   BilinearSample<T> s;
@@ -50,19 +80,20 @@ inline TapSample<T> tap_sample(const DeformConvGeom& g, const T* off, const T* m
 }
 
 template <typename T>
-void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeom& g, int64_t row0, int64_t row1) {
+void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeom& g, int64_t row0, int64_t row1,
+            const ColLayout& L) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
   at::parallel_for(row0, row1, row_grain(g), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r / P, p = r % P;
       const T* xi = x + i * HW * C;
-      T* row = cols + (r - row0) * g.ldc();
+      T* row = cols + L.base(r);
       for (int64_t dg = 0; dg < g.dgroups; ++dg) {
         for (int64_t k = 0; k < K; ++k) {
           const auto t = tap_sample(g, off, msk, i, p, dg, k);
           const auto& s = t.s;
           for_each_run(g, dg * Cdg, (dg + 1) * Cdg, [&](int64_t gi, int64_t c0, int64_t c1) {
-            T* dst = row + gi * K * Cg + k * Cg + (c0 - gi * Cg);
+            T* dst = row + L.tap(k, gi, c0);
             const int64_t n = c1 - c0;
             if (s.all4) {
               vec::lerp4(dst, xi + s.index[0] * C + c0, xi + s.index[1] * C + c0, xi + s.index[2] * C + c0,
@@ -86,23 +117,24 @@ void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeo
 // mask gradients) from one read of the corners.
 template <typename T>
 void im2col_coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T* cols, T* goff, T* gmsk,
-                       const DeformConvGeom& g, int64_t row0, int64_t row1) {
+                       const DeformConvGeom& g, int64_t row0, int64_t row1, const ColLayout& GL,
+                       const ColLayout& CL) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
   at::parallel_for(row0, row1, row_grain(g), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r / P, p = r % P;
       const T* xi = x + i * HW * C;
-      const T* grow = gcols + (r - row0) * g.ldc();
-      T* crow = cols + (r - row0) * g.ldc();
+      const T* grow = gcols + GL.base(r);
+      T* crow = cols + CL.base(r);
       for (int64_t dg = 0; dg < g.dgroups; ++dg) {
         for (int64_t k = 0; k < K; ++k) {
           const auto t = tap_sample(g, off, msk, i, p, dg, k);
           const auto& s = t.s;
           T S[4] = {0, 0, 0, 0};
           for_each_run(g, dg * Cdg, (dg + 1) * Cdg, [&](int64_t gi, int64_t c0, int64_t c1) {
-            const int64_t at = gi * K * Cg + k * Cg + (c0 - gi * Cg), n = c1 - c0;
-            T* dst = crow + at;
-            const T* src = grow + at;
+            const int64_t n = c1 - c0;
+            T* dst = crow + CL.tap(k, gi, c0);
+            const T* src = grow + GL.tap(k, gi, c0);
             if (s.all4) {
               vec::lerp4_dot4(dst, src, xi + s.index[0] * C + c0, xi + s.index[1] * C + c0,
                               xi + s.index[2] * C + c0, xi + s.index[3] * C + c0, s.weight[0] * t.m,
@@ -130,7 +162,8 @@ void im2col_coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T
 
 // grad_x is partitioned by channel: each task owns a channel slice of every pixel, so no two tasks write one address.
 template <typename T>
-void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvGeom& g, int64_t row0, int64_t row1) {
+void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvGeom& g, int64_t row0, int64_t row1,
+            const ColLayout& GL) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
   struct Task { int64_t gi, dg, c0, c1; };
   std::vector<Task> tasks;
@@ -151,11 +184,11 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
       for (int64_t r = row0; r < row1; ++r) {
         const int64_t i = r / P, p = r % P;
         T* gxi = gx + i * HW * C + task.c0;
-        const T* row = gcols + (r - row0) * g.ldc() + task.gi * K * Cg + (task.c0 - task.gi * Cg);
+        const T* row = gcols + GL.base(r);
         for (int64_t k = 0; k < K; ++k) {
           const auto t = tap_sample(g, off, msk, i, p, task.dg, k);
           if (!t.s.inside) continue;
-          const T* src = row + k * Cg;
+          const T* src = row + GL.tap(k, task.gi, task.c0);
           for (int q = 0; q < 4; ++q) {
             if (t.s.index[q] >= 0) vec::axpy(gxi + t.s.index[q] * C, src, t.s.weight[q] * t.m, n);
           }
@@ -177,30 +210,156 @@ T* opt_mut_ptr(std::optional<at::Tensor>& t) {
 struct CpuKernels {
   static constexpr int64_t kColsBytes = int64_t(8) << 20;  // stays in the last-level cache for the GEMM
   static constexpr int64_t kMinRows = 2048;                 // fewer rows make MKL's GEMMs slow
+  // The driver's calls use the row layout; the convolution route (below) passes its own.
   static void im2col(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
                      at::Tensor& cols, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+    im2col(x, off, msk, cols, g, r0, r1, ColLayout::rows(g, r0));
+  }
+  static void im2col(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+                     at::Tensor& cols, const DeformConvGeom& g, int64_t r0, int64_t r1, const ColLayout& L) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_im2col", [&] {
       mmdcnv2::im2col<scalar_t>(x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
-                                cols.data_ptr<scalar_t>(), g, r0, r1);
+                                cols.data_ptr<scalar_t>(), g, r0, r1, L);
     });
   }
   static void col2im(const at::Tensor& gcols, const at::Tensor& off, const std::optional<at::Tensor>& msk,
                      at::Tensor& gx, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+    col2im(gcols, off, msk, gx, g, r0, r1, ColLayout::rows(g, r0));
+  }
+  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+                     at::Tensor& gx, const DeformConvGeom& g, int64_t r0, int64_t r1, const ColLayout& GL) {
     AT_DISPATCH_FLOATING_TYPES(gcols.scalar_type(), "deform_conv2d_col2im", [&] {
       mmdcnv2::col2im<scalar_t>(gcols.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
-                                gx.data_ptr<scalar_t>(), g, r0, r1);
+                                gx.data_ptr<scalar_t>(), g, r0, r1, GL);
     });
   }
   static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
                                 const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff,
                                 std::optional<at::Tensor>& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+    im2col_coord_grad(x, off, msk, gcols, cols, goff, gmsk, g, r0, r1, ColLayout::rows(g, r0), ColLayout::rows(g, r0));
+  }
+  static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+                                const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff,
+                                std::optional<at::Tensor>& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1,
+                                const ColLayout& GL, const ColLayout& CL) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_im2col_coord_grad", [&] {
       mmdcnv2::im2col_coord_grad<scalar_t>(x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
                                            gcols.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(),
-                                           goff.data_ptr<scalar_t>(), opt_mut_ptr<scalar_t>(gmsk), g, r0, r1);
+                                           goff.data_ptr<scalar_t>(), opt_mut_ptr<scalar_t>(gmsk), g, r0, r1, GL, CL);
     });
   }
 };
+
+// ---------------------------------------------------------------- the convolution route (float32)
+// The forward GEMM and grad_cols = grad_out @ W go through oneDNN's convolution over a channels-last
+// column image (see ColLayout): a kh x kw convolution with stride (kh, kw), and its backward-data.
+// grad_weight stays an MKL GEMM over row-layout columns, which the backward's sampling pass writes.
+// Chunks are whole output rows of one image.
+
+// 0: automatic (the convolution route for float32 where oneDNN is there), 1: always the GEMM route,
+// 2: the convolution route wherever possible. For benchmarks and tests (set_cpu_route op).
+std::atomic<int64_t> g_cpu_route{0};
+
+int64_t set_cpu_route(int64_t route) {
+  TORCH_CHECK_VALUE(route >= 0 && route <= 2, "set_cpu_route: route must be 0 (auto), 1 (GEMM) or 2 (convolution), got ",
+                    route);
+  return g_cpu_route.exchange(route);
+}
+
+bool use_conv_route(const at::Tensor& input) {
+  const int64_t route = g_cpu_route.load(std::memory_order_relaxed);
+  if (route == 1 || input.scalar_type() != at::kFloat) return false;  // oneDNN has no float64 convolution
+  return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+}
+
+// Output rows per chunk, equal chunks: the column buffers of one chunk (`buffers` of them) within the
+// budget (column_budget() where set, else kImageBytes), at least one output row.
+constexpr int64_t kImageBytes = int64_t(32) << 20;
+int64_t image_chunk_rows(const DeformConvGeom& g, int64_t element_size, int64_t buffers) {
+  const int64_t row_bytes = std::max<int64_t>(1, g.Wo * g.ldc() * element_size * buffers);
+  const int64_t budget = column_budget() > 0 ? column_budget() : std::min(kImageBytes, kMaxColumnWorkspace);
+  const int64_t cap = std::max<int64_t>(1, budget / row_bytes);
+  const int64_t chunks = (g.Ho + cap - 1) / cap;
+  return std::max<int64_t>(1, (g.Ho + chunks - 1) / chunks);
+}
+
+// [1, C, kh * rows, kw * Wo] channels-last view of a buffer of rows * Wo * K * C elements
+at::Tensor column_image(const at::Tensor& buf, const DeformConvGeom& g, int64_t rows) {
+  return buf.narrow(0, 0, rows * g.Wo * g.ldc()).view({1, g.kh * rows, g.kw * g.Wo, g.C}).permute({0, 3, 1, 2});
+}
+
+at::Tensor forward_conv_route(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+                              const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                              const DeformConvGeom& g) {
+  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options());
+  if (out.numel() == 0) return out;
+  const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 1);
+  const auto wcl = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t rows = image_chunk_rows(g, input.element_size(), 1);
+  auto buf = at::empty({rows * g.Wo * g.ldc()}, input.options());
+  const int64_t P = g.P();
+  for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
+    const auto [b, x, off, msk] = s.block(input, n0);
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t h0 = 0; h0 < g.Ho; h0 += rows) {
+        const int64_t h1 = std::min(g.Ho, h0 + rows), r0 = i * P + h0 * g.Wo, r1 = i * P + h1 * g.Wo;
+        auto img = column_image(buf, g, h1 - h0);
+        CpuKernels::im2col(x, off, msk, img, g, r0, r1, ColLayout::image_rows(g, r0));
+        const auto o = at::convolution(img, wcl, bias, {g.kh, g.kw}, {0, 0}, {1, 1}, false, {0, 0}, g.groups);
+        out.select(0, n0 + i).narrow(1, h0, h1 - h0).copy_(o.select(0, 0));
+      }
+    }
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_conv_route(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const DeformConvGeom& g) {
+  const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
+  auto grad_input = at::zeros(input.sizes(), input.options());
+  auto grad_offset = at::zeros(offset.sizes(), offset.options());
+  auto grad_mask = mask ? at::zeros(mask->sizes(), mask->options()) : at::empty({0}, input.options());
+  auto grad_bias = bias ? grad_output.sum({0, 2, 3}) : at::empty({0}, input.options());
+  auto gw_acc = at::zeros({g.groups, Cout_g, K * Cg}, input.options());
+  if (g.N > 0 && P > 0 && g.C > 0) {
+    const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 2);
+    const auto wcl = weight.contiguous(at::MemoryFormat::ChannelsLast);
+    const int64_t rows = image_chunk_rows(g, input.element_size(), 2);
+    auto cols = at::empty({rows * g.Wo, g.ldc()}, input.options());  // row layout, for grad_weight
+    const auto go_cl = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+    for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
+      const auto [b, x, off, msk] = s.block(input, n0);
+      auto goff = grad_offset.narrow(0, n0, b);
+      std::optional<at::Tensor> gmsk = mask ? std::optional<at::Tensor>(grad_mask.narrow(0, n0, b)) : std::nullopt;
+      auto gx = at::zeros({b, g.H, g.W, g.C}, input.options());
+      for (int64_t i = 0; i < b; ++i) {
+        for (int64_t h0 = 0; h0 < g.Ho; h0 += rows) {
+          const int64_t h1 = std::min(g.Ho, h0 + rows), r0 = i * P + h0 * g.Wo, r1 = i * P + h1 * g.Wo;
+          // grad_out rows of this chunk, channels-last: [1, Cout, h1 - h0, Wo] = rows x Cout in memory
+          const auto go = go_cl.narrow(0, n0 + i, 1).narrow(2, h0, h1 - h0);
+          // the columns' buffer stands in for the column image's shape (backward-data reads no values)
+          const auto shape = column_image(cols.view({-1}), g, h1 - h0);
+          auto gimg = std::get<0>(at::convolution_backward(go, shape, wcl, std::nullopt, {g.kh, g.kw}, {0, 0},
+                                                           {1, 1}, false, {0, 0}, g.groups, {true, false, false}))
+                          .contiguous(at::MemoryFormat::ChannelsLast);
+          auto cb = cols.narrow(0, 0, r1 - r0);
+          CpuKernels::im2col_coord_grad(x, off, msk, gimg, cb, goff, gmsk, g, r0, r1, ColLayout::image_rows(g, r0),
+                                        ColLayout::rows(g, r0));
+          const auto gor = go.permute({0, 2, 3, 1}).reshape({r1 - r0, g.Cout});  // a view: go is channels-last
+          for (int64_t gi = 0; gi < g.groups; ++gi) {  // grad_weight += grad_out^T @ cols
+            auto acc = gw_acc[gi];
+            acc.addmm_(gor.narrow(1, gi * Cout_g, Cout_g).t(), cb.narrow(1, gi * K * Cg, K * Cg));
+          }
+          CpuKernels::col2im(gimg, off, msk, gx, g, r0, r1, ColLayout::image_rows(g, r0));
+        }
+      }
+      grad_input.narrow(0, n0, b).copy_(gx.permute({0, 3, 1, 2}));
+    }
+  }
+  auto grad_weight = gw_acc.view({g.groups, Cout_g, K, Cg}).transpose(2, 3).reshape(weight.sizes()).contiguous();
+  return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+}
 
 bool is_reduced(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
@@ -214,12 +373,15 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                              int64_t deform_groups) {
   const auto g = check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups);
+  auto run = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& o, const std::optional<at::Tensor>& m,
+                 const std::optional<at::Tensor>& b) {
+    return use_conv_route(x) ? forward_conv_route(x, w, o, m, b, g) : deform_conv2d_forward_impl<CpuKernels>(x, w, o, m, b, g);
+  };
   if (is_reduced(input)) {
-    return deform_conv2d_forward_impl<CpuKernels>(input.to(at::kFloat), weight.to(at::kFloat), offset.to(at::kFloat),
-                                                  to_float(mask), to_float(bias), g)
+    return run(input.to(at::kFloat), weight.to(at::kFloat), offset.to(at::kFloat), to_float(mask), to_float(bias))
         .to(input.scalar_type());
   }
-  return deform_conv2d_forward_impl<CpuKernels>(input, weight, offset, mask, bias, g);
+  return run(input, weight, offset, mask, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cpu(
@@ -228,19 +390,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t deform_groups) {
   const auto g = check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups);
   check_deform_conv_grad(grad_output, input, g);
+  auto run = [&](const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const at::Tensor& o,
+                 const std::optional<at::Tensor>& m, const std::optional<at::Tensor>& b) {
+    return use_conv_route(x) ? backward_conv_route(go, x, w, o, m, b, g)
+                             : deform_conv2d_backward_impl<CpuKernels>(go, x, w, o, m, b, g, x.scalar_type());
+  };
   if (is_reduced(input)) {
     const auto dt = input.scalar_type();
-    auto [gi, gw, go, gm, gb] = deform_conv2d_backward_impl<CpuKernels>(
-        grad_output.to(at::kFloat), input.to(at::kFloat), weight.to(at::kFloat), offset.to(at::kFloat),
-        to_float(mask), to_float(bias), g, at::kFloat);
+    auto [gi, gw, go, gm, gb] = run(grad_output.to(at::kFloat), input.to(at::kFloat), weight.to(at::kFloat),
+                                    offset.to(at::kFloat), to_float(mask), to_float(bias));
     return {gi.to(dt), gw.to(dt), go.to(dt), gm.to(dt), gb.to(dt)};
   }
-  return deform_conv2d_backward_impl<CpuKernels>(grad_output, input, weight, offset, mask, bias, g,
-                                                 input.scalar_type());
+  return run(grad_output, input, weight, offset, mask, bias);
 }
 
 }  // namespace
 }  // namespace mmdcnv2
+
+TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
+  // Which CPU route later float32 calls take: 0 automatic, 1 GEMM (MKL), 2 convolution (oneDNN). Returns the old one.
+  m.def("set_cpu_route(int route) -> int", &mmdcnv2::set_cpu_route);
+}
 
 TORCH_LIBRARY_IMPL(mmdcnv2, CPU, m) {
   m.impl("deform_conv2d", &mmdcnv2::deform_conv2d_cpu);
