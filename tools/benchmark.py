@@ -56,6 +56,95 @@ def timed(fn, device, reps):
     return 1000 * statistics.median(times)
 
 
+def once(fn, device):
+    """Milliseconds of one call."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return 1000 * (time.perf_counter() - t)
+
+
+def interleaved(fns, device, reps):
+    """Times every function of the dict reps times, round-robin (a, b, c, a, b, c, ...), after one warm-up
+    call each, so that drift on the machine hits all of them alike. Returns name -> list of ms."""
+    for fn in fns.values():
+        fn()
+    sync(device)
+    out = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            out[name].append(once(fn, device))
+    return out
+
+
+def stats(ms):
+    """Median and spread (min, max) of a list of milliseconds."""
+    return dict(median=statistics.median(ms), min=min(ms), max=max(ms), n=len(ms))
+
+
+# ---------------------------------------------------------------- is the machine quiet?
+def _cpu_jiffies():
+    """(busy, total) jiffies of the whole machine from /proc/stat, or None."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v) - idle, sum(v)
+
+
+def _own_cpu_seconds():
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class QuietWatch:
+    """Measures how much CPU time other processes took while the benchmark ran (from /proc/stat minus this
+    process's own CPU time), and a fixed calibration workload before and after."""
+
+    def __init__(self, device):
+        self.device = device
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.calib_before = self.calibrate()
+        self.j0, self.c0, self.t0 = _cpu_jiffies(), _own_cpu_seconds(), time.perf_counter()
+
+    def calibrate(self):
+        """Median ms of a fixed workload: a 768^2 float32 GEMM and a 64 MiB copy."""
+        a = torch.randn(768, 768, device=self.device)
+        src = torch.empty(16 << 20, device=self.device)
+        dst = torch.empty_like(src)
+        return statistics.median(once(lambda: (a @ a, dst.copy_(src)), self.device) for _ in range(15))
+
+    def finish(self):
+        wall = time.perf_counter() - self.t0
+        j1, c1 = _cpu_jiffies(), _own_cpu_seconds()
+        after = self.calibrate()
+        report = dict(calibration_before_ms=self.calib_before, calibration_after_ms=after,
+                      calibration_change=after / self.calib_before - 1, wall_s=wall, warnings=[])
+        if self.j0 and j1:
+            others = (j1[0] - self.j0[0]) / self.hz - (c1 - self.c0)
+            report["other_cpu_fraction"] = max(0.0, others) / (wall * (os.cpu_count() or 1))
+            if report["other_cpu_fraction"] > 0.05:
+                report["warnings"].append(
+                    f"other processes used {100 * report['other_cpu_fraction']:.0f}% of the machine's CPU time "
+                    f"during the run: the figures are not those of a quiet machine")
+        try:
+            report["loadavg"] = os.getloadavg()
+        except OSError:
+            pass
+        if abs(report["calibration_change"]) > 0.15:
+            report["warnings"].append(
+                f"the calibration workload took {self.calib_before:.1f} ms before and {after:.1f} ms after the run "
+                f"({100 * report['calibration_change']:+.0f}%): the machine's speed changed during the run")
+        for w in report["warnings"]:
+            print(f"\n!!! WARNING: {w} !!!", flush=True)
+        return report
+
+
 def peak_memory(fn, device):
     """Peak bytes allocated during one call beyond what was allocated before it."""
     if device == "cuda":
@@ -79,8 +168,30 @@ def peak_memory(fn, device):
     return peak
 
 
-def conv_impls(device):
+class _route:
+    """Runs mmdcnv2's CPU float32 op on one route: 1 GEMM (MKL), 2 convolution (oneDNN)."""
+
+    def __init__(self, route):
+        self.route = route
+
+    def __enter__(self):
+        self.old = torch.ops.mmdcnv2.set_cpu_route(self.route)
+
+    def __exit__(self, *exc):
+        torch.ops.mmdcnv2.set_cpu_route(self.old)
+
+
+def _on_route(route):
+    def fn(x, o, w, b, s, m):
+        with _route(route):
+            return deform_conv2d(x, o, w, b, s, 1, 1, m)
+    return fn
+
+
+def conv_impls(device, dtype):
     impls = {"mmdcnv2": lambda x, o, w, b, s, m: deform_conv2d(x, o, w, b, s, 1, 1, m)}
+    if device == "cpu" and dtype == torch.float32 and hasattr(torch.ops.mmdcnv2, "set_cpu_route"):
+        impls["mmdcnv2 GEMM route"] = _on_route(1)  # the default float32 route is the convolution one
     try:
         import torchvision
 
@@ -102,7 +213,7 @@ def conv_impls(device):
 
 def bench_conv(device, dtype, reps, shapes):
     rows = []
-    impls = conv_impls(device)
+    impls = conv_impls(device, dtype)
     for name, (N, C, H, W), s, dg in shapes:
         Ho, Wo = (H + 2 - 3) // s + 1, (W + 2 - 3) // s + 1
         g = torch.Generator().manual_seed(0)
@@ -110,29 +221,38 @@ def bench_conv(device, dtype, reps, shapes):
         x, w, b = mk(N, C, H, W), mk(C, C, 3, 3, scale=0.02), mk(C)
         off, m = mk(N, 2 * dg * 9, Ho, Wo, scale=2.0), torch.rand(N, dg * 9, Ho, Wo, generator=g).to(device, dtype)
         row = dict(shape=name, size=f"{N}x{C}x{H}x{W}", stride=s, dg=dg)
+        fwd, fwd_bwd, mem = {}, {}, {}
         for impl, fn in impls.items():
             if impl == "mmcv" and dtype != torch.float32 and device == "cpu":
                 continue
             leaves = [t.detach().requires_grad_() for t in (x, off, w, b, m)]
             xx, oo, ww, bb, mm = leaves
-            try:
+            ins = leaves if impl != "dense conv2d" else [xx, ww, bb]
+
+            def f(fn=fn):
                 with torch.no_grad():
-                    t_f = timed(lambda: fn(x, off, w, b, s, m), device, reps)
+                    fn(x, off, w, b, s, m)
+
+            def fb(fn=fn, xx=xx, oo=oo, ww=ww, bb=bb, mm=mm, ins=ins):
                 out = fn(xx, oo, ww, bb, s, mm)
-                go = torch.randn_like(out)
+                torch.autograd.grad(out, ins, torch.ones_like(out))
 
-                def fwd_bwd():
-                    torch.autograd.grad(fn(xx, oo, ww, bb, s, mm), leaves if impl != "dense conv2d" else
-                                        [xx, ww, bb], go)
-
-                t_fb = timed(fwd_bwd, device, reps)
-                mem = peak_memory(fwd_bwd, device)
+            try:
+                fb()
+                mem[impl] = peak_memory(fb, device)
             except Exception as e:  # a peer without a kernel for this device or dtype
                 row[impl] = dict(error=str(e).splitlines()[0][:80])
                 continue
-            row[impl] = dict(fwd=t_f, bwd=t_fb - t_f, fwd_bwd=t_fb, mem_mib=mem / 2**20)
-            print(f"  {name:12s} {impl:13s} fwd {t_f:8.2f} ms  fwd+bwd {t_fb:8.2f} ms  peak {mem / 2**20:7.1f} MiB",
-                  flush=True)
+            fwd[impl], fwd_bwd[impl] = f, fb
+        t_f, t_fb = interleaved(fwd, device, reps), interleaved(fwd_bwd, device, reps)
+        for impl in fwd:
+            sf, sfb = stats(t_f[impl]), stats(t_fb[impl])
+            row[impl] = dict(fwd=sf["median"], fwd_bwd=sfb["median"], bwd=sfb["median"] - sf["median"],
+                             fwd_spread=[sf["min"], sf["max"]], fwd_bwd_spread=[sfb["min"], sfb["max"]],
+                             mem_mib=mem[impl] / 2**20)
+            print(f"  {name:12s} {impl:18s} fwd {sf['median']:8.2f} ms [{sf['min']:.1f}-{sf['max']:.1f}]  "
+                  f"fwd+bwd {sfb['median']:8.2f} ms [{sfb['min']:.1f}-{sfb['max']:.1f}]  "
+                  f"peak {mem[impl] / 2**20:7.1f} MiB", flush=True)
         rows.append(row)
     return rows
 
@@ -161,21 +281,33 @@ def bench_roi_pool(device, dtype, reps):
     except ImportError:
         pass
     row = dict(shape=f"2x256x50x84, {n} RoIs, 7x7")
+    fwd, fwd_bwd = {}, {}
     for impl, fn in impls.items():
         ff, oo = feat.detach().requires_grad_(), off.detach().requires_grad_()
-        try:
+        ins = [ff, oo] if "roi_align" not in impl else [ff]
+
+        def f(fn=fn):
             with torch.no_grad():
-                t_f = timed(lambda: fn(feat, off), device, reps)
+                fn(feat, off)
+
+        def fb(fn=fn, ff=ff, oo=oo, ins=ins):
             out = fn(ff, oo)
-            go = torch.randn_like(out)
-            ins = [ff, oo] if "roi_align" not in impl else [ff]
-            t_fb = timed(lambda: torch.autograd.grad(fn(ff, oo), ins, go), device, reps)
+            torch.autograd.grad(out, ins, torch.ones_like(out))
+
+        try:
+            fb()
         except Exception as e:
             row[impl] = dict(error=str(e).splitlines()[0][:80])
             print(f"  roi pool {impl}: {row[impl]['error']}")
             continue
-        row[impl] = dict(fwd=t_f, bwd=t_fb - t_f, fwd_bwd=t_fb)
-        print(f"  roi pool {impl:34s} fwd {t_f:8.2f} ms  fwd+bwd {t_fb:8.2f} ms", flush=True)
+        fwd[impl], fwd_bwd[impl] = f, fb
+    t_f, t_fb = interleaved(fwd, device, reps), interleaved(fwd_bwd, device, reps)
+    for impl in fwd:
+        sf, sfb = stats(t_f[impl]), stats(t_fb[impl])
+        row[impl] = dict(fwd=sf["median"], fwd_bwd=sfb["median"], bwd=sfb["median"] - sf["median"],
+                         fwd_bwd_spread=[sfb["min"], sfb["max"]])
+        print(f"  roi pool {impl:34s} fwd {sf['median']:8.2f} ms  fwd+bwd {sfb['median']:8.2f} ms "
+              f"[{sfb['min']:.1f}-{sfb['max']:.1f}]", flush=True)
     rows.append(row)
     return rows
 
@@ -201,7 +333,7 @@ def bench_detector(device, reps, side):
         "DCNv2 c3-c5, mmdcnv2 layers": os.path.join(ROOT, "configs", "dcnv2",
                                                     "faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py"),
     }
-    out = {}
+    steps = {}
     for name, path in variants.items():
         torch.manual_seed(0)
         model = MODELS.build(Config.fromfile(path).model).to(device)
@@ -209,7 +341,7 @@ def bench_detector(device, reps, side):
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         packed = demo_mm_inputs(2, [[3, side, side]] * 2, num_items=[5, 5], num_classes=80, device=device)
 
-        def step():
+        def step(model=model, opt=opt, packed=packed):
             data = model.data_preprocessor(packed, True)
             losses = model(**data, mode="loss")
             loss = sum(v.sum() if isinstance(v, torch.Tensor) else sum(x.sum() for x in v)
@@ -218,8 +350,14 @@ def bench_detector(device, reps, side):
             loss.backward()
             opt.step()
 
-        out[name] = timed(step, device, reps)
-        print(f"  detector {name:30s} {out[name]:9.1f} ms / iteration", flush=True)
+        steps[name] = step
+    times = interleaved(steps, device, reps)
+    out = {}
+    for name, ms in times.items():
+        st = stats(ms)
+        out[name] = st["median"]
+        out[name + " spread"] = [st["min"], st["max"]]
+        print(f"  detector {name:30s} {st['median']:9.1f} ms / iteration [{st['min']:.0f}-{st['max']:.0f}]", flush=True)
     return out
 
 
@@ -229,23 +367,37 @@ def fmt(v):
 
 def write_report(results, out_dir):
     os.makedirs(out_dir, exist_ok=True)
-    lines = [f"# mmdcnv2 benchmark ({results['device_name']})", "",
-             f"torch {results['torch']}, {results['threads']} threads, repeats {results['reps']} (median)", ""]
+    lines = [f"# mmdcnv2 benchmark ({results['device_name']}, {results['date']})", "",
+             f"torch {results['torch']}, {results['threads']} threads, {results['reps']} repeats interleaved across "
+             f"implementations (median, [min-max] where shown)", ""]
+    q = results.get("quiet", {})
+    for w in q.get("warnings", []):
+        lines += [f"**WARNING: {w}.**", ""]
+    if q:
+        lines += [f"Calibration workload {q['calibration_before_ms']:.1f} ms before, {q['calibration_after_ms']:.1f} ms "
+                  f"after; other processes' share of the CPU during the run: "
+                  f"{100 * q.get('other_cpu_fraction', float('nan')):.1f}%.", ""]
     for dtype, rows in results["conv"].items():
-        lines += [f"## Modulated deformable convolution, 3x3, {dtype} (ms; x = time relative to mmdcnv2)", "",
-                  "| layer | size | mmdcnv2 fwd | fwd+bwd | peak MiB | torchvision fwd+bwd | mmcv fwd+bwd | dense conv2d fwd | dense fwd+bwd |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## Modulated deformable convolution, 3x3, {dtype} (ms)", "",
+                  "Ratios: ours / dense conv2d (fwd, fwd+bwd); ours / peer (fwd+bwd).", "",
+                  "| layer | size | mmdcnv2 fwd | fwd+bwd [min-max] | GEMM route fwd / fwd+bwd | peak MiB | "
+                  "dense fwd / fwd+bwd | vs dense | vs torchvision | vs mmcv |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ours = r.get("mmdcnv2", {})
-            cells = [r["shape"], r["size"], fmt(ours.get("fwd")), fmt(ours.get("fwd_bwd")), fmt(ours.get("mem_mib"))]
+            if "fwd_bwd" not in ours:
+                continue
+            sp = ours.get("fwd_bwd_spread", [None, None])
+            gemm = r.get("mmdcnv2 GEMM route", {})
+            d = r.get("dense conv2d", {})
+            cells = [r["shape"], r["size"], fmt(ours.get("fwd")),
+                     f"{fmt(ours.get('fwd_bwd'))} [{fmt(sp[0])}-{fmt(sp[1])}]",
+                     f"{fmt(gemm.get('fwd'))} / {fmt(gemm.get('fwd_bwd'))}" if gemm else "-",
+                     fmt(ours.get("mem_mib")), f"{fmt(d.get('fwd'))} / {fmt(d.get('fwd_bwd'))}",
+                     f"{ours['fwd'] / d['fwd']:.2f}x / {ours['fwd_bwd'] / d['fwd_bwd']:.2f}x" if "fwd" in d else "-"]
             for peer in ("torchvision", "mmcv"):
                 p = r.get(peer, {})
-                if "fwd_bwd" in p and "fwd_bwd" in ours:
-                    cells.append(f"{p['fwd_bwd']:.1f} ({p['fwd_bwd'] / ours['fwd_bwd']:.1f}x)")
-                else:
-                    cells.append("-")
-            d = r.get("dense conv2d", {})
-            cells += [fmt(d.get("fwd")), fmt(d.get("fwd_bwd"))]
+                cells.append(f"{ours['fwd_bwd'] / p['fwd_bwd']:.3f}x ({p['fwd_bwd']:.0f} ms)" if "fwd_bwd" in p else "-")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if results.get("roi_pool"):
@@ -259,7 +411,9 @@ def write_report(results, out_dir):
     if results.get("detector"):
         lines += [f"## One training iteration, Faster R-CNN R-50-FPN, 2 images {results['detector_side']}px (ms)", "",
                   "| model | ms / iteration |", "|---|---|"]
-        lines += [f"| {k} | {v:.0f} |" for k, v in results["detector"].items()]
+        det = results["detector"]
+        lines += [f"| {k} | {v:.0f} [{det[k + ' spread'][0]:.0f}-{det[k + ' spread'][1]:.0f}] |"
+                  for k, v in det.items() if not k.endswith(" spread")]
     with open(os.path.join(out_dir, "benchmark.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "benchmark.json"), "w") as f:
@@ -304,7 +458,7 @@ def main():
     p.add_argument("--out", default="results/bench")
     a = p.parse_args()
     dtypes = (a.dtypes or ("float32" if a.device == "cpu" else "float32,float16,bfloat16")).split(",")
-    reps = a.reps or (3 if a.device == "cpu" else 20)
+    reps = a.reps or (5 if a.device == "cpu" else 20)
     shapes = [s for s in SHAPES if s[0] in ("c4 b1", "small")] if a.quick else SHAPES
     dev_name = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or 'CPU'} x{os.cpu_count()}"
     try:
@@ -315,7 +469,9 @@ def main():
     except OSError:
         pass
     results = dict(device=a.device, device_name=dev_name, torch=torch.__version__, threads=torch.get_num_threads(),
-                   reps=reps, conv={}, roi_pool=[], detector={})
+                   reps=reps, conv={}, roi_pool=[], detector={},
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    watch = QuietWatch(a.device)
     for dt in dtypes:
         print(f"[conv {dt}]", flush=True)
         results["conv"][dt] = bench_conv(a.device, getattr(torch, dt), reps, shapes)
@@ -326,6 +482,7 @@ def main():
         print(f"[detector, {side}px]", flush=True)
         results["detector"] = bench_detector(a.device, reps, side)
         results["detector_side"] = side
+    results["quiet"] = watch.finish()
     write_report(results, a.out)
 
 
