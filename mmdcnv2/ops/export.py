@@ -240,6 +240,7 @@ def _register_torchscript() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
             register_custom_op_symbolic("mmdcnv2::deform_conv2d", _deform_conv2d_below_min_opset_symbolic, 1)
+            register_custom_op_symbolic("mmdcnv2::deform_roi_pool", _deform_roi_pool_symbolic, 1)
         register_onnx_symbolics(MIN_OPSET)
     except Exception as e:  # noqa: BLE001
         _warn_not_registered("TorchScript", e)

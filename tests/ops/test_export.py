@@ -307,13 +307,14 @@ def _causes(e):
         e = e.__cause__ or e.__context__
 
 
+@pytest.mark.parametrize("opset", [17, 19])
 @pytest.mark.parametrize("dynamo", [True] * ("dynamo" in EXPORTERS) + [False])
 @pytest.mark.parametrize("cls", [DeformRoIPoolPack, ModulatedDeformRoIPoolPack])
-def test_plain_onnx_export_roi_pool_is_a_clear_error(tmp_path, dynamo, cls):
+def test_plain_onnx_export_roi_pool_is_a_clear_error(tmp_path, dynamo, cls, opset):
     model = cls(7, 8, deform_fc_channels=16).eval()
     args = (torch.randn(1, 8, 16, 16), torch.tensor([[0, 1.0, 1.0, 12.0, 14.0]]))
     with pytest.raises(Exception, match="mmdcnv2.deform_roi_pool") as info:
-        _plain_export(model, args, tmp_path / "pool.onnx", opset_version=19, dynamo=dynamo)
+        _plain_export(model, args, tmp_path / "pool.onnx", opset_version=opset, dynamo=dynamo)
     assert any(isinstance(e, UnsupportedONNXOperatorError) for e in _causes(info.value))
     assert not (tmp_path / "pool.onnx").exists()
 
