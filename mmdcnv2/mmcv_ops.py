@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from mmengine.registry import MODELS as _ROOT_MODELS
 from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 from mmdcnv2 import ops as _ops
+from mmdcnv2.ops.deform_conv import _conv_out
 
 __all__ = [
     "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2d", "ModulatedDeformConv2dPack", "DeformRoIPool",
@@ -85,6 +87,20 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, stride: IntPair
     return _ops.deform_conv2d(input, offset, weight, None, stride, padding, dilation)
 
 
+def _read_as_mmcv(fn: str, name: str, t: Tensor, out_hw: Tuple[int, int]) -> Tensor:
+    """mmcv's modulated kernel does not check the offset's and mask's height and width: for each image it
+    reads the first C * H_out * W_out values of that image's (contiguous) block as a C x H_out x W_out map.
+    mmdet's DyHead relies on it (its upper-level conv gets the offsets of the middle level, twice the
+    output's size); we read the same values. A tensor with fewer values than that is refused."""
+    if t.dim() != 4 or tuple(t.shape[2:]) == tuple(out_hw):
+        return t
+    need = t.shape[1] * out_hw[0] * out_hw[1]
+    if t[0].numel() < need:
+        raise ValueError(f"{fn}: {name} of shape {tuple(t.shape)} is smaller than the output's "
+                         f"{out_hw[0]} x {out_hw[1]} map")
+    return t.reshape(t.shape[0], -1)[:, :need].reshape(t.shape[0], t.shape[1], *out_hw)
+
+
 def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
                             bias: Optional[Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
                             dilation: IntPair = 1, groups: int = 1, deform_groups: int = 1) -> Tensor:
@@ -92,6 +108,7 @@ def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight:
 
     mask: Tensor[N, deform_groups * kH * kW, H_out, W_out]; bias: Tensor[C_out] or None; the rest as in
     :func:`deform_conv2d`. Input, weight, bias and mask are cast to the offset's dtype, as mmcv does.
+    An offset or mask larger than the output map is read as mmcv reads it (see ``_read_as_mmcv``).
     """
     input = input.type_as(offset)
     weight = weight.type_as(input)
@@ -99,6 +116,12 @@ def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight:
     if bias is not None:
         bias = bias.type_as(input)
     _check_groups("modulated_deform_conv2d", input, offset, weight, groups, deform_groups)
+    if input.dim() == 4 and weight.dim() == 4:
+        s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+        out_hw = tuple(_conv_out(input.shape[2 + i], weight.shape[2 + i], s[i], p[i], d[i]) for i in range(2))
+        if min(out_hw) > 0:
+            offset = _read_as_mmcv("modulated_deform_conv2d", "offset", offset, out_hw)
+            mask = _read_as_mmcv("modulated_deform_conv2d", "mask", mask, out_hw)
     return _ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
 
 

@@ -176,6 +176,33 @@ def test_functions_have_mmcv_signatures_and_values(mmcv_original, groups, deform
     torch.testing.assert_close(got, ref)
 
 
+def test_modulated_offset_larger_than_output_read_as_mmcv(mmcv_original):
+    """DyHead gives its upper-level conv the offsets and mask of the middle level (twice the output's size,
+    a channel slice); mmcv's kernel reads each image's first values as an output-sized map: same values
+    and gradients here."""
+    from mmdcnv2 import mmcv_ops
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 4, 5, dtype=torch.float64)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    bias = torch.randn(6, dtype=torch.float64)
+    base = torch.randn(2, 27, 8, 10, dtype=torch.float64)  # DyHead's offset-and-mask conv, middle level
+
+    def run(fn):
+        b = base.clone().requires_grad_()
+        out = fn(x, b[:, :18], b[:, 18:].sigmoid(), w, bias, 1, 1, 1, 1, 1)
+        out.square().sum().backward()
+        return out, b.grad
+
+    (ref, ref_grad), (got, got_grad) = run(mmcv_original["modulated_deform_conv2d"]), run(
+        mmcv_ops.modulated_deform_conv2d)
+    assert got.shape == (2, 6, 4, 5)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got_grad, ref_grad)
+    with pytest.raises(ValueError, match="offset of shape"):
+        mmcv_ops.modulated_deform_conv2d(x, base[:, :18, :2, :2], base[:, 18:, :4, :5], w, bias, 1, 1, 1, 1, 1)
+
+
 def test_functions_refuse_what_mmcv_refuses_with_named_arguments():
     from mmdcnv2 import mmcv_ops
 
