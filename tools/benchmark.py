@@ -22,7 +22,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mmdcnv2.ops import deform_conv2d, deform_roi_pool  # noqa: E402
+from mmdcnv2.ops import cpu_route, deform_conv2d, deform_roi_pool  # noqa: E402
 
 # name, (N, C, H, W), stride, deform groups
 SHAPES = [
@@ -168,22 +168,9 @@ def peak_memory(fn, device):
     return peak
 
 
-class _route:
-    """Runs mmdcnv2's CPU float32 op on one route: 1 GEMM (MKL), 2 convolution (oneDNN)."""
-
-    def __init__(self, route):
-        self.route = route
-
-    def __enter__(self):
-        self.old = torch.ops.mmdcnv2.set_cpu_route(self.route)
-
-    def __exit__(self, *exc):
-        torch.ops.mmdcnv2.set_cpu_route(self.old)
-
-
 def _on_route(route):
     def fn(x, o, w, b, s, m):
-        with _route(route):
+        with cpu_route(route):
             return deform_conv2d(x, o, w, b, s, 1, 1, m)
     return fn
 
@@ -191,7 +178,7 @@ def _on_route(route):
 def conv_impls(device, dtype):
     impls = {"mmdcnv2": lambda x, o, w, b, s, m: deform_conv2d(x, o, w, b, s, 1, 1, m)}
     if device == "cpu" and dtype == torch.float32 and hasattr(torch.ops.mmdcnv2, "set_cpu_route"):
-        impls["mmdcnv2 GEMM route"] = _on_route(1)  # the default float32 route is the convolution one
+        impls["mmdcnv2 GEMM route"] = _on_route("gemm")  # the default float32 route is the convolution one
     try:
         import torchvision
 

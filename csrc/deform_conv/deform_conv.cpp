@@ -136,13 +136,8 @@ int64_t deform_conv_block(const DeformConvGeom& g, int64_t element_size) {
 }  // namespace mmdcnv2
 
 TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
-  m.def(
-      "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, int deform_groups) -> Tensor");
-  m.def(
-      "deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, Tensor? mask, "
-      "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, int deform_groups) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_offset, Tensor grad_mask, Tensor grad_bias)");
+  m.def(mmdcnv2::kDeformConv2dSchema);
+  m.def(mmdcnv2::kDeformConv2dBackwardSchema);
   // The column workspace of every later call, all devices (bytes; 0: each device's default). Returns the old value.
   m.def("set_column_budget(int bytes) -> int", &mmdcnv2::set_column_budget);
 }

@@ -19,6 +19,16 @@
 
 namespace mmdcnv2 {
 
+// The ops' schemas, defined under torch.ops.mmdcnv2 (deform_conv.cpp) and, for the host emulation of the
+// CUDA kernels, under torch.ops.mmdcnv2_emulated (csrc/emulated/emulated_ops.cpp).
+inline constexpr const char* kDeformConv2dSchema =
+    "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, int[2] stride, "
+    "int[2] padding, int[2] dilation, int groups, int deform_groups) -> Tensor";
+inline constexpr const char* kDeformConv2dBackwardSchema =
+    "deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, Tensor? mask, "
+    "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, int deform_groups) "
+    "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_offset, Tensor grad_mask, Tensor grad_bias)";
+
 struct DeformConvGeom {
   int64_t N, C, H, W;         // input
   int64_t Cout, kh, kw;       // weight

@@ -59,10 +59,6 @@ void check_deform_roi_pool_grad(const at::Tensor& grad_output, const at::Tensor&
 }  // namespace mmdcnv2
 
 TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
-  m.def(
-      "deform_roi_pool(Tensor input, Tensor rois, Tensor? offset, int pooled_height, int pooled_width, "
-      "float spatial_scale, int sampling_ratio, float gamma) -> Tensor");
-  m.def(
-      "deform_roi_pool_backward(Tensor grad_output, Tensor input, Tensor rois, Tensor? offset, int pooled_height, "
-      "int pooled_width, float spatial_scale, int sampling_ratio, float gamma) -> (Tensor grad_input, Tensor grad_offset)");
+  m.def(mmdcnv2::kDeformRoIPoolSchema);
+  m.def(mmdcnv2::kDeformRoIPoolBackwardSchema);
 }

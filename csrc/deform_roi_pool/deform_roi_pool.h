@@ -12,6 +12,14 @@
 
 namespace mmdcnv2 {
 
+// The ops' schemas (see deform_conv.h).
+inline constexpr const char* kDeformRoIPoolSchema =
+    "deform_roi_pool(Tensor input, Tensor rois, Tensor? offset, int pooled_height, int pooled_width, "
+    "float spatial_scale, int sampling_ratio, float gamma) -> Tensor";
+inline constexpr const char* kDeformRoIPoolBackwardSchema =
+    "deform_roi_pool_backward(Tensor grad_output, Tensor input, Tensor rois, Tensor? offset, int pooled_height, "
+    "int pooled_width, float spatial_scale, int sampling_ratio, float gamma) -> (Tensor grad_input, Tensor grad_offset)";
+
 struct RoIPoolGeom {
   int64_t N, C, H, W;  // input
   int64_t R;           // number of RoIs

@@ -49,19 +49,10 @@ std::vector<int64_t> deform_conv2d_launch_plan(const at::Tensor& input, const at
 }  // namespace mmdcnv2
 
 TORCH_LIBRARY(mmdcnv2_emulated, m) {
-  m.def(
-      "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups, int deform_groups) -> Tensor");
-  m.def(
-      "deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor offset, Tensor? mask, "
-      "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, int deform_groups) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_offset, Tensor grad_mask, Tensor grad_bias)");
-  m.def(
-      "deform_roi_pool(Tensor input, Tensor rois, Tensor? offset, int pooled_height, int pooled_width, "
-      "float spatial_scale, int sampling_ratio, float gamma) -> Tensor");
-  m.def(
-      "deform_roi_pool_backward(Tensor grad_output, Tensor input, Tensor rois, Tensor? offset, int pooled_height, "
-      "int pooled_width, float spatial_scale, int sampling_ratio, float gamma) -> (Tensor grad_input, Tensor grad_offset)");
+  m.def(mmdcnv2::kDeformConv2dSchema);
+  m.def(mmdcnv2::kDeformConv2dBackwardSchema);
+  m.def(mmdcnv2::kDeformRoIPoolSchema);
+  m.def(mmdcnv2::kDeformRoIPoolBackwardSchema);
   m.def("launch_config(int items, int threads_per_item) -> int[]", &mmdcnv2::emudev::launch_config_op);
   m.def(
       "deform_conv2d_launch_plan(Tensor input, Tensor weight, Tensor offset, Tensor? mask, int[2] stride, "

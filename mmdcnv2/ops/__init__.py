@@ -1,5 +1,5 @@
 """The torch-level API of mmdcnv2: functional ops and nn.Modules. Needs no mmdet."""
-from ._ext import column_budget, has_cuda_kernels, has_ops
+from ._ext import column_budget, cpu_route, has_cuda_kernels, has_ops
 from .deform_conv import (
     DeformConv2d,
     DeformConv2dPack,
@@ -15,6 +15,7 @@ __all__ = [
     "has_ops",
     "has_cuda_kernels",
     "column_budget",
+    "cpu_route",
     "deform_conv2d",
     "deform_conv2d_reference",
     "DeformConv2d",

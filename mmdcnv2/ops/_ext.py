@@ -79,3 +79,27 @@ class column_budget:
     def __exit__(self, *exc):
         torch.ops.mmdcnv2.set_column_budget(self._previous)
         return False
+
+
+class cpu_route:
+    """Context manager: the route of float32 deformable convolutions on the CPU inside it.
+    ``"auto"`` (the default: the convolution route where oneDNN is available), ``"gemm"`` (MKL GEMMs over
+    row-major columns, the route of float64) or ``"conv"`` (oneDNN convolutions over a channels-last
+    column image for the forward and for grad_cols). For benchmarks and tests."""
+
+    _ROUTES = {"auto": 0, "gemm": 1, "conv": 2}
+
+    def __init__(self, route: str):
+        if route not in self._ROUTES:
+            raise ValueError(f"cpu_route: route must be one of {sorted(self._ROUTES)}, got {route!r}")
+        self.route = route
+        self._previous = None
+
+    def __enter__(self):
+        assert_has_ops()
+        self._previous = torch.ops.mmdcnv2.set_cpu_route(self._ROUTES[self.route])
+        return self
+
+    def __exit__(self, *exc):
+        torch.ops.mmdcnv2.set_cpu_route(self._previous)
+        return False

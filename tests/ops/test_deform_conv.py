@@ -331,30 +331,17 @@ def test_cuda_autocast_and_torchvision():
     assert out.dtype == torch.float32
 
 
-class cpu_route:
-    """Forces the CPU route of float32 calls: 1 GEMM (MKL), 2 convolution over a column image (oneDNN)."""
-
-    def __init__(self, route):
-        self.route = route
-
-    def __enter__(self):
-        self.old = torch.ops.mmdcnv2.set_cpu_route(self.route)
-
-    def __exit__(self, *exc):
-        torch.ops.mmdcnv2.set_cpu_route(self.old)
-
-
 @pytest.mark.parametrize("budget", [0, 20 << 10])
 @pytest.mark.parametrize("case", CASES)
 def test_cpu_routes_float32_against_reference(case, budget):
     """Both CPU routes of float32 (GEMM over row-major columns; oneDNN convolution over the column
     image, chunked by output rows: a small budget makes one-row chunks) against the float64 reference."""
-    from mmdcnv2.ops import column_budget
+    from mmdcnv2.ops import column_budget, cpu_route
 
     x, off, w, b, s, p, d, m = make_inputs(case, dtype=torch.float32, offset_scale=2.0)
     ref_args = [t.double() if isinstance(t, torch.Tensor) else t for t in (x, off, w, b, s, p, d, m)]
     out_ref, g_ref = grads(deform_conv2d_reference, *ref_args)
-    for route in (1, 2):
+    for route in ("gemm", "conv"):
         with cpu_route(route), column_budget(budget):
             out, g = grads(deform_conv2d, x, off, w, b, s, p, d, m)
             out2, g2 = grads(deform_conv2d, x, off, w, b, s, p, d, m)
@@ -365,8 +352,12 @@ def test_cpu_routes_float32_against_reference(case, budget):
 
 
 def test_cpu_route_refuses_unknown_values():
+    from mmdcnv2.ops import cpu_route
+
     with pytest.raises(ValueError, match="route"):
         torch.ops.mmdcnv2.set_cpu_route(3)
+    with pytest.raises(ValueError, match="route"):
+        cpu_route("mkl")
 
 
 def test_many_column_chunks_across_images():
