@@ -412,3 +412,50 @@ def test_scope_has_every_mmdet_registry():
             ours = getattr(registry, name)
             assert ours.parent is reg and ours.scope == "mmdcnv2", name
             assert reg._search_child("mmdcnv2") is ours, name
+
+
+def test_glip_deformable_fusion_on_our_ops():
+    """GLIP cannot be built here (its language model comes from HuggingFace), but its deformable part can:
+    the DyConv of its fusion head (Conv3x3Norm with mmcv's ModulatedDeformConv2d, offsets of the middle
+    level also given to the levels above and below) runs on our ops with the switch, as mmcv's does."""
+    import importlib
+
+    from mmdet.models.dense_heads import atss_vlfusion_head as glip
+
+    from mmdcnv2 import mmcv_ops
+
+    def make():
+        torch.manual_seed(0)
+        return glip.DyConv(lambda i, o, s: glip.Conv3x3Norm(i, o, s, use_dcn=True, norm_type=["gn", 16]),
+                           32, 32, use_dyfuse=True, use_dcn=True).eval()
+
+    mmcv_ops.restore()
+    try:
+        theirs = make()
+        mmcv_ops.redirect()
+        ours = make()
+        assert all(type(c.conv) is mmcv_ops.ModulatedDeformConv2d for c in ours.dyconvs)
+        with torch.no_grad():
+            theirs.offset.weight.normal_(0, 0.02)
+            theirs.offset.bias.normal_(0, 0.5)
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        feats = [torch.randn(2, 32, 16, 16), torch.randn(2, 32, 8, 8), torch.randn(2, 32, 4, 4)]
+        ext = importlib.import_module("mmcv.ops.modulated_deform_conv").ext_module
+        saved = ext.modulated_deform_conv_forward
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("mmcv's kernel ran")
+
+        ext.modulated_deform_conv_forward = refuse
+        try:
+            with torch.no_grad():
+                got = ours({"visual": feats, "lang": None})["visual"]
+        finally:
+            ext.modulated_deform_conv_forward = saved
+        mmcv_ops.restore()
+        with torch.no_grad():
+            want = theirs({"visual": feats, "lang": None})["visual"]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    finally:
+        mmcv_ops.restore()
