@@ -110,20 +110,24 @@ CASES = [
     Case("ld/ld_r101-gflv1-r101-dcn_fpn_2x_coco.py", "LD (DCN teacher)", D, _ld_teacher,
          "teacher config path made absolute, no teacher checkpoint"),
     *[Case(f"solov2/{c}", "SOLOv2", D) for c in [
-        "solov2-light_r50-dcn_fpn_ms-3x_coco.py", "solov2_r101-dcn_fpn_ms-3x_coco.py", "solov2_x101-dcn_fpn_ms-3x_coco.py"]],
+        "solov2-light_r50-dcn_fpn_ms-3x_coco.py", "solov2_r101-dcn_fpn_ms-3x_coco.py",
+        "solov2_x101-dcn_fpn_ms-3x_coco.py"]],
     # heads/necks that hard-code 'DCN'/'DCNv2' (reached by _scope_ or the redirect)
     Case("fcos/fcos_r50-dcn-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_1x_coco.py", "FCOS", D),
     Case("centernet/centernet_r18-dcnv2_8xb16-crop512-140e_coco.py", "CenterNet", D),
     *[Case(f"nas_fcos/{c}", "NAS-FCOS", D) for c in [
-        "nas-fcos_r50-caffe_fpn_fcoshead-gn-head_4xb4-1x_coco.py", "nas-fcos_r50-caffe_fpn_nashead-gn-head_4xb4-1x_coco.py"]],
+        "nas-fcos_r50-caffe_fpn_fcoshead-gn-head_4xb4-1x_coco.py",
+        "nas-fcos_r50-caffe_fpn_nashead-gn-head_4xb4-1x_coco.py"]],
     Case("ddod/ddod_r50_fpn_1x_coco.py", "DDOD", D),
     Case("yolox/yolox_tiny_8xb8-300e_coco.py", "YOLOX", D, _yolox_dcn, "dcn_on_last_conv=True"),
     # heads/necks/backbones that import mmcv's ops directly (only the redirect reaches them)
     *[Case(f"reppoints/{c}", "RepPoints", R) for c in [
-        "reppoints-moment_r50_fpn-gn_head-gn_1x_coco.py", "reppoints-moment_r101-dconv-c3-c5_fpn-gn_head-gn_2x_coco.py",
+        "reppoints-moment_r50_fpn-gn_head-gn_1x_coco.py",
+        "reppoints-moment_r101-dconv-c3-c5_fpn-gn_head-gn_2x_coco.py",
         "reppoints-moment_x101-dconv-c3-c5_fpn-gn_head-gn_2x_coco.py"]],
     *[Case(f"vfnet/{c}", "VFNet", R) for c in [
-        "vfnet_r50_fpn_1x_coco.py", "vfnet_r101-mdconv-c3-c5_fpn_ms-2x_coco.py", "vfnet_r50-mdconv-c3-c5_fpn_ms-2x_coco.py",
+        "vfnet_r50_fpn_1x_coco.py", "vfnet_r101-mdconv-c3-c5_fpn_ms-2x_coco.py",
+        "vfnet_r50-mdconv-c3-c5_fpn_ms-2x_coco.py",
         "vfnet_res2net101-mdconv-c3-c5_fpn_ms-2x_coco.py", "vfnet_x101-32x4d-mdconv-c3-c5_fpn_ms-2x_coco.py",
         "vfnet_x101-64x4d-mdconv-c3-c5_fpn_ms-2x_coco.py"]],
     *[Case(f"guided_anchoring/{c}", "Guided Anchoring", R, no_predict=GA_NO_PREDICT) for c in [
@@ -137,7 +141,8 @@ CASES = [
     *[Case(f"dyhead/{c}", "DyHead", R) for c in [
         "atss_r50-caffe_fpn_dyhead_1x_coco.py", "atss_r50_fpn_dyhead_1x_coco.py"]],
     *[Case(f"tood/{c}", "TOOD", R) for c in [
-        "tood_r50_fpn_1x_coco.py", "tood_r101-dconv-c3-c5_fpn_ms-2x_coco.py", "tood_x101-64x4d-dconv-c4-c5_fpn_ms-2x_coco.py"]],
+        "tood_r50_fpn_1x_coco.py", "tood_r101-dconv-c3-c5_fpn_ms-2x_coco.py",
+        "tood_x101-64x4d-dconv-c4-c5_fpn_ms-2x_coco.py"]],
     *[Case(f"detectors/{c}", "DetectoRS", R) for c in [
         "cascade-rcnn_r50-sac_1x_coco.py", "detectors_cascade-rcnn_r50_1x_coco.py", "detectors_htc-r50_1x_coco.py",
         "detectors_htc-r101_20e_coco.py", "htc_r50-sac_1x_coco.py"]],
