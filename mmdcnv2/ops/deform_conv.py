@@ -255,7 +255,11 @@ _OLD_OFFSET_SUFFIXES = ("weight", "bias")
 
 
 def _rename_old_offset_keys(parent: nn.Module, state_dict, prefix: str, local_metadata, *args) -> None:
-    metadata = getattr(state_dict, "_metadata", None)  # only the top-level call sees the saved metadata
+    """``<name>_offset.*`` -> ``<name>.conv_offset.*`` for each Pack child, when the new key is absent (mmcv's
+    rule). mmcv also asks the child's saved version to be below 2; a parent sees the saved metadata only when
+    it is the module being loaded (torch hands nested modules plain dicts), so deeper down the keys decide
+    alone: a version-2 checkpoint never holds ``<name>_offset.*`` for a Pack layer."""
+    metadata = getattr(state_dict, "_metadata", None)
     for name, child in parent._modules.items():
         if not isinstance(child, _PackVersion) or name + "_offset" in parent._modules:
             continue
