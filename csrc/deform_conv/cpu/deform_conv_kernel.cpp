@@ -274,7 +274,7 @@ bool use_conv_route(const at::Tensor& input) {
 
 // Output rows per chunk, equal chunks: the column buffers of one chunk (`buffers` of them) within the
 // budget (column_budget() where set, else kImageBytes), at least one output row.
-constexpr int64_t kImageBytes = int64_t(32) << 20;
+constexpr int64_t kImageBytes = int64_t(16) << 20;
 int64_t image_chunk_rows(const DeformConvGeom& g, int64_t element_size, int64_t buffers) {
   const int64_t row_bytes = std::max<int64_t>(1, g.Wo * g.ldc() * element_size * buffers);
   const int64_t budget = column_budget() > 0 ? column_budget() : std::min(kImageBytes, kMaxColumnWorkspace);
