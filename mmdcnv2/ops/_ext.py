@@ -83,7 +83,8 @@ class column_budget:
 
 class cpu_route:
     """Context manager: the route of float32 deformable convolutions on the CPU inside it.
-    ``"auto"`` (the default: the convolution route where oneDNN is available), ``"gemm"`` (MKL GEMMs over
+    ``"auto"`` (the default: the convolution route up to 256 input channels where oneDNN is available, the
+    GEMM route above, as measured on this project's machine), ``"gemm"`` (MKL GEMMs over
     row-major columns, the route of float64) or ``"conv"`` (oneDNN convolutions over a channels-last
     column image for the forward and for grad_cols). For benchmarks and tests."""
 

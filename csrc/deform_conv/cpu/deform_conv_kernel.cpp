@@ -256,7 +256,7 @@ struct CpuKernels {
 // grad_weight stays an MKL GEMM over row-layout columns, which the backward's sampling pass writes.
 // Chunks are whole output rows of one image.
 
-// 0: automatic (the convolution route for float32 where oneDNN is there), 1: always the GEMM route,
+// 0: automatic (the convolution route for float32 up to 256 input channels, where oneDNN is there), 1: always the GEMM route,
 // 2: the convolution route wherever possible. For benchmarks and tests (set_cpu_route op).
 std::atomic<int64_t> g_cpu_route{0};
 
@@ -266,10 +266,16 @@ int64_t set_cpu_route(int64_t route) {
   return g_cpu_route.exchange(route);
 }
 
+// Automatic choice, from interleaved measurements on this project's 2-core Intel Xeon machine
+// (README, Benchmarks): the convolution route is faster at ResNet's c3 and c4 (128 and 256 channels),
+// the GEMM route at c5 (512 channels), where the column image's few pixels carry long channel vectors.
+constexpr int64_t kConvRouteMaxChannels = 256;
+
 bool use_conv_route(const at::Tensor& input) {
   const int64_t route = g_cpu_route.load(std::memory_order_relaxed);
   if (route == 1 || input.scalar_type() != at::kFloat) return false;  // oneDNN has no float64 convolution
-  return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
+  return route == 2 || input.size(1) <= kConvRouteMaxChannels;
 }
 
 // Output rows per chunk, equal chunks: the column buffers of one chunk (`buffers` of them) within the
