@@ -9,6 +9,7 @@ one Faster R-CNN R-50-FPN training iteration (DCNv2 in c3-c5: mmdcnv2 vs mmcv la
 vs the plain detector). Writes a markdown table and a PNG plot to --out.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -168,17 +169,16 @@ def peak_memory(fn, device):
     return peak
 
 
-def _on_route(route):
-    def fn(x, o, w, b, s, m):
-        with cpu_route(route):
-            return deform_conv2d(x, o, w, b, s, 1, 1, m)
-    return fn
+# Implementations that run inside a context, forward and backward alike (the CPU route is read
+# when each op runs, so the backward must run inside it too).
+CONTEXTS = {"mmdcnv2 GEMM route": lambda: cpu_route("gemm"), "mmdcnv2 conv route": lambda: cpu_route("conv")}
 
 
 def conv_impls(device, dtype):
     impls = {"mmdcnv2": lambda x, o, w, b, s, m: deform_conv2d(x, o, w, b, s, 1, 1, m)}
     if device == "cpu" and dtype == torch.float32 and hasattr(torch.ops.mmdcnv2, "set_cpu_route"):
-        impls["mmdcnv2 GEMM route"] = _on_route("gemm")  # the default float32 route is the convolution one
+        # both routes forced (inside cpu_route, see CONTEXTS) beside "mmdcnv2", which is what auto picks
+        impls["mmdcnv2 GEMM route"] = impls["mmdcnv2 conv route"] = impls["mmdcnv2"]
     try:
         import torchvision
 
@@ -216,13 +216,16 @@ def bench_conv(device, dtype, reps, shapes):
             xx, oo, ww, bb, mm = leaves
             ins = leaves if impl != "dense conv2d" else [xx, ww, bb]
 
-            def f(fn=fn):
-                with torch.no_grad():
+            ctx = CONTEXTS.get(impl, contextlib.nullcontext)
+
+            def f(fn=fn, ctx=ctx):
+                with torch.no_grad(), ctx():
                     fn(x, off, w, b, s, m)
 
-            def fb(fn=fn, xx=xx, oo=oo, ww=ww, bb=bb, mm=mm, ins=ins):
-                out = fn(xx, oo, ww, bb, s, mm)
-                torch.autograd.grad(out, ins, torch.ones_like(out))
+            def fb(fn=fn, ctx=ctx, xx=xx, oo=oo, ww=ww, bb=bb, mm=mm, ins=ins):
+                with ctx():
+                    out = fn(xx, oo, ww, bb, s, mm)
+                    torch.autograd.grad(out, ins, torch.ones_like(out))
 
             try:
                 fb()
@@ -367,19 +370,21 @@ def write_report(results, out_dir):
     for dtype, rows in results["conv"].items():
         lines += [f"## Modulated deformable convolution, 3x3, {dtype} (ms)", "",
                   "Ratios: ours / dense conv2d (fwd, fwd+bwd); ours / peer (fwd+bwd).", "",
-                  "| layer | size | mmdcnv2 fwd | fwd+bwd [min-max] | GEMM route fwd / fwd+bwd | peak MiB | "
-                  "dense fwd / fwd+bwd | vs dense | vs torchvision | vs mmcv |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| layer | size | mmdcnv2 fwd | fwd+bwd [min-max] | GEMM route fwd / fwd+bwd | "
+                  "conv route fwd / fwd+bwd | peak MiB | dense fwd / fwd+bwd | vs dense | vs torchvision | vs mmcv |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ours = r.get("mmdcnv2", {})
             if "fwd_bwd" not in ours:
                 continue
             sp = ours.get("fwd_bwd_spread", [None, None])
             gemm = r.get("mmdcnv2 GEMM route", {})
+            convr = r.get("mmdcnv2 conv route", {})
             d = r.get("dense conv2d", {})
             cells = [r["shape"], r["size"], fmt(ours.get("fwd")),
                      f"{fmt(ours.get('fwd_bwd'))} [{fmt(sp[0])}-{fmt(sp[1])}]",
                      f"{fmt(gemm.get('fwd'))} / {fmt(gemm.get('fwd_bwd'))}" if gemm else "-",
+                     f"{fmt(convr.get('fwd'))} / {fmt(convr.get('fwd_bwd'))}" if convr else "-",
                      fmt(ours.get("mem_mib")), f"{fmt(d.get('fwd'))} / {fmt(d.get('fwd_bwd'))}",
                      f"{ours['fwd'] / d['fwd']:.2f}x / {ours['fwd_bwd'] / d['fwd_bwd']:.2f}x" if "fwd" in d else "-"]
             for peer in ("torchvision", "mmcv"):

@@ -1,7 +1,7 @@
 """Every op forward and backward on the GPU, small sizes: the script tools/gpu_check.sh runs under
 compute-sanitizer (memcheck, racecheck). Also compares each CUDA result with the same kernels'
-host emulation (torch.ops.mmdcnv2_emulated) and with the CPU kernels, so that a run outside the
-sanitizer is a correctness check of its own. Exits non-zero on any mismatch.
+host emulation on the CPU (torch.ops.mmdcnv2_emulated), so that a run outside the sanitizer is a
+correctness check of its own. Exits non-zero on any mismatch.
 
     python tools/gpu_smoke.py [--quick]
 """

@@ -28,7 +28,13 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
-#if defined(__x86_64__)
+// The hand-written switch returns onto other stacks, which CET shadow stacks forbid: where the
+// compiler targets them (__CET__ bit 2), ucontext is used instead.
+#if defined(__x86_64__) && !(defined(__CET__) && (__CET__ & 2))
+#define MMDCNV2_ASM_SWITCH 1
+#endif
+
+#if MMDCNV2_ASM_SWITCH
 // void mmdcnv2_emu_switch(void** save_sp, void* next_sp): saves the callee-saved registers on the
 // current stack, stores its stack pointer in *save_sp, and continues on next_sp's stack.
 asm(R"(
@@ -86,7 +92,7 @@ struct Warp {
   int64_t warp = 0;
   // fibers
   std::array<std::unique_ptr<unsigned char[]>, kWarpSize> stacks;
-#if defined(__x86_64__)
+#if MMDCNV2_ASM_SWITCH
   void* sched_sp = nullptr;
   void* lane_sp[kWarpSize];
 #else
@@ -117,7 +123,7 @@ void to_lane(Warp& w, int lane) {
 #ifdef MMDCNV2_ASAN
   __sanitizer_start_switch_fiber(&w.sched_fake_stack, w.stacks[lane].get(), kStackBytes);
 #endif
-#if defined(__x86_64__)
+#if MMDCNV2_ASM_SWITCH
   mmdcnv2_emu_switch(&w.sched_sp, w.lane_sp[lane]);
 #else
   swapcontext(&w.sched_uc, &w.lane_uc[lane]);
@@ -133,7 +139,7 @@ void to_scheduler(Warp& w, bool finished) {
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(finished ? nullptr : &fake, w.sched_stack_bottom, w.sched_stack_size);
 #endif
-#if defined(__x86_64__)
+#if MMDCNV2_ASM_SWITCH
   mmdcnv2_emu_switch(&w.lane_sp[lane], w.sched_sp);
 #else
   swapcontext(&w.lane_uc[lane], &w.sched_uc);
@@ -156,7 +162,7 @@ void to_scheduler(Warp& w, bool finished) {
 
 void init_lane(Warp& w, int lane) {
   unsigned char* bottom = w.stacks[lane].get();
-#if defined(__x86_64__)
+#if MMDCNV2_ASM_SWITCH
   // Stack top, 16-byte aligned: [fake return address 0][lane_entry][6 callee-saved registers].
   // mmdcnv2_emu_switch pops the registers and returns into lane_entry with rsp % 16 == 8,
   // as after a call.

@@ -120,7 +120,7 @@ def configure_cpu_ddp(cfg: Config, timeout_s: Optional[float] = None) -> Config:
     * ``mmdcnv2.SyncNormStatsHook`` in ``custom_hooks``: BN statistics averaged over the
       processes after every iteration, so that every rank validates with the checkpoint's model;
     * ``mmdcnv2.WorldSizeHook``: checkpoints say how many processes wrote them, and resuming one
-      with another number is refused (unless ``auto_scale_lr`` is enabled);
+      with another number is refused (a new run from its weights, ``load_from``, is the way);
     * checkpoints written through the all-or-nothing ``atomic_local`` file backend, unless
       the checkpoint hook names a backend itself.
     """

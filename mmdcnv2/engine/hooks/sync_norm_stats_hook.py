@@ -10,9 +10,9 @@ from mmdcnv2.registry import HOOKS
 
 @HOOKS.register_module()
 class SyncNormStatsHook(Hook):
-    """Averages the model's floating-point buffers (BN running means and variances) over the
-    processes after every training iteration; integer buffers (``num_batches_tracked``) take
-    rank 0's values.
+    """Averages the running statistics of the model's norm layers that are in training mode (BN
+    running means and variances) over the processes after every training iteration; integer
+    buffers (``num_batches_tracked``) take rank 0's values. Frozen norm layers are left alone.
 
     Without it, each process of a data-parallel run keeps BN statistics of its own batches
     (``MMDistributedDataParallel`` with ``broadcast_buffers=False``, mmengine's default): rank 0
@@ -29,7 +29,11 @@ class SyncNormStatsHook(Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if not is_distributed() or dist.get_world_size() == 1:
             return
-        buffers = list(runner.model.buffers())
+        # only the statistics that training changes: norm layers in training mode (frozen ones, e.g.
+        # mmdet's norm_eval=True, are equal everywhere, and repeated averaging could drift them by an ulp)
+        buffers = [b for m in runner.model.modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+                   for b in m.buffers(recurse=False) if b is not None]
         floats = [b for b in buffers if b.is_floating_point()]
         others = [b for b in buffers if not b.is_floating_point()]
         for group, reduce in ((floats, True), (others, False)):

@@ -19,9 +19,11 @@ class WorldSizeHook(Hook):
     The batch of one step is processes x batch size, so resuming with another number changes the
     batch and, at the same learning rate, the training. mmengine 0.10.7 means to check this
     (``Runner.resume`` compares ``gpu_ids`` in ``meta['config']``) but writes the config under
-    ``meta['cfg']``, so its check never runs. With ``auto_scale_lr`` enabled the learning rate
-    follows the batch and the change is only logged. Checkpoints that do not say how many
-    processes wrote them (from ``mim train``, mmdet's model zoo) are resumed as before.
+    ``meta['cfg']``, so its check never runs. ``auto_scale_lr`` does not make it safe: mmengine
+    scales the learning rate before it resumes, and the resume then restores the optimizer's and
+    the schedulers' learning rates of the old batch. To go on with another number of processes,
+    start a new run from the checkpoint's weights (``load_from``). Checkpoints that do not say how
+    many processes wrote them (from ``mim train``, mmdet's model zoo) are resumed as before.
     """
 
     priority = "VERY_HIGH"
@@ -37,11 +39,7 @@ class WorldSizeHook(Hook):
         now = get_world_size()
         if not self.resume or saved is None or saved == now:
             return
-        if (runner.auto_scale_lr or {}).get("enable", False):
-            runner.logger.info(f"resuming a run of {saved} processes with {now}: auto_scale_lr rescales the "
-                               "learning rate to the new batch")
-            return
         raise WorldSizeError(f"the checkpoint was written by a run of {saved} processes (WORLD_SIZE={saved}), this "
-                             f"run has {now}: the batch of a step and with it the training would change. Resume with "
-                             f"{saved} processes, or enable auto_scale_lr (--auto-scale-lr) to rescale the learning "
-                             "rate to the new batch")
+                             f"run has {now}: the batch of a step and with it the training would change (a resume "
+                             f"restores the old learning rates, even with auto_scale_lr). Resume with {saved} "
+                             "processes, or start a new run from its weights (load_from=CHECKPOINT)")
