@@ -107,17 +107,18 @@ def explain(exc, timeout):
 def main(argv=None):
     # CPU training: keep CUDA out even on a machine with GPUs (mmengine then puts the model on the CPU)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    global _WHERE
     where = "[dist_train]"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         where = f"[dist_train rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']}]"
+    _WHERE = where
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run(argv, where)
-    except Stopped:
-        print(f"{where} stopped by SIGTERM: the launcher stops every process when one of them fails (see the "
-              "failing rank's error and torchrun's summary) or when the job is cancelled", file=sys.stderr,
-              flush=True)
+    except Stopped:  # the handler has said why
         return 128 + signal.SIGTERM
+    finally:
+        _MAIN_DONE.append(True)
 
 
 def run(argv, where):
@@ -154,7 +155,18 @@ def run(argv, where):
     return 0
 
 
+_WHERE = "[dist_train]"
+_MAIN_DONE = []  # non-empty once main() has returned
+
+
 def _on_sigterm(signum, frame):
+    # Say why at once: the signal can arrive anywhere, also after main() returned (in atexit handlers),
+    # where an exception would only print a traceback. Later SIGTERMs are ignored.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"{_WHERE} stopped by SIGTERM: the launcher stops every process when one of them fails (see the "
+          "failing rank's error and torchrun's summary) or when the job is cancelled", file=sys.stderr, flush=True)
+    if _MAIN_DONE or sys.is_finalizing():
+        return  # exiting already: nothing left to stop
     raise Stopped()
 
 
