@@ -37,7 +37,8 @@ inline int64_t row_grain(const DeformConvGeom& g) {
 //   image: a channels-last "column image" [kh * rows][kw * Wo][C] of the chunk's whole output rows
 //          (ho0 ...), tap (ki, kj) of output (ho, wo) at pixel (kh * (ho - ho0) + ki, kw * wo + kj):
 //          the forward GEMM is a kh x kw convolution with stride (kh, kw) over it, grad_cols its
-//          backward-data (both oneDNN, much faster than MKL's sgemm on these shapes).
+//          backward-data (both oneDNN; faster than MKL's sgemm where MKL is slow, e.g. on AMD CPUs -
+//          on this project's Intel machine the two routes are close, see use_conv_route).
 struct ColLayout {
   bool image;
   int64_t row0, ldc, K, Cg, kw, Wo, C, P, ho0;
