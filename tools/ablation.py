@@ -1,11 +1,15 @@
-"""The DCNv2 ablation on the embedded dataset, in the layout of the paper's table.
+"""The DCNv2 ablation on the embedded dataset, in the layout of the paper's table, with error bars.
 
-    python tools/ablation.py [--jobs 2] [--iters N] [--rows regular,dcnv1,...] [--out DIR]
+    python tools/ablation.py [--jobs 2] [--seeds 0,1,2] [--iters N] [--rows regular,dcnv1,...] [--out DIR]
 
-Trains every row with `mim train` (same schedule, same seed: configs/shapes/_base_shapes.py),
-evaluates it with `mim test` (COCO box AP with pycocotools on the validation split), and
-writes DIR/ablation.md, DIR/ablation.json and DIR/ablation.png (default DIR:
-results/ablation-<time>, never one that exists; work dirs inside it). Rows:
+Trains every row once per seed with `mim train` (same schedule: configs/shapes/_base_shapes.py,
+the backbone from the pretrained checkpoint; `randomness.seed` = the seed), evaluates each with
+`mim test` (COCO box AP with pycocotools on the validation split), and writes DIR/ablation.md
+(mean ± sample standard deviation per row, every seed's AP, and for each step whether its change
+of mean AP is larger than the spread), DIR/ablation.json and DIR/ablation.png (bars with error
+bars, a dot per seed). Default DIR: results/ablation-<time>, never one that exists; work dirs
+inside it (work/<row>/seed<k>). The files are rewritten after every finished run, so an
+interrupted run leaves what it had. Rows:
 
   regular      regular convolution, RoIAlign
   dcnv1        deformable conv in c5, deformable RoI pooling (DCNv1)
@@ -14,16 +18,18 @@ results/ablation-<time>, never one that exists; work dirs inside it). Rows:
   mdpool       + modulated deformable RoI pooling (= the main job's detector)
   mimic        + R-CNN feature mimicking (DCNv2)
 
---jobs N trains N rows side by side, each with cores/N threads (two at a time on a
-2-core machine halve the wall time). The time per iteration in the table is measured
-afterwards, one row at a time with all cores, over a short run of --timing-iters
-iterations (median of the logged windows after the first): side-by-side jobs, or anything
-else running on the machine, would skew it. --reuse DIR takes the rows that finished in an
-earlier run's DIR/ablation.json (metrics and checkpoints) instead of training them again.
+--jobs N trains N runs side by side, each with cores/N threads (two at a time on a 2-core
+machine halve the wall time); runs go seed by seed (every row's first seed first). The time per
+iteration in the table is measured afterwards, one row at a time with all cores, over a short run
+of --timing-iters iterations (median of the logged windows after the first): side-by-side jobs,
+or anything else running on the machine, would skew it. --reuse DIR takes the runs that finished
+in an earlier run's DIR/ablation.json (metrics and checkpoints) instead of training them again.
 """
 import argparse
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -46,37 +52,39 @@ LABELS = {"regular": "regular conv", "dcnv1": "DCNv1", "dconv-c3-c5": "dconv c3-
           "mdpool": "+ mdpool", "mimic": "+ mimicking (DCNv2)"}
 
 
-def run_row(row, out_dir, data, iters, threads, status):
+def run_job(row, seed, out_dir, data, iters, threads, status):
+    """Trains and evaluates one (row, seed) pair; its result goes to status[(row name, seed)]."""
     name, config = row[0], row[1]
-    work = os.path.join(out_dir, "work", name)
+    key = (name, seed)
+    work = os.path.join(out_dir, "work", name, f"seed{seed}")
     os.makedirs(work)
-    options = data_options(data, iters)
+    options = data_options(data, iters) + [f"randomness.seed={seed}"]
     env = subprocess_env(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     t0 = time.time()
     train_log = os.path.join(work, "train_output.txt")
-    status[name] = dict(state="training", log=train_log)
+    status[key] = dict(state="training", log=train_log)
     with open(train_log, "w") as log:
         rc = subprocess.call(train_cmd(config, work, options), cwd=ROOT, env=env, stdout=log,
                              stderr=subprocess.STDOUT)
     ckpt = last_checkpoint(work)
     if rc != 0 or ckpt is None:
-        status[name] = dict(state=f"training failed (rc {rc}): {train_log}")
+        status[key] = dict(state=f"training failed (rc {rc}): {train_log}")
         return
     test_log = os.path.join(work, "test_output.txt")
-    status[name] = dict(state="testing", log=test_log)
+    status[key] = dict(state="testing", log=test_log)
     with open(test_log, "w") as log:
         rc = subprocess.call(test_cmd(config, ckpt, work, options), cwd=ROOT, env=env, stdout=log,
                              stderr=subprocess.STDOUT)
     with open(test_log) as f:
         metrics = coco_metrics(f.read())
     if rc != 0 or metrics is None:
-        status[name] = dict(state=f"testing failed (rc {rc}): {test_log}")
+        status[key] = dict(state=f"testing failed (rc {rc}): {test_log}")
         return
-    status[name] = dict(state="done", ap=metrics[0], ap50=metrics[1], ap75=metrics[2], s_per_iter=None,
-                        s_per_iter_jobs=seconds_per_iter(work), minutes=(time.time() - t0) / 60, checkpoint=ckpt)
+    status[key] = dict(state="done", ap=metrics[0], ap50=metrics[1], ap75=metrics[2],
+                       s_per_iter_jobs=seconds_per_iter(work), minutes=(time.time() - t0) / 60, checkpoint=ckpt)
 
 
-def time_row(row, out_dir, data, iters, status):
+def time_row(row, out_dir, data, iters, timing):
     """Seconds per training iteration of ``row``: a short run alone, with every core."""
     name, config = row[0], row[1]
     work = os.path.join(out_dir, "work", name + "-timing")
@@ -86,62 +94,122 @@ def time_row(row, out_dir, data, iters, status):
     with open(os.path.join(work, "train_output.txt"), "w") as log:
         rc = subprocess.call(train_cmd(config, work, options), cwd=ROOT, env=subprocess_env(), stdout=log,
                              stderr=subprocess.STDOUT)
-    status[name]["s_per_iter"] = seconds_per_iter(work) if rc == 0 else None
+    timing[name] = seconds_per_iter(work) if rc == 0 else None
 
 
 def progress_line(status):
     parts = []
-    for name, st in status.items():
+    for (name, seed), st in status.items():
+        label = f"{name}/s{seed}"
         if st.get("state") == "training" and os.path.exists(st["log"]):
             with open(st["log"], errors="replace") as f:
                 p = train_progress(f.read())
-            parts.append(f"{name} {p[0]}/{p[1]}" if p else f"{name} starting")
-        else:
-            parts.append(f"{name} {st.get('state', 'waiting')}")
-    return " | ".join(parts)
+            parts.append(f"{label} {p[0]}/{p[1]}" if p else f"{label} starting")
+        elif st.get("state") in ("training", "testing"):
+            parts.append(f"{label} {st['state']}")
+    done = sum(st.get("state") == "done" for st in status.values())
+    return f"{done}/{len(status)} done" + (" | " + " | ".join(parts) if parts else "")
 
 
-def markdown(rows, status, meta):
+KEYS = (("ap", "box AP"), ("ap50", "AP50"), ("ap75", "AP75"))
+
+
+def summarize(rows, seeds, status):
+    """Per row: mean and sample standard deviation of AP, AP50, AP75 over its finished seeds."""
+    summary = {}
+    for row in rows:
+        done = [status[(row[0], s)] for s in seeds if status[(row[0], s)].get("state") == "done"]
+        entry = dict(n=len(done), seeds=[s for s in seeds if status[(row[0], s)].get("state") == "done"])
+        for key, _ in KEYS:
+            vals = [d[key] for d in done]
+            entry[key] = vals
+            entry[key + "_mean"] = statistics.mean(vals) if vals else None
+            entry[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+        summary[row[0]] = entry
+    return summary
+
+
+def step_verdicts(rows, summary):
+    """Each row against the row above it: the change of mean box AP, and whether it is larger
+    than the spread (the two rows' mean +- std intervals do not overlap)."""
+    out = []
+    for prev, row in zip(rows, rows[1:]):
+        a, b = summary[prev[0]], summary[row[0]]
+        if a["ap_mean"] is None or b["ap_mean"] is None:
+            continue
+        delta = b["ap_mean"] - a["ap_mean"]
+        spread = (a["ap_std"] or 0.0) + (b["ap_std"] or 0.0)
+        known = a["ap_std"] is not None and b["ap_std"] is not None
+        out.append(dict(frm=prev[0], to=row[0], delta=delta, spread=spread,
+                        larger=(abs(delta) > spread) if known else None))
+    return out
+
+
+def _fmt(entry, key):
+    if entry[key + "_mean"] is None:
+        return "-"
+    if entry[key + "_std"] is None:
+        return f"{entry[key + '_mean']:.3f}"
+    return f"{entry[key + '_mean']:.3f} ± {entry[key + '_std']:.3f}"
+
+
+def markdown(rows, seeds, status, timing, meta):
     check = {True: "yes", False: ""}
-    lines = [f"Embedded shapes dataset, {meta['iters']} iterations from scratch, seed 0, {meta['machine']}; "
-             f"trained {meta['jobs']} job(s) side by side with {meta['threads']} thread(s) each; s/iter: "
+    summary = summarize(rows, seeds, status)
+    lines = [f"Embedded shapes dataset, {meta['iters']} iterations, seeds {', '.join(map(str, seeds))} "
+             f"(mean ± sample standard deviation over the seeds), {meta['machine']}; trained {meta['jobs']} "
+             f"job(s) side by side with {meta['threads']} thread(s) each; s/iter: "
              + (f"{meta['timing_iters']} iterations of each row alone, all cores." if meta["timing_iters"] else
                 "measured during training."), "",
-             "| | deformable conv | modulation | RoI pooling | mimicking | box AP | AP50 | AP75 | s/iter |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| | deformable conv | modulation | RoI pooling | mimicking | box AP | AP50 | AP75 | box AP per seed | s/iter |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, _, stages, modulated, pool, mimic in rows:
-        st = status[name]
-        if st.get("state") == "done":
-            t = st.get("s_per_iter") or st.get("s_per_iter_jobs")
-            spi = "n/a" if t is None else f"{t:.2f}"
-            nums = f"{st['ap']:.3f} | {st['ap50']:.3f} | {st['ap75']:.3f} | {spi}"
-        else:
-            nums = f"{st.get('state', 'not run')} | | | "
-        lines.append(f"| {LABELS[name]} | {stages or '-'} | {check[modulated]} | {pool} | {check[mimic]} | {nums} |")
-    return "\n".join(lines) + "\n"
+        e = summary[name]
+        per_seed = ", ".join(f"{status[(name, s)]['ap']:.3f}" if status[(name, s)].get("state") == "done"
+                             else "failed" if "failed" in status[(name, s)].get("state", "") else "-" for s in seeds)
+        t = timing.get(name)
+        if t is None:
+            jobs = [status[(name, s)].get("s_per_iter_jobs") for s in seeds]
+            jobs = [j for j in jobs if j]
+            t = statistics.median(jobs) if jobs else None
+        spi = "n/a" if t is None else f"{t:.2f}"
+        lines.append(f"| {LABELS[name]} | {stages or '-'} | {check[modulated]} | {pool} | {check[mimic]} | "
+                     f"{_fmt(e, 'ap')} | {_fmt(e, 'ap50')} | {_fmt(e, 'ap75')} | {per_seed} | {spi} |")
+    verdicts = step_verdicts(rows, summary)
+    if verdicts:
+        lines += ["", "| step | change of mean box AP | sum of the two stds | larger than the spread? |",
+                  "|---|---|---|---|"]
+        for v in verdicts:
+            verdict = {True: "**yes**", False: "no", None: "n/a (one seed)"}[v["larger"]]
+            lines.append(f"| {LABELS[v['frm']]} -> {LABELS[v['to']]} | {v['delta']:+.3f} | {v['spread']:.3f} | "
+                         f"{verdict} |")
+    return "\n".join(lines) + "\n", summary, verdicts
 
 
-def plot(rows, status, path):
+def plot(rows, summary, timing, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r[0] for r in rows if status[r[0]].get("state") == "done"]
+    done = [r[0] for r in rows if summary[r[0]]["n"]]
     if not done:
         return
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[3, 1.4]))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw=dict(width_ratios=[3, 1.4]))
     width = 0.27
-    for i, (key, label) in enumerate((("ap", "box AP"), ("ap50", "AP50"), ("ap75", "AP75"))):
+    for i, (key, label) in enumerate(KEYS):
         xs = [j + (i - 1) * width for j in range(len(done))]
-        bars = ax.bar(xs, [status[n][key] for n in done], width, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        means = [summary[n][key + "_mean"] for n in done]
+        errs = [summary[n][key + "_std"] or 0.0 for n in done]
+        bars = ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+        for x, n in zip(xs, done):  # every seed as a dot
+            ax.plot([x] * len(summary[n][key]), summary[n][key], "k.", ms=3)
     ax.set_xticks(range(len(done)), [LABELS[n] for n in done], rotation=20, ha="right")
-    ax.set_ylabel("COCO metric (val)")
-    ax.set_title("Ablation on the embedded dataset (same schedule and seed)")
+    ax.set_ylabel("COCO metric (val), mean ± std over seeds")
+    ax.set_title("Ablation on the embedded dataset (dots: single seeds)")
     ax.legend(loc="upper left", fontsize=8)
-    bars = bx.bar(range(len(done)), [status[n].get("s_per_iter") or status[n].get("s_per_iter_jobs") or 0
-                                           for n in done], color="gray")
+    bars = bx.bar(range(len(done)), [timing.get(n) or 0 for n in done], color="gray")
     bx.bar_label(bars, fmt="%.2f", fontsize=7)
     bx.set_xticks(range(len(done)), [LABELS[n] for n in done], rotation=20, ha="right")
     bx.set_ylabel("seconds per training iteration")
@@ -150,22 +218,42 @@ def plot(rows, status, path):
     plt.close(fig)
 
 
+def write_results(out, rows, seeds, status, timing, meta):
+    table, summary, verdicts = markdown(rows, seeds, status, timing, meta)
+    with open(os.path.join(out, "ablation.md"), "w") as f:
+        f.write(table)
+    runs = {f"{n}/seed{s}": dict(row=n, seed=s, **{k: v for k, v in st.items() if k != "log"})
+            for (n, s), st in status.items()}
+    with open(os.path.join(out, "ablation.json"), "w") as f:
+        json.dump(dict(meta=meta, seeds=seeds, timing=timing, summary=summary, steps=verdicts, runs=runs,
+                       configs={r[0]: r[1] for r in rows}), f, indent=1)
+    plot(rows, summary, timing, os.path.join(out, "ablation.png"))
+    return table
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=",".join(r[0] for r in ROWS), help="comma-separated subset of the rows")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the configs', 700)")
-    p.add_argument("--jobs", type=int, default=1, help="rows trained side by side")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every row is trained once per seed")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the configs')")
+    p.add_argument("--jobs", type=int, default=1, help="trainings side by side")
     p.add_argument("--data", default="data/shapes")
     p.add_argument("--out", default=None, help="results folder; must not exist (default results/ablation-<time>)")
     p.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
     p.add_argument("--timing-iters", type=int, default=30, help="iterations of the timing run per row (0: none)")
-    p.add_argument("--reuse", default=None, help="an earlier results folder: its finished rows are not retrained")
+    p.add_argument("--reuse", default=None, help="an earlier results folder: its finished runs are not retrained")
     a = p.parse_args(argv)
     names = [n.strip() for n in a.rows.split(",") if n.strip()]
     known = [r[0] for r in ROWS]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         sys.exit(f"--rows: unknown {unknown or 'empty'}; choose from {', '.join(known)}")
+    try:
+        seeds = [int(v) for v in a.seeds.split(",") if v.strip()]
+    except ValueError:
+        sys.exit(f"--seeds must be comma-separated integers, got {a.seeds!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        sys.exit(f"--seeds must name at least one seed, each once, got {a.seeds!r}")
     if a.jobs < 1:
         sys.exit("--jobs must be >= 1")
     rows = [r for r in ROWS if r[0] in names]
@@ -176,61 +264,70 @@ def main(argv=None):
     out = a.out or os.path.join("results", time.strftime("ablation-%Y%m%d-%H%M%S"))
     if os.path.exists(out):
         sys.exit(f"{out} exists: choose a new --out (nothing is overwritten)")
+    earlier_runs, earlier_meta, earlier_timing = {}, {}, {}
+    if a.reuse:
+        with open(os.path.join(a.reuse, "ablation.json")) as f:
+            earlier_json = json.load(f)
+        earlier_runs, earlier_meta = earlier_json.get("runs", {}), earlier_json.get("meta", {})
+        earlier_timing = earlier_json.get("timing", {})
     if os.path.exists(os.path.join(a.data, "annotations", "train.json")):
         print("dataset:", a.data, flush=True)
     else:
         make_shapes_dataset(a.data)
     os.makedirs(out)
-    jobs = min(a.jobs, len(rows))
+    jobs = min(a.jobs, len(rows) * len(seeds))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    status = {r[0]: {} for r in rows}
-    earlier_meta = {}
-    if a.reuse:
-        with open(os.path.join(a.reuse, "ablation.json")) as f:
-            earlier_json = json.load(f)
-        earlier, earlier_meta = earlier_json["rows"], earlier_json.get("meta", {})
-        for name in status:
-            if earlier.get(name, {}).get("state") == "done":
-                status[name] = {k: v for k, v in earlier[name].items() if k != "config"}
-                print(f"{name}: reusing the result in {a.reuse}", flush=True)
-    pending = [r for r in rows if status[r[0]].get("state") != "done"]
-    trained = list(pending)
+    # seed-major order: every row gets its first seed before any row gets its second
+    order = [(row, seed) for seed in seeds for row in rows]
+    status = {(row[0], seed): {} for row, seed in order}
+    timing = {}
+    for row, seed in order:
+        prev = earlier_runs.get(f"{row[0]}/seed{seed}", {})
+        if prev.get("state") == "done":
+            status[(row[0], seed)] = {k: v for k, v in prev.items() if k not in ("row", "seed")}
+            print(f"{row[0]} seed {seed}: reusing the result in {a.reuse}", flush=True)
+    for row in rows:
+        if earlier_timing.get(row[0]) and all(status[(row[0], s)].get("state") == "done" for s in seeds):
+            timing[row[0]] = earlier_timing[row[0]]
+    pending = [(row, seed) for row, seed in order if status[(row[0], seed)].get("state") != "done"]
+    trained = bool(pending)
+    meta = dict(iters=a.iters or "the configs'", jobs=jobs, threads=threads, timing_iters=a.timing_iters,
+                machine=f"{os.cpu_count()}-core {platform.machine()} CPU", date=time.strftime("%Y-%m-%d"))
+    if not trained:  # every run came from --reuse: keep how they were trained
+        meta.update({k: earlier_meta[k] for k in ("iters", "jobs", "threads", "date") if k in earlier_meta})
     running = []
     t0 = time.time()
-    print(f"{len(rows)} rows, {jobs} at a time, {threads} thread(s) each; results in {out}", flush=True)
+    print(f"{len(rows)} rows x {len(seeds)} seeds, {len(pending)} to train, {jobs} at a time, {threads} "
+          f"thread(s) each; results in {out}", flush=True)
+    finished = 0
     while pending or running:
         running = [t for t in running if t.is_alive()]
         while pending and len(running) < jobs:
-            row = pending.pop(0)
-            t = threading.Thread(target=run_row, args=(row, out, a.data, a.iters, threads, status), daemon=True)
+            row, seed = pending.pop(0)
+            t = threading.Thread(target=run_job, args=(row, seed, out, a.data, a.iters, threads, status),
+                                 daemon=True)
             t.start()
             running.append(t)
         if running:
             for t in running:
                 t.join(timeout=a.poll / max(1, len(running)))
             print(f"[{(time.time() - t0) / 60:5.1f} min] {progress_line(status)}", flush=True)
+        now_done = sum(st.get("state") == "done" for st in status.values())
+        if now_done != finished:  # partial results survive an interrupted run
+            finished = now_done
+            write_results(out, rows, seeds, status, timing, dict(meta, minutes=(time.time() - t0) / 60))
     if a.timing_iters > 0:
         for row in rows:
-            if status[row[0]].get("state") == "done":
+            if row[0] not in timing and any(status[(row[0], s)].get("state") == "done" for s in seeds):
                 print(f"timing {row[0]}: {a.timing_iters} iterations alone", flush=True)
-                time_row(row, out, a.data, a.timing_iters, status)
-    import platform
-
-    if not any(r in rows for r in trained):  # every row came from --reuse: keep how they were trained
-        jobs, threads = earlier_meta.get("jobs", jobs), earlier_meta.get("threads", threads)
-    meta = dict(iters=a.iters or 700, jobs=jobs, threads=threads, timing_iters=a.timing_iters,
-                machine=f"{os.cpu_count()}-core {platform.machine()} CPU", minutes=(time.time() - t0) / 60)
-    table = markdown(rows, status, meta)
-    with open(os.path.join(out, "ablation.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump(dict(meta=meta, rows={r[0]: dict(config=r[1], **status[r[0]]) for r in rows}), f, indent=1)
-    plot(rows, status, os.path.join(out, "ablation.png"))
+                time_row(row, out, a.data, a.timing_iters, timing)
+    meta["minutes"] = (time.time() - t0) / 60
+    table = write_results(out, rows, seeds, status, timing, meta)
     print("\n" + table)
     print(f"written: {out}/ablation.md, ablation.json, ablation.png ({meta['minutes']:.1f} min)")
-    failed = [n for n, st in status.items() if st.get("state") != "done"]
+    failed = [f"{n}/seed{s}" for (n, s), st in status.items() if st.get("state") != "done"]
     if failed:
-        sys.exit(f"rows that did not finish: {', '.join(failed)} (see their logs under {out}/work)")
+        sys.exit(f"runs that did not finish: {', '.join(failed)} (see their logs under {out}/work)")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,11 @@
 2. trains the config on the CPU through `mim train mmdet CONFIG --gpus 0`;
 3. evaluates the final checkpoint through `mim test mmdet CONFIG --checkpoint ...`;
 4. prints the COCO box mAP and leaves, in a new work directory under work_dirs/
-   (never one that exists), the logs, the checkpoint and detections.png.
+   (never one that exists), the logs, the checkpoint, the predictions (results.pkl) and
+   detections.png: 4 validation images, ground truth beside detections, at twice the size.
 """
 import argparse
-import glob
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import time
 from mim_jobs import ROOT, coco_metrics, data_options, last_checkpoint, subprocess_env, test_cmd, train_cmd
 
 DEFAULT_CONFIG = "configs/shapes/faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py"
+NUM_TRAIN = 1000
 
 
 def run(cmd, log_path):
@@ -43,6 +43,9 @@ def main():
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the config's)")
     p.add_argument("--data", default="data/shapes")
     p.add_argument("--work-dir", default=None, help="must not exist yet (default: work_dirs/main-<time>)")
+    p.add_argument("--num-train", type=int, default=NUM_TRAIN, help="training images (default %(default)s)")
+    p.add_argument("--picture-images", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2, 3],
+                   help="validation image ids drawn in detections.png (default 0,1,2,3)")
     a = p.parse_args()
     os.chdir(ROOT)
     sys.path.insert(0, ROOT)
@@ -50,7 +53,7 @@ def main():
 
     t0 = time.time()
     print("[1/4] dataset", flush=True)
-    make_shapes_dataset(a.data)
+    make_shapes_dataset(a.data, num_train=a.num_train)
     work_dir = a.work_dir or os.path.join("work_dirs", time.strftime("main-%Y%m%d-%H%M%S"))
     if os.path.exists(work_dir):
         sys.exit(f"{work_dir} exists: choose a new --work-dir (nothing is overwritten)")
@@ -63,20 +66,23 @@ def main():
         sys.exit(f"no checkpoint in {work_dir}")
     print(f"[3/4] COCO evaluation of {ckpt}", flush=True)
     show_dir = "detections"
-    out = run(test_cmd(a.config, ckpt, work_dir, options, show_dir), os.path.join(work_dir, "test_output.txt"))
+    results = os.path.join(work_dir, "results.pkl")
+    out = run(test_cmd(a.config, ckpt, work_dir, options, show_dir) + ["--out", results],
+              os.path.join(work_dir, "test_output.txt"))
     metrics = coco_metrics(out)
     print("[4/4] picture", flush=True)
-    pics = sorted(glob.glob(os.path.join(work_dir, "*", show_dir, "**", "*.png"), recursive=True))
-    if pics:
-        shutil.copy(pics[0], os.path.join(work_dir, "detections.png"))
+    from mmdcnv2.visualization import draw_detection_grid
+
+    picture = draw_detection_grid(results, os.path.join(a.data, "annotations", "val.json"), a.data,
+                                  os.path.join(work_dir, "detections.png"), image_ids=a.picture_images, scale=2)
     print("\n==== main job done in %.1f min ====" % ((time.time() - t0) / 60))
     if metrics:
         ap, ap50, ap75 = metrics
         print(f"COCO box mAP {ap:.3f}  (AP50 {ap50:.3f}, AP75 {ap75:.3f}) on {a.data}/annotations/val.json")
     else:
         print("no COCO mAP found in the test output:", os.path.join(work_dir, "test_output.txt"))
-    print(f"work dir: {work_dir}  (logs, {os.path.basename(ckpt)}, detections.png; all pictures in "
-          f"{work_dir}/<time>/{show_dir}/)")
+    print(f"work dir: {work_dir}  (logs, {os.path.basename(ckpt)}, results.pkl, {os.path.basename(picture)}; "
+          f"every validation image drawn in {work_dir}/<time>/{show_dir}/)")
 
 
 if __name__ == "__main__":

@@ -189,3 +189,55 @@ def make_shapes_dataset(root: str, num_train: int = 300, num_val: int = 60, size
     with open(stamp_path, "w") as f:
         json.dump(stamp, f)
     return paths
+
+
+CROP_CLASSES = SHAPES_CLASSES + ("background",)
+
+
+def make_crop(rng: np.random.RandomState, size: int = 96, scene: int = 192):
+    """One classification crop (``size`` x ``size``) and its label, for pretraining a backbone.
+
+    Labels 0-4 are the shape classes: one object at the detection images' scale (drawn as if
+    in a ``scene``-pixel image) near the centre, under the same random scale, aspect, shear,
+    rotation and warp, over the same textured background and clutter, and in half of the
+    crops partly covered by one or two other objects (at least 60% stays visible, as in the
+    detection images). Label 5 is background: the background and clutter, sometimes with
+    pieces of objects that enter from the border (their centres stay outside the crop).
+    """
+    im = _background(rng, size)
+    draw = ImageDraw.Draw(im)
+    label = int(rng.randint(len(CROP_CLASSES)))
+    centre = np.array([size / 2, size / 2])
+
+    def place(cls, at):
+        pts = _random_object(rng, cls, scene)
+        return pts - pts.mean(axis=0) + at
+
+    def paint(pts):
+        draw.polygon([tuple(p) for p in pts], fill=tuple(int(c) for c in rng.randint(0, 256, size=3)),
+                     outline=tuple(int(c) for c in rng.randint(0, 256, size=3)))
+
+    if label < len(SHAPES_CLASSES):
+        main = place(label, centre + rng.uniform(-0.08, 0.08, size=2) * size)
+        paint(main)
+        if rng.rand() < 0.5:
+            main_poly = Polygon(main).buffer(0)
+            cover = None
+            for _ in range(rng.randint(1, 3)):
+                direction = rng.uniform(0, 2 * math.pi)
+                dist = rng.uniform(0.35, 0.6) * size
+                other = place(int(rng.randint(len(SHAPES_CLASSES))),
+                              centre + dist * np.array([math.cos(direction), math.sin(direction)]))
+                poly = Polygon(other).buffer(0)
+                union = poly if cover is None else cover.union(poly)
+                if main_poly.difference(union).area >= 0.6 * main_poly.area:
+                    paint(other)
+                    cover = union
+    else:
+        for _ in range(rng.randint(0, 3)):
+            direction = rng.uniform(0, 2 * math.pi)
+            paint(place(int(rng.randint(len(SHAPES_CLASSES))),
+                        centre + rng.uniform(0.75, 1.0) * size * np.array([math.cos(direction), math.sin(direction)])))
+    arr = np.asarray(im).astype(np.float32)
+    arr += rng.normal(0, 4, size=arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), label
