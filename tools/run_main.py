@@ -18,7 +18,6 @@ import time
 from mim_jobs import ROOT, coco_metrics, data_options, last_checkpoint, subprocess_env, test_cmd, train_cmd
 
 DEFAULT_CONFIG = "configs/shapes/faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py"
-NUM_TRAIN = 1000
 
 
 def run(cmd, log_path):
@@ -43,7 +42,7 @@ def main():
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the config's)")
     p.add_argument("--data", default="data/shapes")
     p.add_argument("--work-dir", default=None, help="must not exist yet (default: work_dirs/main-<time>)")
-    p.add_argument("--num-train", type=int, default=NUM_TRAIN, help="training images (default %(default)s)")
+    p.add_argument("--num-train", type=int, default=None, help="training images (default: the generator's, 1000)")
     p.add_argument("--picture-images", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2, 3],
                    help="validation image ids drawn in detections.png (default 0,1,2,3)")
     a = p.parse_args()
@@ -53,7 +52,7 @@ def main():
 
     t0 = time.time()
     print("[1/4] dataset", flush=True)
-    make_shapes_dataset(a.data, num_train=a.num_train)
+    make_shapes_dataset(a.data, **({"num_train": a.num_train} if a.num_train else {}))
     work_dir = a.work_dir or os.path.join("work_dirs", time.strftime("main-%Y%m%d-%H%M%S"))
     if os.path.exists(work_dir):
         sys.exit(f"{work_dir} exists: choose a new --work-dir (nothing is overwritten)")
@@ -74,7 +73,8 @@ def main():
     from mmdcnv2.visualization import draw_detection_grid
 
     picture = draw_detection_grid(results, os.path.join(a.data, "annotations", "val.json"), a.data,
-                                  os.path.join(work_dir, "detections.png"), image_ids=a.picture_images, scale=2)
+                                  os.path.join(work_dir, "detections.png"), image_ids=a.picture_images, scale=2,
+                                  score_thr=0.5)
     print("\n==== main job done in %.1f min ====" % ((time.time() - t0) / 60))
     if metrics:
         ap, ap50, ap75 = metrics

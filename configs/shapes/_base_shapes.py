@@ -86,7 +86,7 @@ model = dict(
     test_cfg=dict(rcnn=dict(score_thr=0.05, max_per_img=50)),
 )
 
-max_iters = 700
+max_iters = 600
 train_cfg = dict(_delete_=True, type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters)
 optim_wrapper = dict(
     _delete_=True,

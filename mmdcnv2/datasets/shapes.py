@@ -6,7 +6,7 @@ smooth non-rigid warp, over textured backgrounds with clutter (strokes and blobs
 that are not objects), partly occluding each other. Every annotation is the
 visible part of its object: polygons (``segmentation``), box and area.
 
-    make_shapes_dataset("data/shapes", num_train=300, num_val=60)
+    make_shapes_dataset("data/shapes", num_train=1000, num_val=60)
 
 writes ``train/*.png``, ``val/*.png`` and ``annotations/{train,val}.json``.
 """
@@ -21,6 +21,9 @@ from shapely.geometry import MultiPolygon, Polygon
 from shapely.ops import unary_union
 
 SHAPES_CLASSES = ("triangle", "star", "cross", "arrow", "crescent")
+# the main job's and the ablation's training split (the validation split is the same 60 images
+# whatever this is: image i of a split depends on the seed, the split and i only)
+NUM_TRAIN = 1000
 
 
 def _base_outline(name: str) -> np.ndarray:
@@ -162,7 +165,7 @@ def _write_split(root: str, split: str, num: int, size: int, seed: int, progress
                 categories=[dict(id=i + 1, name=n) for i, n in enumerate(SHAPES_CLASSES)])
 
 
-def make_shapes_dataset(root: str, num_train: int = 300, num_val: int = 60, size: int = 192, seed: int = 0,
+def make_shapes_dataset(root: str, num_train: int = NUM_TRAIN, num_val: int = 60, size: int = 192, seed: int = 0,
                         progress: Optional[callable] = print) -> Dict[str, str]:
     """Writes the dataset under ``root`` and returns the paths of the two annotation files.
 
