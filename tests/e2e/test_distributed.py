@@ -165,12 +165,18 @@ def test_ddp_ranks_end_bit_identical(runs):
     assert [it["iter"] for it in r0["iters"]] == [it["iter"] for it in r1["iters"]] == [0, 1, 2]
     assert_bit_identical(params(runs["ddp_out"], 0), params(runs["ddp_out"], 1), "rank 0 vs rank 1")
     # and training moved every parameter, except the RoI pooling of the FPN levels that no RoI of
-    # these tiny images maps to (zero gradient; AdamW's decay step rounds to no change)
+    # these tiny images maps to (zero gradient; AdamW's decay step rounds to no change) and what the
+    # pretrained backbone's config freezes (stem, stage 1, every batch norm's affine parameters)
     initial = torch.load(os.path.join(runs["ref_out"], "initial.pth"), map_location="cpu")["state_dict"]
     final = params(runs["ddp_out"], 0)
+    frozen = re.compile(r"backbone\.(conv1\.|bn1\.|layer1\.|layer\d\.\d+\.(bn\d|downsample\.1)\.)")
     still = [k for k, v in initial.items()
              if v.is_floating_point() and "running_" not in k and torch.equal(v, final[k])]
-    assert all(re.match(r"roi_head\.bbox_roi_extractor\.roi_layers\.[123]\.", k) for k in still), still
+    assert all(re.match(r"roi_head\.bbox_roi_extractor\.roi_layers\.[123]\.", k) or frozen.match(k)
+               for k in still), still
+    frozen_keys = [k for k, v in initial.items()
+                   if v.is_floating_point() and "running_" not in k and frozen.match(k)]
+    assert frozen_keys and set(frozen_keys) <= set(still)
     assert any(k.startswith("backbone.layer4") and "conv_offset" in k for k in final)
     assert not any(k.startswith("backbone.layer4") and "conv_offset" in k for k in still)
 

@@ -176,7 +176,8 @@ def test_mimic_gradients_reach_the_backbone_through_both_branches():
 
     def keep(module, args, out):
         for t in out:
-            t.retain_grad()
+            if t.requires_grad:  # c2 does not: stem and stage 1 are frozen (the pretrained backbone)
+                t.retain_grad()
         outputs.append(out)
 
     handle = model.backbone.register_forward_hook(keep)
