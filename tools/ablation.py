@@ -24,8 +24,9 @@ interrupted run leaves what it had. Rows:
 machine halve the wall time); runs go seed by seed (every row's first seed first). The time per
 iteration in the table is measured afterwards, one row at a time with all cores, over a short run
 of --timing-iters iterations (median of the logged windows after the first): side-by-side jobs,
-or anything else running on the machine, would skew it. --reuse DIR takes the runs that finished
-in an earlier run's DIR/ablation.json (metrics and checkpoints) instead of training them again.
+or anything else running on the machine, would skew it. --reuse DIR (repeatable) takes the runs that
+finished in an earlier run's DIR/ablation.json (metrics, checkpoints, timings) instead of training
+them again, e.g. to add a row to a finished ablation.
 """
 import argparse
 import json
@@ -249,7 +250,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="results folder; must not exist (default results/ablation-<time>)")
     p.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
     p.add_argument("--timing-iters", type=int, default=30, help="iterations of the timing run per row (0: none)")
-    p.add_argument("--reuse", default=None, help="an earlier results folder: its finished runs are not retrained")
+    p.add_argument("--reuse", action="append", default=None,
+                   help="an earlier results folder (may be given more than once): its finished runs are not "
+                        "retrained")
     a = p.parse_args(argv)
     names = [n.strip() for n in a.rows.split(",") if n.strip()]
     known = [r[0] for r in ROWS]
@@ -273,11 +276,12 @@ def main(argv=None):
     if os.path.exists(out):
         sys.exit(f"{out} exists: choose a new --out (nothing is overwritten)")
     earlier_runs, earlier_meta, earlier_timing = {}, {}, {}
-    if a.reuse:
-        with open(os.path.join(a.reuse, "ablation.json")) as f:
+    for folder in a.reuse or []:  # later folders win
+        with open(os.path.join(folder, "ablation.json")) as f:
             earlier_json = json.load(f)
-        earlier_runs, earlier_meta = earlier_json.get("runs", {}), earlier_json.get("meta", {})
-        earlier_timing = earlier_json.get("timing", {})
+        earlier_runs.update({k: dict(v, reused_from=folder) for k, v in earlier_json.get("runs", {}).items()})
+        earlier_meta.update(earlier_json.get("meta", {}))
+        earlier_timing.update({k: v for k, v in earlier_json.get("timing", {}).items() if v})
     if os.path.exists(os.path.join(a.data, "annotations", "train.json")):
         print("dataset:", a.data, flush=True)
     else:
@@ -293,7 +297,7 @@ def main(argv=None):
         prev = earlier_runs.get(f"{row[0]}/seed{seed}", {})
         if prev.get("state") == "done":
             status[(row[0], seed)] = {k: v for k, v in prev.items() if k not in ("row", "seed")}
-            print(f"{row[0]} seed {seed}: reusing the result in {a.reuse}", flush=True)
+            print(f"{row[0]} seed {seed}: reusing the result in {prev['reused_from']}", flush=True)
     for row in rows:
         if earlier_timing.get(row[0]) and all(status[(row[0], s)].get("state") == "done" for s in seeds):
             timing[row[0]] = earlier_timing[row[0]]

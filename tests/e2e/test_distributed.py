@@ -243,8 +243,11 @@ def test_ddp_checkpoints_rank0_only(runs):
 # case: (DieHook arguments, rank whose failure torchrun reports first and its exit code, the
 # other rank's last words, the last complete checkpoint)
 FAILURES = {
-    # rank 1 SIGKILLed before the 3rd iteration: torchrun stops rank 0
-    "rank1_killed": (dict(rank=1, iter=2, at="iter"), 1, "-9", r"\[dist_train rank 0/2\] stopped by SIGTERM", 2),
+    # rank 1 SIGKILLed before the 3rd iteration: torchrun stops rank 0, or (on a loaded machine, where
+    # torchrun's SIGTERM can come late) rank 0 finds its peer gone in the next collective first
+    "rank1_killed": (dict(rank=1, iter=2, at="iter"), 1, "-9",
+                     r"\[dist_train rank 0/2\] (stopped by SIGTERM|training failed: another process of this job died)",
+                     2),
     # rank 0 SIGKILLed while saving iter_2.pth, its data written but not renamed into place:
     # rank 1 is stopped by torchrun or finds its peer gone in the next collective
     "rank0_killed_saving": (dict(rank=0, iter=2, at="commit"), 0, "-9",
