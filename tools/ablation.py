@@ -148,8 +148,13 @@ def step_verdicts(rows, summary):
         delta = b["ap_mean"] - a["ap_mean"]
         spread = (a["ap_std"] or 0.0) + (b["ap_std"] or 0.0)
         known = a["ap_std"] is not None and b["ap_std"] is not None
+        # paired by seed (a seed fixes the image order and the heads' initialisation in every row)
+        common = [s for s in a["seeds"] if s in b["seeds"]]
+        diffs = [b["ap"][b["seeds"].index(s)] - a["ap"][a["seeds"].index(s)] for s in common]
         out.append(dict(frm=prev[0], to=row[0], delta=delta, spread=spread,
-                        larger=(abs(delta) > spread) if known else None))
+                        larger=(abs(delta) > spread) if known else None, paired=diffs,
+                        paired_std=statistics.stdev(diffs) if len(diffs) > 1 else None,
+                        same_sign=len(diffs) > 1 and (all(d > 0 for d in diffs) or all(d < 0 for d in diffs))))
     return out
 
 
@@ -185,12 +190,15 @@ def markdown(rows, seeds, status, timing, meta):
                      f"{_fmt(e, 'ap')} | {_fmt(e, 'ap50')} | {_fmt(e, 'ap75')} | {per_seed} | {spi} |")
     verdicts = step_verdicts(rows, summary)
     if verdicts:
-        lines += ["", "| step | change of mean box AP | sum of the two stds | larger than the spread? |",
-                  "|---|---|---|---|"]
+        lines += ["", "| step | change of mean box AP | sum of the two stds | larger than the spread? | "
+                      "change per seed (paired) | same sign in every seed? |",
+                  "|---|---|---|---|---|---|"]
         for v in verdicts:
             verdict = {True: "**yes**", False: "no", None: "n/a (one seed)"}[v["larger"]]
+            paired = ", ".join(f"{d:+.3f}" for d in v["paired"]) or "-"
+            sign = "**yes**" if v["same_sign"] else ("no" if len(v["paired"]) > 1 else "n/a")
             lines.append(f"| {LABELS[v['frm']]} -> {LABELS[v['to']]} | {v['delta']:+.3f} | {v['spread']:.3f} | "
-                         f"{verdict} |")
+                         f"{verdict} | {paired} | {sign} |")
     return "\n".join(lines) + "\n", summary, verdicts
 
 

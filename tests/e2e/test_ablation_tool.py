@@ -78,6 +78,12 @@ def test_step_verdicts_compare_the_change_with_the_spread():
     assert [s["larger"] for s in steps] == [True, False]
     assert steps[0]["delta"] == pytest.approx(0.10)
     assert steps[1]["spread"] == pytest.approx(0.01 + 0.02)
+    # paired by seed: +0.10, +0.09, +0.11 (same sign), then -0.01, +0.02, -0.01
+    assert steps[0]["paired"] == pytest.approx([0.10, 0.09, 0.11]) and steps[0]["same_sign"]
+    assert steps[1]["paired"] == pytest.approx([-0.01, 0.02, -0.01]) and not steps[1]["same_sign"]
+    table, _, _ = ablation.markdown(rows, [0, 1, 2], status, {}, dict(iters=600, machine="m", jobs=2, threads=1,
+                                                                     timing_iters=0))
+    assert "| regular conv -> DCNv1 | +0.100 | 0.020 | **yes** | +0.100, +0.090, +0.110 | **yes** |" in table
 
 
 def test_result_parsers():
