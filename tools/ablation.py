@@ -224,7 +224,8 @@ def plot(rows, summary, timing, path):
     ax.set_xticks(range(len(done)), [LABELS[n] for n in done], rotation=20, ha="right")
     ax.set_ylabel("COCO metric (val), mean ± std over seeds")
     ax.set_title("Ablation on the embedded dataset (dots: single seeds)")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower center", ncol=3, fontsize=8, framealpha=0.9)
     bars = bx.bar(range(len(done)), [timing.get(n) or 0 for n in done], color="gray")
     bx.bar_label(bars, fmt="%.2f", fontsize=7)
     bx.set_xticks(range(len(done)), [LABELS[n] for n in done], rotation=20, ha="right")
@@ -315,6 +316,8 @@ def main(argv=None):
                 machine=f"{os.cpu_count()}-core {platform.machine()} CPU", date=time.strftime("%Y-%m-%d"))
     if not trained:  # every run came from --reuse: keep how they were trained
         meta.update({k: earlier_meta[k] for k in ("iters", "jobs", "threads", "date") if k in earlier_meta})
+    if timing and not a.timing_iters and earlier_meta.get("timing_iters"):  # the timings came from earlier runs
+        meta["timing_iters"] = earlier_meta["timing_iters"]
     running = []
     t0 = time.time()
     print(f"{len(rows)} rows x {len(seeds)} seeds, {len(pending)} to train, {jobs} at a time, {threads} "
