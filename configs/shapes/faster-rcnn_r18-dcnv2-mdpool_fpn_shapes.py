@@ -1,5 +1,5 @@
 # The main job's detector: ResNet-18 (half width) with DCNv2 in c3-c5 and modulated
-# deformable RoI pooling, trained from scratch on the embedded shapes dataset.
+# deformable RoI pooling, on the embedded shapes dataset, from the pretrained backbone (_base_shapes.py).
 _base_ = "./_base_shapes.py"
 model = dict(
     backbone=dict(stage_dcn=(None, "DCNv2", "DCNv2", "DCNv2")),
