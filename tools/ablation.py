@@ -126,8 +126,9 @@ def summarize(rows, seeds, status):
     """Per row: mean and sample standard deviation of AP, AP50, AP75 over its finished seeds."""
     summary = {}
     for row in rows:
-        done = [status[(row[0], s)] for s in seeds if status[(row[0], s)].get("state") == "done"]
-        entry = dict(n=len(done), seeds=[s for s in seeds if status[(row[0], s)].get("state") == "done"])
+        done_seeds = [s for s in seeds if status[(row[0], s)].get("state") == "done"]
+        done = [status[(row[0], s)] for s in done_seeds]
+        entry = dict(n=len(done), seeds=done_seeds)
         for key, _ in KEYS:
             vals = [d[key] for d in done]
             entry[key] = vals
