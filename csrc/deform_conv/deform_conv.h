@@ -64,6 +64,13 @@ constexpr int64_t kMaxColumnWorkspace = int64_t(256) << 20;
 int64_t column_budget();                   // 0 where unset
 int64_t set_column_budget(int64_t bytes);  // returns the previous value
 
+// The size of each of the fewest equal chunks of `total` items with at most `cap` items per chunk (>= 1).
+inline int64_t equal_chunk(int64_t total, int64_t cap) {
+  cap = std::max<int64_t>(1, cap);
+  const int64_t chunks = (total + cap - 1) / cap;
+  return std::max<int64_t>(1, (total + chunks - 1) / std::max<int64_t>(1, chunks));
+}
+
 // Rows (output positions of the block) whose columns are built at once, in chunks of equal size.
 template <typename Kernels>
 int64_t deform_conv_chunk_rows(const DeformConvGeom& g, int64_t element_size, int64_t rows, int64_t buffers) {
@@ -76,8 +83,21 @@ int64_t deform_conv_chunk_rows(const DeformConvGeom& g, int64_t element_size, in
     cap = std::max<int64_t>(Kernels::kMinRows, Kernels::kColsBytes / row_bytes);
     cap = std::max<int64_t>(1, std::min<int64_t>(cap, kMaxColumnWorkspace / row_bytes));
   }
-  const int64_t chunks = (rows + cap - 1) / cap;
-  return std::max<int64_t>(1, (rows + chunks - 1) / chunks);
+  return equal_chunk(rows, cap);
+}
+
+// The memory format of the op's output and grad_input: the input's, as torch's conv2d does. Channels-last
+// is an input that is channels-last contiguous and not also plain contiguous (then its NHWC data is used
+// in place and written in place: no layout copies); anything else gets plain contiguous results.
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+inline at::MemoryFormat result_format(const at::Tensor& input) {
+  return is_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+// [N, C, H, W] channels-last -> its [N * H, W, C] memory as a view (rows of images, channel vectors).
+inline at::Tensor nhwc_rows(const at::Tensor& t) {
+  return t.permute({0, 2, 3, 1}).view({t.size(0) * t.size(2), t.size(3), t.size(1)});
 }
 
 // acc += a @ b with acc in float (double) while a and b may be half/bfloat16: the sum over
@@ -138,20 +158,23 @@ at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor&
                                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
                                       const DeformConvGeom& g) {
   const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
-  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options());
+  const bool cl = is_channels_last(input);
+  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().memory_format(result_format(input)));
   if (out.numel() == 0) return out;
   const DriverSetup<Kernels> s(input, weight, offset, mask, g, 1);
   const auto& w2 = s.w2;
   const int64_t chunk = s.chunk;
   auto cols = at::empty({chunk, g.ldc()}, input.options());
-  auto out_blk = at::empty({s.nb * P, g.Cout}, input.options());
+  // channels-last output: the GEMMs write straight into it (its memory is [N * P, Cout])
+  auto out_blk = cl ? at::Tensor() : at::empty({s.nb * P, g.Cout}, input.options());
   for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
     const auto [b, x, off, msk] = s.block(input, n0);
+    auto blk = cl ? nhwc_rows(out.narrow(0, n0, b)).view({b * P, g.Cout}) : out_blk;
     for (int64_t r0 = 0; r0 < b * P; r0 += chunk) {
       const int64_t r1 = std::min(b * P, r0 + chunk);
       auto cb = cols.narrow(0, 0, r1 - r0);
       Kernels::im2col(x, off, msk, cb, g, r0, r1);
-      auto ob = out_blk.narrow(0, r0, r1 - r0);
+      auto ob = blk.narrow(0, r0, r1 - r0);
       for (int64_t gi = 0; gi < g.groups; ++gi) {
         const auto cg = cb.narrow(1, gi * K * Cg, K * Cg);
         const auto wt = w2[gi].t();
@@ -160,7 +183,7 @@ at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor&
         bias ? at::addmm_out(og, bias->narrow(0, gi * Cout_g, Cout_g), cg, wt) : at::mm_out(og, cg, wt);
       }
     }
-    out.narrow(0, n0, b).copy_(out_blk.narrow(0, 0, b * P).view({b, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2}));
+    if (!cl) out.narrow(0, n0, b).copy_(out_blk.narrow(0, 0, b * P).view({b, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2}));
   }
   return out;
 }
@@ -171,12 +194,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const DeformConvGeom& g,
     at::ScalarType acc_type) {
   const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
-  auto grad_input = at::zeros(input.sizes(), input.options());
+  const bool work = g.N > 0 && g.P() > 0 && g.C > 0;
+  // every block writes its part of grad_input whole: no zero fill unless there is nothing to do
+  const auto gi_opts = input.options().memory_format(result_format(input));
+  auto grad_input = work ? at::empty(input.sizes(), gi_opts) : at::zeros(input.sizes(), gi_opts);
+  // channels-last grad_input in the accumulation type: the scatter accumulates in it directly
+  const bool gx_in_place = is_channels_last(input) && acc_type == input.scalar_type();
   auto grad_offset = at::zeros(offset.sizes(), offset.options());
   auto grad_mask = mask ? at::zeros(mask->sizes(), mask->options()) : at::empty({0}, input.options());
   auto grad_bias = bias ? grad_output.sum({0, 2, 3}).to(bias->scalar_type()) : at::empty({0}, input.options());
   auto gw_acc = at::zeros({g.groups, Cout_g, K * Cg}, input.options().dtype(acc_type));
-  if (g.N > 0 && g.P() > 0 && g.C > 0) {
+  if (work) {
     const DriverSetup<Kernels> s(input, weight, offset, mask, g, 2);
     const auto& w2 = s.w2;
     const int64_t chunk = s.chunk;
@@ -187,7 +215,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       const auto go = grad_output.narrow(0, n0, b).permute({0, 2, 3, 1}).reshape({b * P, g.Cout});
       auto goff = grad_offset.narrow(0, n0, b);
       std::optional<at::Tensor> gmsk = mask ? std::optional<at::Tensor>(grad_mask.narrow(0, n0, b)) : std::nullopt;
-      auto gx = at::zeros({b, g.H, g.W, g.C}, input.options().dtype(acc_type));
+      auto gx = gx_in_place ? grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
+                            : at::zeros({b, g.H, g.W, g.C}, input.options().dtype(acc_type));
       for (int64_t r0 = 0; r0 < b * P; r0 += chunk) {
         const int64_t r1 = std::min(b * P, r0 + chunk);
         auto cb = cols.narrow(0, 0, r1 - r0);
@@ -208,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         }
         Kernels::col2im(gcb, off, msk, gx, g, r0, r1);
       }
-      grad_input.narrow(0, n0, b).copy_(gx.permute({0, 3, 1, 2}));
+      if (!gx_in_place) grad_input.narrow(0, n0, b).copy_(gx.permute({0, 3, 1, 2}));
     }
   }
   auto grad_weight =

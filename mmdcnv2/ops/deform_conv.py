@@ -116,7 +116,9 @@ def deform_conv2d(
             every sample (DCNv2); channel ``g * kH * kW + k``.
 
     Returns:
-        Tensor[N, C_out, H_out, W_out]
+        Tensor[N, C_out, H_out, W_out], in the input's memory format (as ``torch.nn.functional.conv2d``:
+        channels-last in, channels-last out; the input's gradient too). A channels-last input saves
+        the CPU kernels the layout copies they make of plain NCHW data.
 
     ``dg`` (deform groups) is inferred as ``offset.shape[1] // (2 * kH * kW)``. Samples
     are bilinear with zero outside the map; a sample position with -1 < y < H and
@@ -163,10 +165,18 @@ if has_ops():
                 f"deform_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"))
         return Ho, Wo
 
+    def _result_format(input):
+        """The memory format of the output and grad_input: channels-last for an input that is channels-last
+        contiguous and not also plain contiguous, plain contiguous otherwise (the compiled op's rule)."""
+        if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        return torch.contiguous_format
+
     @torch.library.register_fake("mmdcnv2::deform_conv2d")
     def _deform_conv2d_fake(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups):
         Ho, Wo = _fake_checks(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups)
-        return input.new_empty((input.shape[0], weight.shape[0], Ho, Wo))
+        return input.new_empty((input.shape[0], weight.shape[0], Ho, Wo)).contiguous(
+            memory_format=_result_format(input))
 
     @torch.library.register_fake("mmdcnv2::deform_conv2d_backward")
     def _deform_conv2d_backward_fake(
@@ -180,7 +190,7 @@ if has_ops():
         grad_mask = input.new_empty(mask.shape) if mask is not None else input.new_empty((0,))
         grad_bias = input.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
         return (
-            input.new_empty(input.shape),
+            input.new_empty(input.shape).contiguous(memory_format=_result_format(input)),
             input.new_empty(weight.shape),
             input.new_empty(offset.shape),
             grad_mask,
@@ -297,6 +307,17 @@ def _check_channels(in_channels, out_channels, groups, deform_groups):
         raise ValueError(f"in_channels ({in_channels}) must be divisible by deform_groups ({deform_groups})")
 
 
+def _sampling_layout(x: Tensor) -> Tuple[Tensor, bool]:
+    """The input the Pack layers give ``conv_offset`` and the op: on the CPU, a channels-last copy of a plain
+    NCHW input (and whether it is one). Both then run on channels-last data - oneDNN's convolutions are
+    faster on it, and our CPU kernels sample it in place - and the backward reuses the copy: one layout
+    conversion per layer instead of one in each op and another in the backward. It costs one saved
+    activation per layer (the copy) until the backward."""
+    if x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        return x, False
+    return x.contiguous(memory_format=torch.channels_last), True
+
+
 class _DeformConvNd(nn.Module):
     """Arguments, weight and bias shared by the two convolution modules."""
 
@@ -397,7 +418,9 @@ class DeformConv2dPack(_PackVersion, DeformConv2d):
         nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(x, self.conv_offset(x))
+        xs, converted = _sampling_layout(x)
+        out = super().forward(xs, self.conv_offset(xs))
+        return out.contiguous() if converted else out  # the caller's layout
 
 
 class ModulatedDeformConv2d(_DeformConvNd):
@@ -469,5 +492,7 @@ class ModulatedDeformConv2dPack(_PackVersion, ModulatedDeformConv2d):
         return torch.cat((o1, o2), dim=1), torch.sigmoid(m)
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        offset, mask = self.split_offset_mask(self.conv_offset(x))
-        return super().forward(x, offset, mask)
+        xs, converted = _sampling_layout(x)
+        offset, mask = self.split_offset_mask(self.conv_offset(xs))
+        out = super().forward(xs, offset, mask)
+        return out.contiguous() if converted else out  # the caller's layout

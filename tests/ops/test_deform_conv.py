@@ -239,6 +239,37 @@ def test_opcheck(mask, bias):
     torch.library.opcheck(torch.ops.mmdcnv2.deform_conv2d.default, _op_args(mask, bias))
 
 
+@pytest.mark.parametrize("mask,bias", [(True, True), (False, False)])
+def test_opcheck_channels_last(mask, bias):
+    """The fake kernels promise the compiled op's memory formats (channels-last input: channels-last
+    output and grad_input); opcheck compares their strides."""
+    args = list(_op_args(mask, bias))
+    args[0] = args[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.mmdcnv2.deform_conv2d.default, tuple(args))
+
+
+@pytest.mark.parametrize("dtype,route", [(torch.float64, "auto"), (torch.float32, "gemm"), (torch.float32, "conv")])
+@pytest.mark.parametrize("budget", [0, 20 << 10])
+def test_channels_last_results_follow_the_input(dtype, route, budget):
+    """A channels-last input gives a channels-last output and grad_input (written in place, no layout
+    copies), bit-identical to the plain NCHW call; a plain input gives plain contiguous results.
+    A small budget cuts the conv route's chunks inside images."""
+    from mmdcnv2.ops import column_budget, cpu_route
+
+    x, off, w, b, s, p, d, m = make_inputs((3, 8, 7, 9, 6, 3, 3, 1, 1, 1, 1, 2), dtype=dtype)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    assert not xcl.is_contiguous()
+    with cpu_route(route), column_budget(budget):
+        out, g = grads(deform_conv2d, x, off, w, b, s, p, d, m)
+        out_cl, g_cl = grads(deform_conv2d, xcl, off, w, b, s, p, d, m)
+    assert out.is_contiguous() and g[0].is_contiguous()
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
+    assert g_cl[0].is_contiguous(memory_format=torch.channels_last) and not g_cl[0].is_contiguous()
+    assert torch.equal(out_cl, out)
+    for name, a, c in zip(["input", "offset", "weight", "bias", "mask"], g_cl, g):
+        assert torch.equal(a, c), name
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     m = ModulatedDeformConv2dPack(4, 6, 3, padding=1, deform_groups=2)

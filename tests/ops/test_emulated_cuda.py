@@ -132,6 +132,24 @@ def test_emulated_deform_conv_many_chunks_across_images():
     check_conv(args, atol=1e-10, rtol=1e-10, budget=2 * rows_per_chunk * row_bytes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_emulated_deform_conv_channels_last(dtype):
+    """A channels-last input: output and grad_input channels-last (the GEMMs and, in the input's type,
+    the scatter write into them in place), equal to the reference."""
+    case = (3, 5, 6, 7, 4, 3, 3, 1, 1, 1, 1, 5)
+    x, off, w, b, s, p, d, m = make_inputs(case, dtype=torch.float64, offset_scale=1.0)
+    args = [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (x, off, w, b, s, p, d, m)]
+    args[0] = args[0].contiguous(memory_format=torch.channels_last)
+    out = E.deform_conv2d(args[0], args[2], args[1], args[7], args[3], *conv_args(args[0], args[2], s, p, d, 5))
+    go = torch.randn(out.shape, dtype=torch.float64).to(dtype).contiguous(memory_format=torch.channels_last)
+    gi = E.deform_conv2d_backward(go, args[0], args[2], args[1], args[7], args[3],
+                                  *conv_args(args[0], args[2], s, p, d, 5))[0]
+    for t in (out, gi):
+        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    tol = 1e-10 if dtype == torch.float64 else 8e-2
+    check_conv(args, atol=tol, rtol=tol)
+
+
 def test_emulated_deform_conv_batch_zero_and_empty_output():
     for case in [(0, 4, 5, 5, 3, 3, 3, 1, 1, 1, 1, 1), (2, 0, 5, 5, 3, 3, 3, 1, 1, 1, 1, 1)]:
         x, off, w, b, s, p, d, m = make_inputs(case)

@@ -35,23 +35,26 @@ inline int64_t row_grain(const DeformConvGeom& g) {
 // [c0, ...) of conv group gi live in a chunk's column buffer: offset = base(r) + tap(k, gi, c0).
 //   rows:  cols[r - row0][gi][k][c - gi * Cg]: one row of K * C per output position (the GEMM layout);
 //   image: a channels-last "column image" [kh * rows][kw * Wo][C] of the chunk's whole output rows
-//          (ho0 ...), tap (ki, kj) of output (ho, wo) at pixel (kh * (ho - ho0) + ki, kw * wo + kj):
+//          q = image * Ho + ho (q0 ...; a chunk may hold rows of several images, stacked: a row of the
+//          output depends on its own kh rows only), tap (ki, kj) of output (ho, wo) at pixel
+//          (kh * (q - q0) + ki, kw * wo + kj):
 //          the forward GEMM is a kh x kw convolution with stride (kh, kw) over it, grad_cols its
 //          backward-data (both oneDNN; faster than MKL's sgemm where MKL is slow, e.g. on AMD CPUs -
 //          on this project's Intel machine the two routes are close, see use_conv_route).
 struct ColLayout {
   bool image;
-  int64_t row0, ldc, K, Cg, kw, Wo, C, P, ho0;
+  int64_t row0, ldc, K, Cg, kh, kw, Wo, C, q0;
   static ColLayout rows(const DeformConvGeom& g, int64_t row0) {
-    return {false, row0, g.ldc(), g.K(), g.Cg(), g.kw, g.Wo, g.C, g.P(), 0};
+    return {false, row0, g.ldc(), g.K(), g.Cg(), g.kh, g.kw, g.Wo, g.C, 0};
   }
+  // row0 must start an output row (row0 % Wo == 0); the chunk may run across images
   static ColLayout image_rows(const DeformConvGeom& g, int64_t row0) {
-    return {true, row0, g.ldc(), g.K(), g.Cg(), g.kw, g.Wo, g.C, g.P(), (row0 % g.P()) / g.Wo};
+    return {true, row0, g.ldc(), g.K(), g.Cg(), g.kh, g.kw, g.Wo, g.C, row0 / g.Wo};
   }
   int64_t base(int64_t r) const {
     if (!image) return (r - row0) * ldc;
-    const int64_t p = r % P, ho = p / Wo, wo = p % Wo;
-    return ((ho - ho0) * (K / kw) * kw * Wo + kw * wo) * C;
+    // r / Wo = image * Ho + ho: the chunk's output rows, one after another, images stacked
+    return ((r / Wo - q0) * kh * kw * Wo + kw * (r % Wo)) * C;
   }
   int64_t tap(int64_t k, int64_t gi, int64_t c0) const {
     if (!image) return gi * K * Cg + k * Cg + (c0 - gi * Cg);
@@ -255,7 +258,8 @@ struct CpuKernels {
 // The forward GEMM and grad_cols = grad_out @ W go through oneDNN's convolution over a channels-last
 // column image (see ColLayout): a kh x kw convolution with stride (kh, kw), and its backward-data.
 // grad_weight stays an MKL GEMM over row-layout columns, which the backward's sampling pass writes.
-// Chunks are whole output rows of one image.
+// Chunks are whole output rows of a block's images, stacked (a chunk may cross from one image to the next).
+// A channels-last input is sampled in place and its output and grad_input are written in its layout.
 
 // 0: automatic (the convolution route for float32 up to 256 input channels, where oneDNN is there), 1: always the GEMM route,
 // 2: the convolution route wherever possible. For benchmarks and tests (set_cpu_route op).
@@ -279,15 +283,14 @@ bool use_conv_route(const at::Tensor& input) {
   return route == 2 || input.size(1) <= kConvRouteMaxChannels;
 }
 
-// Output rows per chunk, equal chunks: the column buffers of one chunk (`buffers` of them) within the
-// budget (column_budget() where set, else kImageBytes), at least one output row.
+// Output rows per chunk, equal chunks over `total` output rows (a block's images, stacked): the column
+// buffers of one chunk (`buffers` of them) within the budget (column_budget() where set, else
+// kImageBytes), at least one output row.
 constexpr int64_t kImageBytes = int64_t(16) << 20;
-int64_t image_chunk_rows(const DeformConvGeom& g, int64_t element_size, int64_t buffers) {
+int64_t image_chunk_rows(const DeformConvGeom& g, int64_t element_size, int64_t buffers, int64_t total) {
   const int64_t row_bytes = std::max<int64_t>(1, g.Wo * g.ldc() * element_size * buffers);
   const int64_t budget = column_budget() > 0 ? column_budget() : std::min(kImageBytes, kMaxColumnWorkspace);
-  const int64_t cap = std::max<int64_t>(1, budget / row_bytes);
-  const int64_t chunks = (g.Ho + cap - 1) / cap;
-  return std::max<int64_t>(1, (g.Ho + chunks - 1) / chunks);
+  return equal_chunk(total, budget / row_bytes);
 }
 
 // [1, C, kh * rows, kw * Wo] channels-last view of a buffer of rows * Wo * K * C elements
@@ -295,25 +298,45 @@ at::Tensor column_image(const at::Tensor& buf, const DeformConvGeom& g, int64_t 
   return buf.narrow(0, 0, rows * g.Wo * g.ldc()).view({1, g.kh * rows, g.kw * g.Wo, g.C}).permute({0, 3, 1, 2});
 }
 
+// Output rows [q0, q1) (q = image * Ho + ho, images from n0 on) of a channels-last t [N, Ct, Ho, Wo], as a
+// channels-last [1, Ct, q1 - q0, Wo] view; copy_rows writes such rows into a plain contiguous t, image by image.
+at::Tensor cl_rows(const at::Tensor& t, int64_t n0, int64_t q0, int64_t q1) {
+  return nhwc_rows(t.narrow(0, n0, t.size(0) - n0)).narrow(0, q0, q1 - q0).unsqueeze(0).permute({0, 3, 1, 2});
+}
+void copy_rows(at::Tensor& t, int64_t n0, int64_t q0, int64_t q1, const at::Tensor& rows) {
+  const int64_t Ho = t.size(2);
+  for (int64_t q = q0; q < q1;) {  // piece by image
+    const int64_t i = q / Ho, h0 = q % Ho, h1 = std::min(Ho, h0 + (q1 - q));
+    t.select(0, n0 + i).narrow(1, h0, h1 - h0).copy_(rows.select(0, 0).narrow(1, q - q0, h1 - h0));
+    q += h1 - h0;
+  }
+}
+
 at::Tensor forward_conv_route(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
                               const DeformConvGeom& g) {
-  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options());
+  const bool cl = is_channels_last(input);
+  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().memory_format(result_format(input)));
   if (out.numel() == 0) return out;
   const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 1);
   const auto wcl = weight.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t rows = image_chunk_rows(g, input.element_size(), 1);
+  const int64_t rows = image_chunk_rows(g, input.element_size(), 1, s.nb * g.Ho);
   auto buf = at::empty({rows * g.Wo * g.ldc()}, input.options());
-  const int64_t P = g.P();
   for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
     const auto [b, x, off, msk] = s.block(input, n0);
-    for (int64_t i = 0; i < b; ++i) {
-      for (int64_t h0 = 0; h0 < g.Ho; h0 += rows) {
-        const int64_t h1 = std::min(g.Ho, h0 + rows), r0 = i * P + h0 * g.Wo, r1 = i * P + h1 * g.Wo;
-        auto img = column_image(buf, g, h1 - h0);
-        CpuKernels::im2col(x, off, msk, img, g, r0, r1, ColLayout::image_rows(g, r0));
-        const auto o = at::convolution(img, wcl, bias, {g.kh, g.kw}, {0, 0}, {1, 1}, false, {0, 0}, g.groups);
-        out.select(0, n0 + i).narrow(1, h0, h1 - h0).copy_(o.select(0, 0));
+    for (int64_t q0 = 0; q0 < b * g.Ho; q0 += rows) {
+      const int64_t q1 = std::min(b * g.Ho, q0 + rows);
+      auto img = column_image(buf, g, q1 - q0);
+      CpuKernels::im2col(x, off, msk, img, g, q0 * g.Wo, q1 * g.Wo, ColLayout::image_rows(g, q0 * g.Wo));
+      const auto o = at::convolution(img, wcl, bias, {g.kh, g.kw}, {0, 0}, {1, 1}, false, {0, 0}, g.groups);
+      if (cl && g.N == b && q0 == 0 && q1 == b * g.Ho && o.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+        // the whole output in one convolution: its result is the output, no copy
+        return o.permute({0, 2, 3, 1}).reshape({g.N, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2});
+      }
+      if (cl) {
+        cl_rows(out, n0, q0, q1).copy_(o);
+      } else {
+        copy_rows(out, n0, q0, q1, o);
       }
     }
   }
@@ -323,45 +346,47 @@ at::Tensor forward_conv_route(const at::Tensor& input, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_conv_route(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const DeformConvGeom& g) {
-  const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
-  auto grad_input = at::zeros(input.sizes(), input.options());
+  const int64_t K = g.K(), Cg = g.Cg(), Cout_g = g.Cout_g();
+  const bool work = g.N > 0 && g.P() > 0 && g.C > 0, cl = is_channels_last(input);
+  const auto gi_opts = input.options().memory_format(result_format(input));
+  auto grad_input = work ? at::empty(input.sizes(), gi_opts) : at::zeros(input.sizes(), gi_opts);
   auto grad_offset = at::zeros(offset.sizes(), offset.options());
   auto grad_mask = mask ? at::zeros(mask->sizes(), mask->options()) : at::empty({0}, input.options());
   auto grad_bias = bias ? grad_output.sum({0, 2, 3}) : at::empty({0}, input.options());
   auto gw_acc = at::zeros({g.groups, Cout_g, K * Cg}, input.options());
-  if (g.N > 0 && P > 0 && g.C > 0) {
+  if (work) {
     const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 2);
     const auto wcl = weight.contiguous(at::MemoryFormat::ChannelsLast);
-    const int64_t rows = image_chunk_rows(g, input.element_size(), 2);
+    const int64_t rows = image_chunk_rows(g, input.element_size(), 2, s.nb * g.Ho);
     auto cols = at::empty({rows * g.Wo, g.ldc()}, input.options());  // row layout, for grad_weight
-    const auto go_cl = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+    const auto go_cl = grad_output.contiguous(at::MemoryFormat::ChannelsLast);  // no copy if it is already
     for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
       const auto [b, x, off, msk] = s.block(input, n0);
       auto goff = grad_offset.narrow(0, n0, b);
       std::optional<at::Tensor> gmsk = mask ? std::optional<at::Tensor>(grad_mask.narrow(0, n0, b)) : std::nullopt;
-      auto gx = at::zeros({b, g.H, g.W, g.C}, input.options());
-      for (int64_t i = 0; i < b; ++i) {
-        for (int64_t h0 = 0; h0 < g.Ho; h0 += rows) {
-          const int64_t h1 = std::min(g.Ho, h0 + rows), r0 = i * P + h0 * g.Wo, r1 = i * P + h1 * g.Wo;
-          // grad_out rows of this chunk, channels-last: [1, Cout, h1 - h0, Wo] = rows x Cout in memory
-          const auto go = go_cl.narrow(0, n0 + i, 1).narrow(2, h0, h1 - h0);
-          // the columns' buffer stands in for the column image's shape (backward-data reads no values)
-          const auto shape = column_image(cols.view({-1}), g, h1 - h0);
-          auto gimg = std::get<0>(at::convolution_backward(go, shape, wcl, std::nullopt, {g.kh, g.kw}, {0, 0},
-                                                           {1, 1}, false, {0, 0}, g.groups, {true, false, false}))
-                          .contiguous(at::MemoryFormat::ChannelsLast);
-          auto cb = cols.narrow(0, 0, r1 - r0);
-          CpuKernels::im2col_coord_grad(x, off, msk, gimg, cb, goff, gmsk, g, r0, r1, ColLayout::image_rows(g, r0),
-                                        ColLayout::rows(g, r0));
-          const auto gor = go.permute({0, 2, 3, 1}).reshape({r1 - r0, g.Cout});  // a view: go is channels-last
-          for (int64_t gi = 0; gi < g.groups; ++gi) {  // grad_weight += grad_out^T @ cols
-            auto acc = gw_acc[gi];
-            acc.addmm_(gor.narrow(1, gi * Cout_g, Cout_g).t(), cb.narrow(1, gi * K * Cg, K * Cg));
-          }
-          CpuKernels::col2im(gimg, off, msk, gx, g, r0, r1, ColLayout::image_rows(g, r0));
+      // channels-last grad_input: the scatter accumulates in it directly
+      auto gx = cl ? grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
+                   : at::zeros({b, g.H, g.W, g.C}, input.options());
+      for (int64_t q0 = 0; q0 < b * g.Ho; q0 += rows) {
+        const int64_t q1 = std::min(b * g.Ho, q0 + rows), r0 = q0 * g.Wo, r1 = q1 * g.Wo;
+        // grad_out rows of this chunk, channels-last: [1, Cout, q1 - q0, Wo] = rows x Cout in memory
+        const auto go = cl_rows(go_cl, n0, q0, q1);
+        // the columns' buffer stands in for the column image's shape (backward-data reads no values)
+        const auto shape = column_image(cols.view({-1}), g, q1 - q0);
+        auto gimg = std::get<0>(at::convolution_backward(go, shape, wcl, std::nullopt, {g.kh, g.kw}, {0, 0},
+                                                         {1, 1}, false, {0, 0}, g.groups, {true, false, false}))
+                        .contiguous(at::MemoryFormat::ChannelsLast);
+        auto cb = cols.narrow(0, 0, r1 - r0);
+        CpuKernels::im2col_coord_grad(x, off, msk, gimg, cb, goff, gmsk, g, r0, r1, ColLayout::image_rows(g, r0),
+                                      ColLayout::rows(g, r0));
+        const auto gor = go.permute({0, 2, 3, 1}).reshape({r1 - r0, g.Cout});  // a view: go is channels-last
+        for (int64_t gi = 0; gi < g.groups; ++gi) {  // grad_weight += grad_out^T @ cols
+          auto acc = gw_acc[gi];
+          acc.addmm_(gor.narrow(1, gi * Cout_g, Cout_g).t(), cb.narrow(1, gi * K * Cg, K * Cg));
         }
+        CpuKernels::col2im(gimg, off, msk, gx, g, r0, r1, ColLayout::image_rows(g, r0));
       }
-      grad_input.narrow(0, n0, b).copy_(gx.permute({0, 3, 1, 2}));
+      if (!cl) grad_input.narrow(0, n0, b).copy_(gx.permute({0, 3, 1, 2}));
     }
   }
   auto grad_weight = gw_acc.view({g.groups, Cout_g, K, Cg}).transpose(2, 3).reshape(weight.sizes()).contiguous();
