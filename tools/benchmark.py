@@ -323,32 +323,51 @@ def bench_detector(device, reps, side):
         "DCNv2 c3-c5, mmdcnv2 layers": os.path.join(ROOT, "configs", "dcnv2",
                                                     "faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py"),
     }
-    steps = {}
+    steps, losses, plain_state = {}, {}, None
     for name, path in variants.items():
         torch.manual_seed(0)
         model = MODELS.build(Config.fromfile(path).model).to(device)
+        # Every variant gets the plain detector's weights: the deformable layers start as its plain 3x3
+        # convolutions (offsets zero; our DCNv2 divides the weight by its 0.5 mask when it loads a plain
+        # checkpoint, mmcv's gets weight x 2 here), so all compute the same function and see the same
+        # proposals - the RoI head's cost follows the proposals' sizes and would otherwise differ by
+        # hundreds of ms between randomly initialised models, drowning the backbone's difference.
+        if plain_state is None:
+            plain_state = model.state_dict()
+        else:
+            model.load_state_dict(plain_state, strict=False)  # conv_offset keeps its zero initialisation
+            with torch.no_grad():
+                for m in model.modules():
+                    if type(m).__module__.startswith("mmcv.") and type(m).__name__ == "ModulatedDeformConv2dPack":
+                        m.weight.mul_(2)
         model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        # A full SGD step whose update is zero: every repetition sees the same weights, hence proposals.
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
         packed = demo_mm_inputs(2, [[3, side, side]] * 2, num_items=[5, 5], num_classes=80, device=device)
 
-        def step(model=model, opt=opt, packed=packed):
+        def step(model=model, opt=opt, packed=packed, name=name):
+            torch.manual_seed(0)  # the same sampled RoIs in every repetition and variant
             data = model.data_preprocessor(packed, True)
-            losses = model(**data, mode="loss")
+            losses_ = model(**data, mode="loss")
             loss = sum(v.sum() if isinstance(v, torch.Tensor) else sum(x.sum() for x in v)
-                       for k, v in losses.items() if "loss" in k)
+                       for k, v in losses_.items() if "loss" in k)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            losses.setdefault(name, float(loss))
 
         steps[name] = step
     times = interleaved(steps, device, reps)
+    ref = losses[next(iter(losses))]
+    print("  detector losses of the first iteration (the same function in every variant): "
+          + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()), flush=True)
     out = {}
     for name, ms in times.items():
         st = stats(ms)
         out[name] = st["median"]
         out[name + " spread"] = [st["min"], st["max"]]
         print(f"  detector {name:30s} {st['median']:9.1f} ms / iteration [{st['min']:.0f}-{st['max']:.0f}]", flush=True)
-    return out
+    return out, losses
 
 
 def fmt(v):
@@ -402,10 +421,14 @@ def write_report(results, out_dir):
         lines.append("")
     if results.get("detector"):
         lines += [f"## One training iteration, Faster R-CNN R-50-FPN, 2 images {results['detector_side']}px (ms)", "",
-                  "| model | ms / iteration |", "|---|---|"]
+                  f"{results.get('detector_reps', results['reps'])} repetitions, interleaved; every variant with the plain "
+                  "detector's weights (the same function, the same proposals), loss of the first iteration: "
+                  + ", ".join(f"{k} {v:.5f}" for k, v in results.get("detector_losses", {}).items()), "",
+                  "| model | ms / iteration [min-max] | relative to plain |", "|---|---|---|"]
         det = results["detector"]
-        lines += [f"| {k} | {v:.0f} [{det[k + ' spread'][0]:.0f}-{det[k + ' spread'][1]:.0f}] |"
-                  for k, v in det.items() if not k.endswith(" spread")]
+        names = [k for k in det if not k.endswith(" spread")]
+        lines += [f"| {k} | {det[k]:.0f} [{det[k + ' spread'][0]:.0f}-{det[k + ' spread'][1]:.0f}] | "
+                  f"{det[k] / det[names[0]]:.2f}x |" for k in names]
     with open(os.path.join(out_dir, "benchmark.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "benchmark.json"), "w") as f:
@@ -447,8 +470,14 @@ def main():
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="c4 and small shapes only, fewer repeats")
     p.add_argument("--no-detector", action="store_true")
+    p.add_argument("--detector-reps", type=int, default=None,
+                   help="repetitions of the detector iteration (default 10 on the CPU, 20 on a GPU): one iteration "
+                        "varies by +-10%% on a 2-core machine")
     p.add_argument("--out", default="results/bench")
     a = p.parse_args()
+    for name in ("reps", "detector_reps"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     dtypes = (a.dtypes or ("float32" if a.device == "cpu" else "float32,float16,bfloat16")).split(",")
     reps = a.reps or (5 if a.device == "cpu" else 20)
     shapes = [s for s in SHAPES if s[0] in ("c4 b1", "small")] if a.quick else SHAPES
@@ -472,8 +501,9 @@ def main():
     if not a.no_detector:
         side = 320 if a.device == "cpu" else 800
         print(f"[detector, {side}px]", flush=True)
-        results["detector"] = bench_detector(a.device, reps, side)
-        results["detector_side"] = side
+        dreps = a.detector_reps or (10 if a.device == "cpu" else 20)
+        results["detector"], results["detector_losses"] = bench_detector(a.device, dreps, side)
+        results["detector_side"], results["detector_reps"] = side, dreps
     results["quiet"] = watch.finish()
     write_report(results, a.out)
 
