@@ -354,7 +354,7 @@ def bench_detector(device, reps, side):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.setdefault(name, float(loss))
+            losses.setdefault(name, float(loss.detach()))
 
         steps[name] = step
     times = interleaved(steps, device, reps)

@@ -315,7 +315,20 @@ def _sampling_layout(x: Tensor) -> Tuple[Tensor, bool]:
     activation per layer (the copy) until the backward."""
     if x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
         return x, False
-    return x.contiguous(memory_format=torch.channels_last), True
+    return _ChannelsLastCopy.apply(x), True
+
+
+class _ChannelsLastCopy(torch.autograd.Function):
+    """x.contiguous(memory_format=channels_last) whose gradient comes back plain contiguous: the caller's
+    gradient keeps the caller's layout (a plain ``contiguous`` would hand it a channels-last one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 class _DeformConvNd(nn.Module):

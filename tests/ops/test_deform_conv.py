@@ -270,6 +270,38 @@ def test_channels_last_results_follow_the_input(dtype, route, budget):
         assert torch.equal(a, c), name
 
 
+@pytest.mark.parametrize("cls", [ModulatedDeformConv2dPack, DeformConv2dPack])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pack_layers_keep_the_callers_layout(cls, dtype):
+    """On the CPU the Pack layers run conv_offset and the op on a channels-last copy of a plain input;
+    the caller still gets its own layout back, and the same values and gradients as the op called
+    directly on the plain input with the same offsets."""
+    torch.manual_seed(0)
+    m = cls(8, 6, 3, padding=1, deform_groups=2).to(dtype)
+    with torch.no_grad():
+        m.conv_offset.weight.normal_(0, 0.3)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 8, 7, 9, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+        out = m(x)
+        assert out.is_contiguous(memory_format=layout) and (layout == torch.channels_last) != out.is_contiguous()
+        go = torch.randn_like(out)
+        gx, gw = torch.autograd.grad(out, (x, m.weight), go)
+        assert gx.is_contiguous(memory_format=layout)
+        # the direct call: conv_offset and the op on the plain input
+        xp = x.detach().contiguous().requires_grad_()
+        raw = m.conv_offset(xp)
+        if cls is ModulatedDeformConv2dPack:
+            offset, mask = m.split_offset_mask(raw)
+            ref = deform_conv2d(xp, offset, m.weight, m.bias, m.stride, m.padding, m.dilation, mask)
+        else:
+            ref = deform_conv2d(xp, raw, m.weight, None, m.stride, m.padding, m.dilation)
+        rx, rw = torch.autograd.grad(ref, (xp, m.weight), go)
+        tol = 1e-4 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+        torch.testing.assert_close(gx, rx, atol=tol, rtol=tol)
+        torch.testing.assert_close(gw, rw, atol=tol, rtol=tol)
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     m = ModulatedDeformConv2dPack(4, 6, 3, padding=1, deform_groups=2)
