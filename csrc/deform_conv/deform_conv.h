@@ -100,6 +100,36 @@ inline at::Tensor nhwc_rows(const at::Tensor& t) {
   return t.permute({0, 2, 3, 1}).view({t.size(0) * t.size(2), t.size(3), t.size(1)});
 }
 
+// What both backward drivers (deform_conv2d_backward_impl, the CPU convolution route) return, allocated the
+// same way: grad_input in the input's memory format - left uninitialised when there is work, since every
+// block then writes its part whole -, zeroed offset and mask gradients, the bias gradient, and the weight
+// gradient's accumulator [groups, Cout_g, K * Cg] in acc_type, turned into the weight's shape by finish().
+struct BackwardResults {
+  using Tuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  bool work;
+  at::Tensor grad_input, grad_offset, grad_mask, grad_bias, gw_acc;
+
+  BackwardResults(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
+                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const DeformConvGeom& g,
+                  at::ScalarType acc_type)
+      : work(g.N > 0 && g.P() > 0 && g.C > 0) {
+    const auto gi_opts = input.options().memory_format(result_format(input));
+    grad_input = work ? at::empty(input.sizes(), gi_opts) : at::zeros(input.sizes(), gi_opts);
+    grad_offset = at::zeros(offset.sizes(), offset.options());
+    grad_mask = mask ? at::zeros(mask->sizes(), mask->options()) : at::empty({0}, input.options());
+    grad_bias = bias ? grad_output.sum({0, 2, 3}).to(bias->scalar_type()) : at::empty({0}, input.options());
+    gw_acc = at::zeros({g.groups, g.Cout_g(), g.K() * g.Cg()}, input.options().dtype(acc_type));
+  }
+  Tuple finish(const at::Tensor& weight, const DeformConvGeom& g) const {
+    auto grad_weight = gw_acc.view({g.groups, g.Cout_g(), g.K(), g.Cg()})
+                           .transpose(2, 3)
+                           .reshape(weight.sizes())
+                           .to(weight.scalar_type())
+                           .contiguous();
+    return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+  }
+};
+
 // acc += a @ b with acc in float (double) while a and b may be half/bfloat16: the sum over
 // chunks is never rounded to the reduced type on the way.
 inline void addmm_accumulate(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
@@ -194,17 +224,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const DeformConvGeom& g,
     at::ScalarType acc_type) {
   const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
-  const bool work = g.N > 0 && g.P() > 0 && g.C > 0;
-  // every block writes its part of grad_input whole: no zero fill unless there is nothing to do
-  const auto gi_opts = input.options().memory_format(result_format(input));
-  auto grad_input = work ? at::empty(input.sizes(), gi_opts) : at::zeros(input.sizes(), gi_opts);
+  BackwardResults res(grad_output, input, offset, mask, bias, g, acc_type);
   // channels-last grad_input in the accumulation type: the scatter accumulates in it directly
   const bool gx_in_place = is_channels_last(input) && acc_type == input.scalar_type();
-  auto grad_offset = at::zeros(offset.sizes(), offset.options());
-  auto grad_mask = mask ? at::zeros(mask->sizes(), mask->options()) : at::empty({0}, input.options());
-  auto grad_bias = bias ? grad_output.sum({0, 2, 3}).to(bias->scalar_type()) : at::empty({0}, input.options());
-  auto gw_acc = at::zeros({g.groups, Cout_g, K * Cg}, input.options().dtype(acc_type));
-  if (work) {
+  if (res.work) {
     const DriverSetup<Kernels> s(input, weight, offset, mask, g, 2);
     const auto& w2 = s.w2;
     const int64_t chunk = s.chunk;
@@ -213,9 +236,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
       const auto [b, x, off, msk] = s.block(input, n0);
       const auto go = grad_output.narrow(0, n0, b).permute({0, 2, 3, 1}).reshape({b * P, g.Cout});
-      auto goff = grad_offset.narrow(0, n0, b);
-      std::optional<at::Tensor> gmsk = mask ? std::optional<at::Tensor>(grad_mask.narrow(0, n0, b)) : std::nullopt;
-      auto gx = gx_in_place ? grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
+      auto goff = res.grad_offset.narrow(0, n0, b);
+      std::optional<at::Tensor> gmsk = mask ? std::optional<at::Tensor>(res.grad_mask.narrow(0, n0, b)) : std::nullopt;
+      auto gx = gx_in_place ? res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
                             : at::zeros({b, g.H, g.W, g.C}, input.options().dtype(acc_type));
       for (int64_t r0 = 0; r0 < b * P; r0 += chunk) {
         const int64_t r1 = std::min(b * P, r0 + chunk);
@@ -232,17 +255,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         for (int64_t gi = 0; gi < g.groups; ++gi) {  // grad_weight += grad_out^T @ cols
           const auto a = gor.narrow(1, gi * Cout_g, Cout_g).t();
           const auto c = cb.narrow(1, gi * K * Cg, K * Cg);
-          auto acc = gw_acc[gi];
+          auto acc = res.gw_acc[gi];
           addmm_accumulate(acc, a, c);
         }
         Kernels::col2im(gcb, off, msk, gx, g, r0, r1);
       }
-      if (!gx_in_place) grad_input.narrow(0, n0, b).copy_(gx.permute({0, 3, 1, 2}));
+      if (!gx_in_place) res.grad_input.narrow(0, n0, b).copy_(gx.permute({0, 3, 1, 2}));
     }
   }
-  auto grad_weight =
-      gw_acc.view({g.groups, Cout_g, K, Cg}).transpose(2, 3).reshape(weight.sizes()).to(weight.scalar_type()).contiguous();
-  return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+  return res.finish(weight, g);
 }
 
 }  // namespace mmdcnv2

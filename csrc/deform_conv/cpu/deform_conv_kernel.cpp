@@ -377,14 +377,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const DeformConvGeom& g) {
   const int64_t K = g.K(), Cg = g.Cg(), Cout_g = g.Cout_g();
-  const bool work = g.N > 0 && g.P() > 0 && g.C > 0, cl = is_channels_last(input);
-  const auto gi_opts = input.options().memory_format(result_format(input));
-  auto grad_input = work ? at::empty(input.sizes(), gi_opts) : at::zeros(input.sizes(), gi_opts);
-  auto grad_offset = at::zeros(offset.sizes(), offset.options());
-  auto grad_mask = mask ? at::zeros(mask->sizes(), mask->options()) : at::empty({0}, input.options());
-  auto grad_bias = bias ? grad_output.sum({0, 2, 3}) : at::empty({0}, input.options());
-  auto gw_acc = at::zeros({g.groups, Cout_g, K * Cg}, input.options());
-  if (work) {
+  const bool cl = is_channels_last(input);
+  BackwardResults res(grad_output, input, offset, mask, bias, g, input.scalar_type());
+  if (res.work) {
     const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 2);
     const auto wcl = weight.contiguous(at::MemoryFormat::ChannelsLast);
     const int64_t rows = image_chunk_rows(g, input.element_size(), 2, s.nb * g.Ho);
@@ -392,10 +387,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const auto go_cl = grad_output.contiguous(at::MemoryFormat::ChannelsLast);  // no copy if it is already
     for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
       const auto [b, x, off, msk] = s.block(input, n0);
-      auto goff = grad_offset.narrow(0, n0, b);
-      std::optional<at::Tensor> gmsk = mask ? std::optional<at::Tensor>(grad_mask.narrow(0, n0, b)) : std::nullopt;
+      auto goff = res.grad_offset.narrow(0, n0, b);
+      std::optional<at::Tensor> gmsk = mask ? std::optional<at::Tensor>(res.grad_mask.narrow(0, n0, b)) : std::nullopt;
       // channels-last grad_input: the scatter accumulates in it directly
-      auto gx = cl ? grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
+      auto gx = cl ? res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
                    : at::zeros({b, g.H, g.W, g.C}, input.options());
       for (int64_t q0 = 0; q0 < b * g.Ho; q0 += rows) {
         const int64_t q1 = std::min(b * g.Ho, q0 + rows), r0 = q0 * g.Wo, r1 = q1 * g.Wo;
@@ -411,20 +406,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                                       ColLayout::rows(g, r0));
         const auto gor = go.permute({0, 2, 3, 1}).reshape({r1 - r0, g.Cout});  // a view: go is channels-last
         for (int64_t gi = 0; gi < g.groups; ++gi) {  // grad_weight += grad_out^T @ cols
-          auto acc = gw_acc[gi];
+          auto acc = res.gw_acc[gi];
           acc.addmm_(gor.narrow(1, gi * Cout_g, Cout_g).t(), cb.narrow(1, gi * K * Cg, K * Cg));
         }
         CpuKernels::col2im(gimg, off, msk, gx, g, r0, r1, ColLayout::image_rows(g, r0));
       }
       if (!cl) {
         for (int64_t i = 0; i < b; ++i) {
-          pixels_to_planes(gx.select(0, i), g.H * g.W, g.C, grad_input, (n0 + i) * g.C * g.H * g.W, g.H * g.W);
+          pixels_to_planes(gx.select(0, i), g.H * g.W, g.C, res.grad_input, (n0 + i) * g.C * g.H * g.W, g.H * g.W);
         }
       }
     }
   }
-  auto grad_weight = gw_acc.view({g.groups, Cout_g, K, Cg}).transpose(2, 3).reshape(weight.sizes()).contiguous();
-  return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+  return res.finish(weight, g);
 }
 
 bool is_reduced(const at::Tensor& t) {
