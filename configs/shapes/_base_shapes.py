@@ -105,6 +105,11 @@ default_hooks = dict(
     logger=dict(type="LoggerHook", interval=25),
     checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=max_iters, max_keep_ckpts=2),
 )
+# offsets and modulation of the deformable layers in the log, per stage, on the logger's iterations
+# (deform/<stage>/offset_abs_mean, outside_ratio, mask_mean, mask_std), and a warning naming a layer
+# whose offsets run away or turn NaN (docs/deform_stats_hook.md); logs nothing for the plain detector.
+# Its interval is the logger's.
+custom_hooks = [dict(type="mmdcnv2.DeformStatsHook", interval=25)]
 log_processor = dict(by_epoch=False)
 randomness = dict(seed=0)
 auto_scale_lr = dict(enable=False, base_batch_size=4)
