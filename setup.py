@@ -3,6 +3,8 @@
 CUDA kernels are built when CUDA is usable or FORCE_CUDA=1; the architectures
 come from TORCH_CUDA_ARCH_LIST (default: a portable list with 8.0 and 9.0).
 MMDCNV2_SANITIZE=1 builds the CPU code with AddressSanitizer and UBSan.
+The sources are C++17: they are compiled as C++17, or as C++20 where the installed
+torch's headers require it (MMDCNV2_CXX_STD=c++17 or c++20 overrides the choice).
 """
 import glob
 import os
@@ -11,7 +13,14 @@ import subprocess
 import sys
 import tempfile
 
+import setuptools
 from setuptools import setup
+
+# pyproject.toml's [project] table (name, version, packages, package data) needs setuptools >= 64; an older
+# one (Python 3.8's venv ships 56) would build a package named UNKNOWN holding only the extension.
+if int(setuptools.__version__.split(".")[0]) < 64:
+    sys.exit(f"mmdcnv2 needs setuptools >= 64 to build (found {setuptools.__version__}): "
+             "pip install -U 'setuptools>=64', then install mmdcnv2 again")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "7.5;8.0;8.6;9.0;10.0;12.0+PTX"
@@ -47,6 +56,7 @@ if _cuda_home:
     os.environ["CUDA_HOME"] = _cuda_home
 
 import torch  # noqa: E402
+import torch.utils.cpp_extension  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
@@ -66,10 +76,41 @@ def _nvidia_include_dirs():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+def _torch_header(*parts):
+    for inc in torch.utils.cpp_extension.include_paths():
+        path = os.path.join(inc, *parts)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return f.read()
+    return ""
+
+
+def cxx_standard():
+    """Our sources are C++17; torch's own headers demand C++20 from some release on (ATen/ATen.h says so)."""
+    return "c++20" if "202002L" in _torch_header("ATen", "ATen.h") else "c++17"
+
+
+def feature_macros():
+    """What the installed torch's headers offer that older ones lack (read off the headers, not the version)."""
+    macros = []
+    if "mm_dtype" in _torch_header("ATen", "ops", "mm.h"):  # at::mm(a, b, out_dtype)
+        macros.append(("MMDCNV2_HAS_MM_DTYPE", None))
+    return macros
+
+
+def limited_api():
+    """(Py_LIMITED_API value, wheel tag): the stable ABI of Python 3.8, or the one a newer torch's
+    BuildExtension imposes itself (``min_supported_cpython``, 3.10 for torch 2.14)."""
+    hexcode = getattr(torch.utils.cpp_extension, "min_supported_cpython", None) or "0x03080000"
+    value = int(hexcode, 16)
+    return hexcode, f"cp{value >> 24}{(value >> 16) & 0xFF}"
+
+
 def make_extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-    cxx = ["-O3", "-std=c++20", "-fopenmp-simd", "-fvisibility=hidden"]
+    std = "-std=" + os.environ.get("MMDCNV2_CXX_STD", cxx_standard())
+    cxx = ["-O3", std, "-fopenmp-simd", "-fvisibility=hidden"]
     ldflags = []
     if os.environ.get("MMDCNV2_SANITIZE", "0") == "1":
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
@@ -81,7 +122,7 @@ def make_extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=ldflags,
-        define_macros=[("Py_LIMITED_API", "0x030A0000")],
+        define_macros=[("Py_LIMITED_API", limited_api()[0])] + feature_macros(),
         py_limited_api=True,
     )
     if not with_cuda:
@@ -89,7 +130,7 @@ def make_extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     kwargs["sources"] += sorted(glob.glob("csrc/**/*.cu", recursive=True))
     kwargs["include_dirs"] += _nvidia_include_dirs()
-    kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    kwargs["extra_compile_args"]["nvcc"] = ["-O3", std, "--expt-relaxed-constexpr", "-lineinfo"]
     kwargs["define_macros"].append(("MMDCNV2_WITH_CUDA", None))
     return CUDAExtension(**kwargs)
 
@@ -98,5 +139,5 @@ def make_extension():
 setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    options={"bdist_wheel": {"py_limited_api": limited_api()[1]}},
 )

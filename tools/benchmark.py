@@ -146,6 +146,35 @@ class QuietWatch:
         return report
 
 
+# What torch's profiler (kineto, CUPTI) writes straight to the process's stderr on every start and stop on a
+# machine without a GPU: noise for the reader of the benchmark, dropped; any other line is passed on.
+PROFILER_NOISE = ("USDT", "profiler_start", "profiler_stop", "gpuGetDeviceCount", "CUPTI", "libkineto",
+                  "ActivityProfilerController", "kineto")
+
+
+@contextlib.contextmanager
+def profiler_quiet():
+    """Holds back what C++ code writes to file descriptor 2 inside the block and re-emits the lines that
+    are not the profiler's start/stop noise (Python's sys.stderr is flushed first, so nothing is lost)."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode(errors="replace").splitlines()
+                    if line.strip() and not any(n in line for n in PROFILER_NOISE)]
+            for line in kept:
+                print(line, file=sys.stderr)
+
+
 def peak_memory(fn, device):
     """Peak bytes allocated during one call beyond what was allocated before it."""
     if device == "cuda":
@@ -157,8 +186,9 @@ def peak_memory(fn, device):
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with profiler_quiet():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     # walk the allocation events in time order: running total, keep the peak
     events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0 and not e.cpu_children),
                     key=lambda e: e.time_range.start)

@@ -42,7 +42,7 @@ void check_like(const at::Tensor& t, const at::Tensor& input, const char* name) 
 }  // namespace
 
 DeformConvGeom check_deform_conv(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                                 const OptTensor& mask, const OptTensor& bias,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t groups, int64_t deform_groups) {
   TORCH_CHECK_VALUE(input.dim() == 4, "deform_conv2d: input must be 4-D (N, C, H, W), got shape ",

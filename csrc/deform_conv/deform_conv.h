@@ -15,7 +15,7 @@
 
 #include <ATen/ATen.h>
 
-#include <optional>
+#include "../common/compat.h"
 
 namespace mmdcnv2 {
 
@@ -45,7 +45,7 @@ struct DeformConvGeom {
 
 // Validates every argument (names the argument and the expected shape) and returns the geometry.
 DeformConvGeom check_deform_conv(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                                 const OptTensor& mask, const OptTensor& bias,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t groups, int64_t deform_groups);
 
@@ -110,7 +110,7 @@ struct BackwardResults {
   at::Tensor grad_input, grad_offset, grad_mask, grad_bias, gw_acc;
 
   BackwardResults(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
-                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const DeformConvGeom& g,
+                  const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g,
                   at::ScalarType acc_type)
       : work(g.N > 0 && g.P() > 0 && g.C > 0) {
     const auto gi_opts = input.options().memory_format(result_format(input));
@@ -135,10 +135,12 @@ struct BackwardResults {
 inline void addmm_accumulate(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   if (acc.scalar_type() == a.scalar_type()) {
     acc.addmm_(a, b);  // in place: no temporary of the weight's size
+#ifdef MMDCNV2_HAS_MM_DTYPE
   } else if (a.is_cuda()) {
     acc.add_(at::mm(a, b, acc.scalar_type()));  // cuBLAS: reduced-precision inputs, float output
-  } else {
-    acc.addmm_(a.to(acc.scalar_type()), b.to(acc.scalar_type()));  // the host emulation of the GPU path
+#endif
+  } else {  // the host emulation of the GPU path; CUDA on a torch without mm(a, b, out_dtype)
+    acc.addmm_(a.to(acc.scalar_type()), b.to(acc.scalar_type()));
   }
 }
 
@@ -155,11 +157,11 @@ template <typename Kernels>
 struct DriverSetup {
   const DeformConvGeom& g;
   at::Tensor offset, w2;
-  std::optional<at::Tensor> mask;
+  OptTensor mask;
   int64_t nb, chunk;
 
   DriverSetup(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset_,
-              const std::optional<at::Tensor>& mask_, const DeformConvGeom& geom, int64_t buffers)
+              const OptTensor& mask_, const DeformConvGeom& geom, int64_t buffers)
       : g(geom),
         offset(offset_.contiguous()),
         // weight [Cout, Cg, kh, kw] -> [groups, Cout_g, K * Cg], matching the column layout (k, c)
@@ -167,25 +169,25 @@ struct DriverSetup {
                .transpose(2, 3)
                .contiguous()
                .view({geom.groups, geom.Cout_g(), geom.K() * geom.Cg()})),
-        mask(mask_ ? std::optional<at::Tensor>(mask_->contiguous()) : std::nullopt),
+        mask(mask_ ? OptTensor(mask_->contiguous()) : kNullopt),
         nb(deform_conv_block(geom, input.element_size())),
         chunk(deform_conv_chunk_rows<Kernels>(geom, input.element_size(), nb * geom.P(), buffers)) {}
 
   struct Block {
     int64_t b;
     at::Tensor x, off;
-    std::optional<at::Tensor> msk;
+    OptTensor msk;
   };
   Block block(const at::Tensor& input, int64_t n0) const {
     const int64_t b = std::min(nb, g.N - n0);
     return {b, input.narrow(0, n0, b).permute({0, 2, 3, 1}).contiguous(), offset.narrow(0, n0, b),
-            mask ? std::optional<at::Tensor>(mask->narrow(0, n0, b)) : std::nullopt};
+            mask ? OptTensor(mask->narrow(0, n0, b)) : kNullopt};
   }
 };
 
 template <typename Kernels>
 at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                                      const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                                      const OptTensor& mask, const OptTensor& bias,
                                       const DeformConvGeom& g) {
   const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
   const bool cl = is_channels_last(input);
@@ -221,7 +223,7 @@ at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor&
 template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_impl(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const DeformConvGeom& g,
+    const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g,
     at::ScalarType acc_type) {
   const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
   BackwardResults res(grad_output, input, offset, mask, bias, g, acc_type);
@@ -237,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       const auto [b, x, off, msk] = s.block(input, n0);
       const auto go = grad_output.narrow(0, n0, b).permute({0, 2, 3, 1}).reshape({b * P, g.Cout});
       auto goff = res.grad_offset.narrow(0, n0, b);
-      std::optional<at::Tensor> gmsk = mask ? std::optional<at::Tensor>(res.grad_mask.narrow(0, n0, b)) : std::nullopt;
+      OptTensor gmsk = mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt;
       auto gx = gx_in_place ? res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
                             : at::zeros({b, g.H, g.W, g.C}, input.options().dtype(acc_type));
       for (int64_t r0 = 0; r0 < b * P; r0 += chunk) {

@@ -8,7 +8,7 @@
 namespace mmdcnv2 {
 
 RoIPoolGeom check_deform_roi_pool(const at::Tensor& input, const at::Tensor& rois,
-                                  const std::optional<at::Tensor>& offset, int64_t pooled_height,
+                                  const OptTensor& offset, int64_t pooled_height,
                                   int64_t pooled_width, double spatial_scale, int64_t sampling_ratio, double gamma) {
   TORCH_CHECK_VALUE(input.dim() == 4, "deform_roi_pool: input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
   TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()), "deform_roi_pool: input must be floating point, got ",

@@ -8,7 +8,7 @@
 
 #include <ATen/ATen.h>
 
-#include <optional>
+#include "../common/compat.h"
 
 namespace mmdcnv2 {
 
@@ -29,7 +29,7 @@ struct RoIPoolGeom {
 };
 
 RoIPoolGeom check_deform_roi_pool(const at::Tensor& input, const at::Tensor& rois,
-                                  const std::optional<at::Tensor>& offset, int64_t pooled_height,
+                                  const OptTensor& offset, int64_t pooled_height,
                                   int64_t pooled_width, double spatial_scale, int64_t sampling_ratio, double gamma);
 
 void check_deform_roi_pool_grad(const at::Tensor& grad_output, const at::Tensor& input, const RoIPoolGeom& g);

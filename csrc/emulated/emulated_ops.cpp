@@ -27,10 +27,10 @@ std::vector<int64_t> launch_config_op(int64_t items, int64_t threads_per_item) {
 //  bytes (both buffers), then blocks of im2col, col2im and coord_grad for a full backward chunk,
 //  and threads per block]
 std::vector<int64_t> deform_conv2d_launch_plan(const at::Tensor& input, const at::Tensor& weight,
-                                               const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+                                               const at::Tensor& offset, const OptTensor& mask,
                                                at::IntArrayRef stride, at::IntArrayRef padding,
                                                at::IntArrayRef dilation, int64_t groups, int64_t deform_groups) {
-  const auto g = check_deform_conv(input, weight, offset, mask, std::nullopt, stride, padding, dilation, groups,
+  const auto g = check_deform_conv(input, weight, offset, mask, kNullopt, stride, padding, dilation, groups,
                                    deform_groups);
   const int64_t es = input.element_size();
   const int64_t nb = deform_conv_block(g, es);

@@ -35,8 +35,23 @@ def assert_has_ops(*tensors: torch.Tensor) -> None:
         )
 
 
+def _autocast_takes_device() -> bool:
+    try:
+        torch.is_autocast_enabled("cpu")
+        return True
+    except TypeError:
+        return False
+
+
+_AUTOCAST_TAKES_DEVICE = _autocast_takes_device()
+
+
 def autocast_enabled(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``, False for device types without autocast (meta)."""
+    if not _AUTOCAST_TAKES_DEVICE:  # torch < 2.4: one function per device (decided once: dynamo traces this)
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
     try:
         return torch.is_autocast_enabled(device_type)
     except RuntimeError:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair, _single
 
 from ._ext import assert_has_ops, autocast_enabled, check_like_input, has_ops
+from ._library import register_autocast, register_autograd, register_fake
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -172,13 +173,13 @@ if has_ops():
             return torch.channels_last
         return torch.contiguous_format
 
-    @torch.library.register_fake("mmdcnv2::deform_conv2d")
+    @register_fake("mmdcnv2::deform_conv2d")
     def _deform_conv2d_fake(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups):
         Ho, Wo = _fake_checks(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups)
         return input.new_empty((input.shape[0], weight.shape[0], Ho, Wo)).contiguous(
             memory_format=_result_format(input))
 
-    @torch.library.register_fake("mmdcnv2::deform_conv2d_backward")
+    @register_fake("mmdcnv2::deform_conv2d_backward")
     def _deform_conv2d_backward_fake(
         grad_output, input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups
     ):
@@ -222,10 +223,10 @@ if has_ops():
             None,
         )
 
-    torch.library.register_autograd("mmdcnv2::deform_conv2d", _backward, setup_context=_setup_context)
+    register_autograd("mmdcnv2::deform_conv2d", _backward, _setup_context)
     # Under autocast the op runs in float32 (like torchvision's), on either device.
     for _device in ("cpu", "cuda"):
-        torch.library.register_autocast("mmdcnv2::deform_conv2d", _device, torch.float32)
+        register_autocast("mmdcnv2::deform_conv2d", _device, torch.float32)
 
 
 # --- nn.Modules (mmcv 2.x names, arguments, initialisation and state-dict keys) ---------------------

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ._ext import assert_has_ops, autocast_enabled, check_like_input, has_ops
+from ._library import register_autocast, register_autograd, register_fake
 from .reference import MAX_ROI_SAMPLES
 
 __all__ = ["deform_roi_pool", "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack"]
@@ -90,12 +91,12 @@ if has_ops():
             torch._check_value(tuple(offset.shape) == want,
                                lambda: f"deform_roi_pool: offset must have shape {want}, got {tuple(offset.shape)}")
 
-    @torch.library.register_fake("mmdcnv2::deform_roi_pool")
+    @register_fake("mmdcnv2::deform_roi_pool")
     def _deform_roi_pool_fake(input, rois, offset, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma):
         _fake_checks(input, rois, offset, pooled_height, pooled_width)
         return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
-    @torch.library.register_fake("mmdcnv2::deform_roi_pool_backward")
+    @register_fake("mmdcnv2::deform_roi_pool_backward")
     def _deform_roi_pool_backward_fake(grad_output, input, rois, offset, *args):
         _fake_checks(input, rois, offset, args[0], args[1])
         want = (rois.shape[0], input.shape[1], args[0], args[1])
@@ -118,9 +119,9 @@ if has_ops():
         )
         return (grad_input, None, grad_offset if ctx.has_offset else None) + (None,) * len(ctx.conf)
 
-    torch.library.register_autograd("mmdcnv2::deform_roi_pool", _backward, setup_context=_setup_context)
+    register_autograd("mmdcnv2::deform_roi_pool", _backward, _setup_context)
     for _device in ("cpu", "cuda"):
-        torch.library.register_autocast("mmdcnv2::deform_roi_pool", _device, torch.float32)
+        register_autocast("mmdcnv2::deform_roi_pool", _device, torch.float32)
 
 
 class DeformRoIPool(nn.Module):

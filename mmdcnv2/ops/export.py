@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ._ext import has_ops
+from ._library import HAS_FAKE_KERNELS, require
 
 __all__ = [
     "MIN_OPSET",
@@ -347,7 +348,10 @@ def export_onnx(
     Raises:
         UnsupportedONNXOperatorError: the model calls deformable RoI pooling (no ONNX operator).
         ValueError: bad ``opset`` or ``exporter``, or an option of the other exporter.
+        RuntimeError: torch older than 2.4 (no fake kernels), naming the release needed.
     """
+    require("mmdcnv2.ops.export_onnx (both exporters trace through the ops' fake kernels or need torch.onnx "
+            "options of newer releases)")
     import onnx
 
     _check_opset(opset)
@@ -390,5 +394,5 @@ def export_onnx(
     return onnx.load(path)
 
 
-if has_ops():  # plain torch.onnx.export translates our ops from here on (lazily, see above)
+if has_ops() and HAS_FAKE_KERNELS:  # plain torch.onnx.export translates our ops from here on (lazily, see above)
     _register_default_translations()

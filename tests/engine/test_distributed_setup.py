@@ -49,7 +49,8 @@ def test_configure_cpu_ddp():
                                          find_unused_parameters=False)
     assert cfg.env_cfg.dist_cfg == dict(backend="gloo", timeout=60)
     assert cfg.default_hooks.checkpoint.backend_args == dict(backend=ATOMIC_BACKEND)
-    hooks = [dict(type="mmdcnv2.SyncNormStatsHook"), dict(type="mmdcnv2.WorldSizeHook", resume=False)]
+    hooks = [dict(type="mmdcnv2.DeformStatsHook", interval=25), dict(type="mmdcnv2.SyncNormStatsHook"),
+             dict(type="mmdcnv2.WorldSizeHook", resume=False)]
     assert cfg.custom_hooks == hooks
     configure_cpu_ddp(cfg)
     assert cfg.custom_hooks == hooks  # once

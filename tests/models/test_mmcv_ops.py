@@ -455,7 +455,8 @@ def test_glip_deformable_fusion_on_our_ops():
         mmcv_ops.restore()
         with torch.no_grad():
             want = theirs({"visual": feats, "lang": None})["visual"]
-        for g, w in zip(got, want, strict=True):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     finally:
         mmcv_ops.restore()

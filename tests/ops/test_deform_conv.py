@@ -234,11 +234,13 @@ def _op_args(mask, bias):
             [1, 1], [1, 1], [1, 1], 2, 2)
 
 
+@pytest.mark.fake_kernels
 @pytest.mark.parametrize("mask,bias", [(True, True), (False, False), (True, False)])
 def test_opcheck(mask, bias):
     torch.library.opcheck(torch.ops.mmdcnv2.deform_conv2d.default, _op_args(mask, bias))
 
 
+@pytest.mark.fake_kernels
 @pytest.mark.parametrize("mask,bias", [(True, True), (False, False)])
 def test_opcheck_channels_last(mask, bias):
     """The fake kernels promise the compiled op's memory formats (channels-last input: channels-last
@@ -302,6 +304,7 @@ def test_pack_layers_keep_the_callers_layout(cls, dtype):
         torch.testing.assert_close(gw, rw, atol=tol, rtol=tol)
 
 
+@pytest.mark.fake_kernels
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     m = ModulatedDeformConv2dPack(4, 6, 3, padding=1, deform_groups=2)

@@ -178,6 +178,7 @@ def _op_args():
     return x, rois, off
 
 
+@pytest.mark.fake_kernels
 @pytest.mark.parametrize("with_offset", [True, False])
 def test_opcheck(with_offset):
     x, rois, off = _op_args()
@@ -185,6 +186,7 @@ def test_opcheck(with_offset):
                           (x, rois, off if with_offset else None, 3, 3, 1.0, 2, 0.1))
 
 
+@pytest.mark.fake_kernels
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     pool = ModulatedDeformRoIPoolPack(3, 3, deform_fc_channels=8)

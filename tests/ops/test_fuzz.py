@@ -14,6 +14,8 @@ import sys
 import pytest
 import torch
 
+from mmdcnv2.ops._library import FAKE_KERNELS_NEED, HAS_FAKE_KERNELS
+
 HERE = os.path.abspath(__file__)
 GOOD_ERRORS = ("ValueError", "RuntimeError", "TypeError")
 
@@ -167,6 +169,8 @@ def test_malformed_calls_raise_clear_errors_and_never_crash():
     assert len(results) == len(started) > 40
     bad = []
     for r in results:
+        if not HAS_FAKE_KERNELS and "meta" in r["name"] and f"needs torch >= {FAKE_KERNELS_NEED}" in r["message"]:
+            continue  # no fake kernels: what reaches the op on meta tensors is refused, naming the torch needed
         if r["arg"] is None:
             if not r["ok"]:
                 bad.append(f"{r['name']}: must succeed, raised {r['type']}: {r['message']}")
@@ -177,6 +181,7 @@ def test_malformed_calls_raise_clear_errors_and_never_crash():
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.fake_kernels
 def test_meta_tensors_give_64_bit_shapes():
     """Shapes past 2^31 elements through the fake kernels (what torch.compile and export see)."""
     from mmdcnv2.ops import deform_conv2d, deform_roi_pool

@@ -203,11 +203,11 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
 }
 
 template <typename T>
-const T* opt_ptr(const std::optional<at::Tensor>& t) {
+const T* opt_ptr(const OptTensor& t) {
   return t ? t->data_ptr<T>() : nullptr;
 }
 template <typename T>
-T* opt_mut_ptr(std::optional<at::Tensor>& t) {
+T* opt_mut_ptr(OptTensor& t) {
   return t ? t->data_ptr<T>() : nullptr;
 }
 
@@ -215,36 +215,36 @@ struct CpuKernels {
   static constexpr int64_t kColsBytes = int64_t(8) << 20;  // stays in the last-level cache for the GEMM
   static constexpr int64_t kMinRows = 2048;                 // fewer rows make MKL's GEMMs slow
   // The driver's calls use the row layout; the convolution route (below) passes its own.
-  static void im2col(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+  static void im2col(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
                      at::Tensor& cols, const DeformConvGeom& g, int64_t r0, int64_t r1) {
     im2col(x, off, msk, cols, g, r0, r1, ColLayout::rows(g, r0));
   }
-  static void im2col(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+  static void im2col(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
                      at::Tensor& cols, const DeformConvGeom& g, int64_t r0, int64_t r1, const ColLayout& L) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_im2col", [&] {
       mmdcnv2::im2col<scalar_t>(x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
                                 cols.data_ptr<scalar_t>(), g, r0, r1, L);
     });
   }
-  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const OptTensor& msk,
                      at::Tensor& gx, const DeformConvGeom& g, int64_t r0, int64_t r1) {
     col2im(gcols, off, msk, gx, g, r0, r1, ColLayout::rows(g, r0));
   }
-  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const OptTensor& msk,
                      at::Tensor& gx, const DeformConvGeom& g, int64_t r0, int64_t r1, const ColLayout& GL) {
     AT_DISPATCH_FLOATING_TYPES(gcols.scalar_type(), "deform_conv2d_col2im", [&] {
       mmdcnv2::col2im<scalar_t>(gcols.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
                                 gx.data_ptr<scalar_t>(), g, r0, r1, GL);
     });
   }
-  static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+  static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
                                 const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff,
-                                std::optional<at::Tensor>& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+                                OptTensor& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1) {
     im2col_coord_grad(x, off, msk, gcols, cols, goff, gmsk, g, r0, r1, ColLayout::rows(g, r0), ColLayout::rows(g, r0));
   }
-  static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+  static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
                                 const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff,
-                                std::optional<at::Tensor>& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1,
+                                OptTensor& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1,
                                 const ColLayout& GL, const ColLayout& CL) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_im2col_coord_grad", [&] {
       mmdcnv2::im2col_coord_grad<scalar_t>(x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
@@ -255,9 +255,9 @@ struct CpuKernels {
 };
 
 // ---------------------------------------------------------------- the convolution route (float32)
-// The forward GEMM and grad_cols = grad_out @ W go through oneDNN's convolution over a channels-last
-// column image (see ColLayout): a kh x kw convolution with stride (kh, kw), and its backward-data.
-// grad_weight stays an MKL GEMM over row-layout columns, which the backward's sampling pass writes.
+// The forward GEMM, grad_cols = grad_out @ W and grad_weight = grad_out^T @ cols go through oneDNN's
+// convolution over a channels-last column image (see ColLayout): a kh x kw convolution with stride (kh, kw),
+// its backward-data and its backward-weight (over the column image the backward's sampling pass writes).
 // Chunks are whole output rows of a block's images, stacked (a chunk may cross from one image to the next).
 // A channels-last input is sampled in place and its output and grad_input are written in its layout.
 
@@ -343,7 +343,7 @@ void copy_rows(at::Tensor& t, int64_t n0, int64_t q0, int64_t q1, const at::Tens
 }
 
 at::Tensor forward_conv_route(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                              const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                              const OptTensor& mask, const OptTensor& bias,
                               const DeformConvGeom& g) {
   const bool cl = is_channels_last(input);
   auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().memory_format(result_format(input)));
@@ -375,7 +375,7 @@ at::Tensor forward_conv_route(const at::Tensor& input, const at::Tensor& weight,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_conv_route(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const DeformConvGeom& g) {
+    const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g) {
   const int64_t K = g.K(), Cg = g.Cg(), Cout_g = g.Cout_g();
   const bool cl = is_channels_last(input);
   BackwardResults res(grad_output, input, offset, mask, bias, g, input.scalar_type());
@@ -383,12 +383,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 2);
     const auto wcl = weight.contiguous(at::MemoryFormat::ChannelsLast);
     const int64_t rows = image_chunk_rows(g, input.element_size(), 2, s.nb * g.Ho);
-    auto cols = at::empty({rows * g.Wo, g.ldc()}, input.options());  // row layout, for grad_weight
+    auto cols = at::empty({rows * g.Wo * g.ldc()}, input.options());  // the chunk's column image, for grad_weight
     const auto go_cl = grad_output.contiguous(at::MemoryFormat::ChannelsLast);  // no copy if it is already
+    at::Tensor gw_sum;  // grad_weight in the weight's layout, summed over chunks
     for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
       const auto [b, x, off, msk] = s.block(input, n0);
       auto goff = res.grad_offset.narrow(0, n0, b);
-      std::optional<at::Tensor> gmsk = mask ? std::optional<at::Tensor>(res.grad_mask.narrow(0, n0, b)) : std::nullopt;
+      OptTensor gmsk = mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt;
       // channels-last grad_input: the scatter accumulates in it directly
       auto gx = cl ? res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
                    : at::zeros({b, g.H, g.W, g.C}, input.options());
@@ -396,26 +397,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         const int64_t q1 = std::min(b * g.Ho, q0 + rows), r0 = q0 * g.Wo, r1 = q1 * g.Wo;
         // grad_out rows of this chunk, channels-last: [1, Cout, q1 - q0, Wo] = rows x Cout in memory
         const auto go = cl_rows(go_cl, n0, q0, q1);
-        // the columns' buffer stands in for the column image's shape (backward-data reads no values)
-        const auto shape = column_image(cols.view({-1}), g, q1 - q0);
-        auto gimg = std::get<0>(at::convolution_backward(go, shape, wcl, std::nullopt, {g.kh, g.kw}, {0, 0},
+        // grad_cols: the backward-data of the forward's convolution (it reads the column image's shape only,
+        // before the sampling pass below writes its values)
+        auto img = column_image(cols, g, q1 - q0);
+        auto gimg = std::get<0>(at::convolution_backward(go, img, wcl, kNullopt, {g.kh, g.kw}, {0, 0},
                                                          {1, 1}, false, {0, 0}, g.groups, {true, false, false}))
                         .contiguous(at::MemoryFormat::ChannelsLast);
-        auto cb = cols.narrow(0, 0, r1 - r0);
-        CpuKernels::im2col_coord_grad(x, off, msk, gimg, cb, goff, gmsk, g, r0, r1, ColLayout::image_rows(g, r0),
-                                      ColLayout::rows(g, r0));
-        const auto gor = go.permute({0, 2, 3, 1}).reshape({r1 - r0, g.Cout});  // a view: go is channels-last
-        for (int64_t gi = 0; gi < g.groups; ++gi) {  // grad_weight += grad_out^T @ cols
-          auto acc = res.gw_acc[gi];
-          acc.addmm_(gor.narrow(1, gi * Cout_g, Cout_g).t(), cb.narrow(1, gi * K * Cg, K * Cg));
-        }
-        CpuKernels::col2im(gimg, off, msk, gx, g, r0, r1, ColLayout::image_rows(g, r0));
+        const auto L = ColLayout::image_rows(g, r0);
+        CpuKernels::im2col_coord_grad(x, off, msk, gimg, img, goff, gmsk, g, r0, r1, L, L);
+        // grad_weight: the backward-weight of the same convolution over the column image (oneDNN, not an
+        // MKL GEMM: MKL's sgemm is slow on AMD CPUs, oneDNN is fast on both vendors)
+        auto gw = std::get<1>(at::convolution_backward(go, img, wcl, kNullopt, {g.kh, g.kw}, {0, 0}, {1, 1}, false,
+                                                       {0, 0}, g.groups, {false, true, false}));
+        gw_sum = gw_sum.defined() ? gw_sum.add_(gw) : gw.contiguous();
+        CpuKernels::col2im(gimg, off, msk, gx, g, r0, r1, L);
       }
       if (!cl) {
         for (int64_t i = 0; i < b; ++i) {
           pixels_to_planes(gx.select(0, i), g.H * g.W, g.C, res.grad_input, (n0 + i) * g.C * g.H * g.W, g.H * g.W);
         }
       }
+    }
+    if (gw_sum.defined()) {  // [Cout, Cg, kh, kw] -> the accumulator's [groups, Cout_g, K, Cg]
+      res.gw_acc.view({g.groups, Cout_g, K, Cg}).add_(gw_sum.contiguous().view({g.groups, Cout_g, Cg, K}).transpose(2, 3));
     }
   }
   return res.finish(weight, g);
@@ -424,17 +428,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 bool is_reduced(const at::Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
-std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
-  return t ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
+OptTensor to_float(const OptTensor& t) {
+  return t ? OptTensor(t->to(at::kFloat)) : kNullopt;
 }
 
 at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                             const OptTensor& mask, const OptTensor& bias,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                              int64_t deform_groups) {
   const auto g = check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups);
-  auto run = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& o, const std::optional<at::Tensor>& m,
-                 const std::optional<at::Tensor>& b) {
+  auto run = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& o, const OptTensor& m,
+                 const OptTensor& b) {
     return use_conv_route(x) ? forward_conv_route(x, w, o, m, b, g) : deform_conv2d_forward_impl<CpuKernels>(x, w, o, m, b, g);
   };
   if (is_reduced(input)) {
@@ -446,12 +450,12 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    const OptTensor& mask, const OptTensor& bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t deform_groups) {
   const auto g = check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups);
   check_deform_conv_grad(grad_output, input, g);
   auto run = [&](const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const at::Tensor& o,
-                 const std::optional<at::Tensor>& m, const std::optional<at::Tensor>& b) {
+                 const OptTensor& m, const OptTensor& b) {
     return use_conv_route(x) ? backward_conv_route(go, x, w, o, m, b, g)
                              : deform_conv2d_backward_impl<CpuKernels>(go, x, w, o, m, b, g, x.scalar_type());
   };

@@ -123,7 +123,7 @@ MMDCNV2_KERNEL void coord_grad_kernel(int64_t items, int64_t row0, const scalar_
 }
 
 template <typename T>
-const T* opt_ptr(const std::optional<at::Tensor>& t) {
+const T* opt_ptr(const OptTensor& t) {
   return t ? t->data_ptr<T>() : nullptr;
 }
 
@@ -135,7 +135,7 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
 struct GpuKernels {
   static constexpr int64_t kColsBytes = int64_t(256) << 20;
   static constexpr int64_t kMinRows = 1;  // the GPU's GEMMs stay efficient on small chunks
-  static void im2col(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+  static void im2col(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
                      at::Tensor& cols, const DeformConvGeom& g, int64_t r0, int64_t r1) {
     const int64_t total = (r1 - r0) * g.K() * g.C;
     MMDCNV2_DISPATCH(x.scalar_type(), "deform_conv2d_im2col", [&] {
@@ -144,7 +144,7 @@ struct GpuKernels {
                   off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk), cols.data_ptr<scalar_t>(), g);
     });
   }
-  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const OptTensor& msk,
                      at::Tensor& gx, const DeformConvGeom& g, int64_t r0, int64_t r1) {
     const int64_t total = (r1 - r0) * g.K() * g.C;
     MMDCNV2_DISPATCH(gcols.scalar_type(), "deform_conv2d_col2im", [&] {
@@ -153,8 +153,8 @@ struct GpuKernels {
                   off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk), gx.data_ptr<acc_t>(), g);
     });
   }
-  static void coord_grad(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
-                         const at::Tensor& gcols, at::Tensor& goff, std::optional<at::Tensor>& gmsk,
+  static void coord_grad(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
+                         const at::Tensor& gcols, at::Tensor& goff, OptTensor& gmsk,
                          const DeformConvGeom& g, int64_t r0, int64_t r1) {
     const int64_t items = (r1 - r0) * g.dgroups * g.K();
     MMDCNV2_DISPATCH(x.scalar_type(), "deform_conv2d_coord_grad", [&] {
@@ -167,16 +167,16 @@ struct GpuKernels {
   }
   // The backward's sampling pass (the CPU fuses it; here the columns and the coordinate
   // gradients are two kernels).
-  static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const std::optional<at::Tensor>& msk,
+  static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
                                 const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff,
-                                std::optional<at::Tensor>& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+                                OptTensor& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1) {
     im2col(x, off, msk, cols, g, r0, r1);
     coord_grad(x, off, msk, gcols, goff, gmsk, g, r0, r1);
   }
 };
 
 inline at::Tensor deform_conv2d_gpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                                    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                                    const OptTensor& mask, const OptTensor& bias,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, int64_t deform_groups) {
   const auto g = check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups);
@@ -186,7 +186,7 @@ inline at::Tensor deform_conv2d_gpu(const at::Tensor& input, const at::Tensor& w
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_gpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    const OptTensor& mask, const OptTensor& bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t deform_groups) {
   const auto g = check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups);
   check_deform_conv_grad(grad_output, input, g);

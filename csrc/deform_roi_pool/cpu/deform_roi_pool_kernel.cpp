@@ -111,7 +111,7 @@ at::Tensor to_compute(const at::Tensor& t) {
   return (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16) ? t.to(at::kFloat) : t;
 }
 
-at::Tensor deform_roi_pool_cpu(const at::Tensor& input, const at::Tensor& rois, const std::optional<at::Tensor>& offset,
+at::Tensor deform_roi_pool_cpu(const at::Tensor& input, const at::Tensor& rois, const OptTensor& offset,
                                int64_t pooled_height, int64_t pooled_width, double spatial_scale,
                                int64_t sampling_ratio, double gamma) {
   const auto g = check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale,
@@ -119,7 +119,7 @@ at::Tensor deform_roi_pool_cpu(const at::Tensor& input, const at::Tensor& rois, 
   check_batch_indices(rois, g.N);
   const auto x = to_compute(input).permute({0, 2, 3, 1}).contiguous();
   const auto r = to_compute(rois).contiguous();
-  const auto off = offset ? std::optional<at::Tensor>(to_compute(*offset).contiguous()) : std::nullopt;
+  const auto off = offset ? OptTensor(to_compute(*offset).contiguous()) : kNullopt;
   auto out = at::zeros({g.R, g.PH, g.PW, g.C}, x.options());
   if (out.numel() > 0 && g.H > 0 && g.W > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_roi_pool_cpu", [&] {
@@ -132,7 +132,7 @@ at::Tensor deform_roi_pool_cpu(const at::Tensor& input, const at::Tensor& rois, 
 
 std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& rois,
-    const std::optional<at::Tensor>& offset, int64_t pooled_height, int64_t pooled_width, double spatial_scale,
+    const OptTensor& offset, int64_t pooled_height, int64_t pooled_width, double spatial_scale,
     int64_t sampling_ratio, double gamma) {
   const auto g = check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale,
                                        sampling_ratio, gamma);
@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_cpu(
   check_batch_indices(rois, g.N);
   const auto x = to_compute(input).permute({0, 2, 3, 1}).contiguous();
   const auto r = to_compute(rois).contiguous();
-  const auto off = offset ? std::optional<at::Tensor>(to_compute(*offset).contiguous()) : std::nullopt;
+  const auto off = offset ? OptTensor(to_compute(*offset).contiguous()) : kNullopt;
   const auto go = to_compute(grad_output).permute({0, 2, 3, 1}).contiguous();
   auto gx = at::zeros({g.N, g.H, g.W, g.C}, x.options());
   auto goff = offset ? at::zeros(offset->sizes(), x.options()) : at::empty({0}, input.options());

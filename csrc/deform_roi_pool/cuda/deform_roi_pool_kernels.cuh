@@ -134,7 +134,7 @@ MMDCNV2_UNROLL
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 #endif
 
-inline at::Tensor deform_roi_pool_gpu(const at::Tensor& input, const at::Tensor& rois, const std::optional<at::Tensor>& offset,
+inline at::Tensor deform_roi_pool_gpu(const at::Tensor& input, const at::Tensor& rois, const OptTensor& offset,
                                 int64_t pooled_height, int64_t pooled_width, double spatial_scale,
                                 int64_t sampling_ratio, double gamma) {
   const auto g = check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale,
@@ -142,7 +142,7 @@ inline at::Tensor deform_roi_pool_gpu(const at::Tensor& input, const at::Tensor&
   dev::Guard guard(input.device());
   const auto x = input.permute({0, 2, 3, 1}).contiguous();
   const auto r = rois.contiguous();
-  const auto off = offset ? std::optional<at::Tensor>(offset->contiguous()) : std::nullopt;
+  const auto off = offset ? OptTensor(offset->contiguous()) : kNullopt;
   auto out = at::zeros({g.R, g.PH, g.PW, g.C}, input.options());
   const int64_t total = out.numel();
   if (total > 0 && g.H > 0 && g.W > 0) {
@@ -158,7 +158,7 @@ inline at::Tensor deform_roi_pool_gpu(const at::Tensor& input, const at::Tensor&
 
 inline std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_gpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& rois,
-    const std::optional<at::Tensor>& offset, int64_t pooled_height, int64_t pooled_width, double spatial_scale,
+    const OptTensor& offset, int64_t pooled_height, int64_t pooled_width, double spatial_scale,
     int64_t sampling_ratio, double gamma) {
   const auto g = check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale,
                                        sampling_ratio, gamma);
@@ -167,7 +167,7 @@ inline std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_gpu(
   dev::Guard guard(input.device());
   const auto x = input.permute({0, 2, 3, 1}).contiguous();
   const auto r = rois.contiguous();
-  const auto off = offset ? std::optional<at::Tensor>(offset->contiguous()) : std::nullopt;
+  const auto off = offset ? OptTensor(offset->contiguous()) : kNullopt;
   const auto go = grad_output.permute({0, 2, 3, 1}).contiguous();
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto gx = at::zeros({g.N, g.H, g.W, g.C}, input.options().dtype(acc));
