@@ -15,12 +15,21 @@ except ImportError as e:  # the extension was not built, or was built against an
 
 
 def has_ops() -> bool:
-    """Whether the compiled ops are loaded."""
+    """Whether the compiled ops (``mmdcnv2._C``, registering ``torch.ops.mmdcnv2.*``) are loaded.
+
+    False when the extension was not built or does not load (for example, built against another
+    torch); then every op of :mod:`mmdcnv2.ops` raises a ``RuntimeError`` that says how to build it,
+    while the pure-PyTorch references (:mod:`mmdcnv2.ops.reference`) still work. Never raises.
+    """
     return _LOAD_ERROR is None
 
 
 def has_cuda_kernels() -> bool:
-    """Whether the compiled ops include CUDA kernels (built with CUDA or FORCE_CUDA=1)."""
+    """Whether the compiled ops include CUDA kernels (built with CUDA, or with ``FORCE_CUDA=1`` where no GPU
+    is visible). It says how mmdcnv2 was built, not whether a GPU is present: check
+    ``torch.cuda.is_available()`` for that. Without CUDA kernels the ops refuse CUDA tensors with a
+    ``RuntimeError``. False when the ops are not loaded; never raises.
+    """
     return has_ops() and torch._C._dispatch_has_kernel_for_dispatch_key("mmdcnv2::deform_conv2d", "CUDA")
 
 
@@ -71,13 +80,26 @@ def check_like_input(op: str, input: torch.Tensor, **tensors) -> None:
 
 class column_budget:
     """Context manager: the column workspace of the deformable convolution, in bytes, for every
-    call inside it (all devices; the buffers of one call together, at least one row). 0 restores
-    each device's default: 8 MiB target with at least 2048 rows on the CPU, 256 MiB on CUDA, and
-    never more than 256 MiB. Smaller budgets mean more, smaller chunks (and GEMMs); the tests use
-    it to run many chunks on small inputs.
+    call inside it (forward and backward, all devices; the column buffers of one call together, at
+    least one row of them). ``0`` means each route's default: on the CPU 8 MiB with at least 2048 rows
+    for the GEMM route and 16 MiB for the convolution route (see :class:`cpu_route`), 256 MiB on CUDA,
+    never more than 256 MiB. Smaller budgets mean more, smaller chunks (and GEMMs); results are the
+    same up to floating-point rounding. The tests use it to run many chunks on small inputs.
+
+    The setting is process-wide (calls on other threads see it too), not thread-local; on exit the
+    previous budget is restored, so the managers nest.
+
+    Args:
+        nbytes (int): the budget, >= 0.
+
+    Raises:
+        ValueError: ``nbytes`` < 0.
+        RuntimeError: on entering, when the compiled ops are not loaded.
+
+    Example::
 
         with column_budget(64 << 10):
-            out = deform_conv2d(...)
+            out = deform_conv2d(input, offset, weight)
     """
 
     def __init__(self, nbytes: int):
@@ -97,11 +119,28 @@ class column_budget:
 
 
 class cpu_route:
-    """Context manager: the route of float32 deformable convolutions on the CPU inside it.
-    ``"auto"`` (the default: the convolution route up to 256 input channels where oneDNN is available, the
-    GEMM route above, as measured on this project's machine), ``"gemm"`` (MKL GEMMs over
-    row-major columns, the route of float64) or ``"conv"`` (oneDNN convolutions over a channels-last
-    column image for the forward and for grad_cols). For benchmarks and tests."""
+    """Context manager: the route of float32 deformable convolutions on the CPU inside it (float16 and
+    bfloat16 inputs, computed in float32, included), forward and backward. For benchmarks and tests.
+
+    Routes:
+
+    - ``"auto"`` (the default): the convolution route up to 256 input channels where oneDNN is
+      available and enabled (``torch.backends.mkldnn``), the GEMM route above, as measured on this
+      project's machine;
+    - ``"gemm"``: MKL GEMMs over row-major columns (always the route of float64);
+    - ``"conv"``: oneDNN convolutions over a channels-last column image for the forward and for
+      grad_cols (the GEMM route where oneDNN is not available).
+
+    The setting is process-wide (calls on other threads see it too) and read when each op runs; on exit
+    the previous route is restored, so the managers nest. CUDA calls are not affected.
+
+    Args:
+        route (str): ``"auto"``, ``"gemm"`` or ``"conv"``.
+
+    Raises:
+        ValueError: an unknown ``route``.
+        RuntimeError: on entering, when the compiled ops are not loaded.
+    """
 
     _ROUTES = {"auto": 0, "gemm": 1, "conv": 2}
 

@@ -100,30 +100,77 @@ def deform_conv2d(
     dilation: IntPair = 1,
     mask: Optional[Tensor] = None,
 ) -> Tensor:
-    r"""Deformable convolution; modulated (DCNv2) when ``mask`` is given.
+    r"""Performs deformable convolution: DCNv2 (modulated, arXiv 1811.11168) when ``mask`` is given,
+    DCNv1 (arXiv 1703.06211) when it is ``None``.
 
-    Same arguments and semantics as ``torchvision.ops.deform_conv2d``.
+    Same arguments, layouts and semantics as ``torchvision.ops.deform_conv2d``; the result's memory
+    format is the input's (see Returns). ``groups`` is inferred as ``C_in // weight.shape[1]`` and the
+    deform groups ``dg`` as ``offset.shape[1] // (2 * kH * kW)``.
 
     Args:
         input (Tensor[N, C_in, H, W]): input features.
-        offset (Tensor[N, 2 * dg * kH * kW, H_out, W_out]): sampling offsets; channel
-            ``2 * (g * kH * kW + k)`` is the row (dy) offset of deform group g and kernel
-            tap k (row-major over the kernel), the next channel the column (dx) offset.
-        weight (Tensor[C_out, C_in / groups, kH, kW]): convolution weight; groups is
-            inferred as ``C_in // weight.shape[1]``.
-        bias (Tensor[C_out], optional): added to every output position.
-        stride, padding, dilation (int or (int, int)): as in ``torch.nn.functional.conv2d``.
-        mask (Tensor[N, dg * kH * kW, H_out, W_out], optional): modulation scalar of
-            every sample (DCNv2); channel ``g * kH * kW + k``.
+        offset (Tensor[N, 2 * dg * kH * kW, H_out, W_out]): sampling offsets, in pixels of ``input``;
+            channel ``2 * (g * kH * kW + k)`` is the row (dy) offset of deform group g and kernel tap k
+            (row-major over the kernel), the next channel the column (dx) offset. Each deform group
+            serves ``C_in // dg`` consecutive input channels.
+        weight (Tensor[C_out, C_in / groups, kH, kW]): convolution weight.
+        bias (Tensor[C_out], optional): added to every output position. Default: ``None``.
+        stride (int or (int, int)): distance between convolution centres, >= 1. Default: 1.
+        padding (int or (int, int)): zero padding on each side, >= 0. Default: 0.
+        dilation (int or (int, int)): spacing between kernel taps, >= 1. Default: 1.
+        mask (Tensor[N, dg * kH * kW, H_out, W_out], optional): modulation scalar of every sample
+            (DCNv2), channel ``g * kH * kW + k``. Default: ``None``.
+
+    ``H_out = (H + 2 * padding - dilation * (kH - 1) - 1) // stride + 1`` (likewise ``W_out``), as in
+    ``torch.nn.functional.conv2d``. Samples are bilinear with zero outside the map: a sample position
+    with -1 < y < H and -1 < x < W counts, any other (non-finite included) reads 0 and has zero gradient.
+
+    Dtypes and devices: float32, float64, float16 and bfloat16, every tensor of the input's dtype and on
+    its device; float16 and bfloat16 accumulate in float32 and are returned in their own dtype. CPU
+    always; CUDA when mmdcnv2 was built with CUDA kernels (:func:`has_cuda_kernels`). Under
+    ``torch.autocast`` (CPU or CUDA) the op computes in float32, like torchvision's: the tensors may come
+    in mixed floating dtypes, are cast to float32, and the result is float32 (float64 tensors are left
+    as they are on torch >= 2.5, whose ``torch.library.register_autocast`` skips them, and cast as well
+    on older torch). Differentiable in ``input``, ``offset``, ``weight``, ``mask`` and ``bias``.
 
     Returns:
-        Tensor[N, C_out, H_out, W_out], in the input's memory format (as ``torch.nn.functional.conv2d``:
-        channels-last in, channels-last out; the input's gradient too). A channels-last input saves
-        the CPU kernels the layout copies they make of plain NCHW data.
+        Tensor[N, C_out, H_out, W_out], in the input's memory format, as ``torch.nn.functional.conv2d``:
+        channels-last out (and channels-last input gradient) for an input that is channels-last and not
+        also plain contiguous, plain contiguous otherwise (torchvision and mmcv always return plain
+        NCHW). A channels-last input saves the CPU kernels the layout copies they make of plain NCHW data.
 
-    ``dg`` (deform groups) is inferred as ``offset.shape[1] // (2 * kH * kW)``. Samples
-    are bilinear with zero outside the map; a sample position with -1 < y < H and
-    -1 < x < W counts, any other (non-finite included) reads 0 and has zero gradient.
+    Raises:
+        TypeError: ``input``, ``offset`` or ``weight`` is not a Tensor.
+        ValueError: an argument is malformed, with its name in the message: a tensor that is not 4-D,
+            ``stride``/``padding``/``dilation`` that are not two integers >= 1 (>= 0 for padding) and
+            <= 2^31 - 1, input channels that are not a multiple of ``weight.shape[1]`` or of ``dg``,
+            ``offset``/``mask``/``bias`` of the wrong shape, a padded input smaller than the dilated
+            kernel, a tensor on another device than ``input`` or (outside autocast) of another dtype, a
+            non-floating-point ``input``, or sizes that overflow 64-bit integers. The compiled op checks
+            again, and so do the fake kernels (``torch.compile``, ``torch.export``, meta tensors): their
+            errors are ValueErrors too.
+        RuntimeError: the compiled ops are not built or do not load, or ``input`` is a CUDA tensor and
+            mmdcnv2 was built without CUDA kernels; the message says what to run. On torch < 2.4 (no
+            ``torch.library.register_fake``), a call on fake or meta tensors (``torch.compile``,
+            ``torch.export``, ``torch.library.opcheck``, the dynamo ONNX exporter) raises a
+            ``RuntimeError`` naming torch >= 2.4 (``torch.compile`` and ``torch.export`` may wrap it in
+            an error of their own that carries the message). The CUDA backward pass under
+            ``torch.use_deterministic_algorithms(True)`` raises PyTorch's nondeterminism error (it
+            scatters with atomics; the CPU backward pass is deterministic).
+
+    Example::
+
+        >>> import torch
+        >>> from mmdcnv2.ops import deform_conv2d
+        >>> input = torch.rand(4, 3, 10, 10)
+        >>> kh, kw = 3, 3
+        >>> weight = torch.rand(5, 3, kh, kw)
+        >>> # offset and mask have the spatial size of the output: here 10 - 3 + 1 = 8
+        >>> offset = torch.rand(4, 2 * kh * kw, 8, 8)
+        >>> mask = torch.rand(4, kh * kw, 8, 8)
+        >>> out = deform_conv2d(input, offset, weight, mask=mask)
+        >>> out.shape
+        torch.Size([4, 5, 8, 8])
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     groups, dg, _, _ = _check_args(input, offset, weight, bias, stride, padding, dilation, mask)
@@ -374,20 +421,38 @@ class _DeformConvNd(nn.Module):
 
 
 class DeformConv2d(_DeformConvNd):
-    r"""Deformable convolution (DCNv1); offsets are given to ``forward``.
+    r"""Deformable convolution (DCNv1) whose offsets are given to ``forward(x, offset)``.
+
+    mmcv 2.x's ``mmcv.ops.DeformConv2d``: the same arguments (mmcv's deprecated keyword
+    ``deformable_groups`` too, with mmcv's ``DeprecationWarning``), parameter, initialisation and
+    state-dict keys. The computation is :func:`deform_conv2d`.
 
     Args:
-        in_channels, out_channels (int): channels of input and output.
-        kernel_size, stride, padding, dilation (int or (int, int)): as in ``nn.Conv2d``.
-        groups (int): convolution groups.
-        deform_groups (int): offset groups; channels of a group share offsets.
+        in_channels (int): channels of the input.
+        out_channels (int): channels of the output.
+        kernel_size (int or (int, int)): (kH, kW).
+        stride, padding, dilation (int or (int, int)): as in ``nn.Conv2d``. Defaults: 1, 0, 1.
+        groups (int): convolution groups; must divide ``in_channels`` and ``out_channels``. Default: 1.
+        deform_groups (int): offset groups, must divide ``in_channels``; each serves
+            ``in_channels // deform_groups`` consecutive channels. Default: 1. (``forward`` takes the
+            number of groups from the offset's shape; this one sizes a Pack layer's ``conv_offset``.)
         bias (bool): must be False (as in mmcv); use ``ModulatedDeformConv2d`` for a bias.
-        im2col_step (int): accepted for compatibility with mmcv; the blocking is automatic.
+        im2col_step (int): accepted for compatibility with mmcv and ignored: the blocking is automatic.
 
     Shape:
-        x: Tensor[N, in_channels, H, W];
-        offset: Tensor[N, 2 * deform_groups * kH * kW, H_out, W_out];
-        output: Tensor[N, out_channels, H_out, W_out].
+        - x: Tensor[N, in_channels, H, W]
+        - offset: Tensor[N, 2 * deform_groups * kH * kW, H_out, W_out] (layout of :func:`deform_conv2d`)
+        - output: Tensor[N, out_channels, H_out, W_out], in x's memory format; float32 under autocast
+
+    Parameters and state dict: ``weight`` (Tensor[out_channels, in_channels // groups, kH, kW]),
+    initialised by ``nn.init.kaiming_uniform_(weight, nonlinearity='relu')`` as mmcv 2.x's
+    ``reset_parameters``; no bias. It has ``nn.Conv2d``'s attributes that mmcv's ``ConvModule`` reads
+    (``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding``, ``dilation``,
+    ``groups``, ``transposed``, ``output_padding``).
+
+    Raises:
+        ValueError: ``bias=True``, or channels not divisible by ``groups`` / ``deform_groups``.
+        TypeError: both ``deform_groups`` and ``deformable_groups`` given.
     """
 
     @_accepts_deformable_groups("DeformConv2d")
@@ -412,46 +477,83 @@ class DeformConv2d(_DeformConvNd):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """``weight`` from ``nn.init.kaiming_uniform_(nonlinearity='relu')`` (mmcv 2.x's initialisation)."""
         nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
 
     def forward(self, x: Tensor, offset: Tensor) -> Tensor:
+        """:func:`deform_conv2d` of ``x`` (Tensor[N, in_channels, H, W]) with ``offset``
+        (Tensor[N, 2 * dg * kH * kW, H_out, W_out]) and the layer's weight, stride, padding and dilation."""
         return deform_conv2d(x, offset, self.weight, None, self.stride, self.padding, self.dilation)
 
 
 class DeformConv2dPack(_PackVersion, DeformConv2d):
-    """``DeformConv2d`` that predicts its own offsets with a zero-initialised ``conv_offset``
-    (2 * deform_groups * kH * kW channels, same kernel, stride, padding and dilation).
-    Registered in mmcv as ``DCN``; ``forward(x)``."""
+    """``DeformConv2d`` that predicts its own offsets: ``forward(x)``, x Tensor[N, in_channels, H, W].
+
+    mmcv 2.x's ``mmcv.ops.DeformConv2dPack``, which mmcv registers as ``DCN``. In mmdcnv2's registry
+    (where mmdet is installed) ``type='mmdcnv2.DCN'`` builds the subclass :class:`mmdcnv2.models.DCN` and
+    ``type='mmdcnv2.DeformConv2dPack'`` this class. The arguments are ``DeformConv2d``'s.
+    ``conv_offset`` is an ``nn.Conv2d(in_channels, 2 * deform_groups * kH * kW)`` with the layer's
+    kernel size, stride, padding and dilation and a bias, zero-initialised (``init_offset()`` zeroes it
+    again), so a new layer samples the regular grid and computes the plain convolution of its ``weight``.
+
+    State dict: ``weight``, ``conv_offset.weight``, ``conv_offset.bias`` (mmcv's keys, version 2). The
+    keys of mmcv < 2 checkpoints (mmdet 1.x), ``<name>_offset.*`` beside the layer, are renamed to
+    ``<name>.conv_offset.*`` on load, by a pre-hook of the parent module.
+
+    On the CPU a plain NCHW ``x`` is copied once to channels-last for ``conv_offset`` and the op, and
+    the output is handed back plain contiguous: the caller's memory format.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.conv_offset = self._make_conv_offset(2)
 
     def init_offset(self) -> None:
+        """Zeroes ``conv_offset`` (mmcv's ``init_offset``): zero offsets, the regular grid."""
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        """Offsets from ``conv_offset(x)``, then :func:`deform_conv2d`: Tensor[N, in_channels, H, W] ->
+        Tensor[N, out_channels, H_out, W_out], in x's memory format."""
         xs, converted = _sampling_layout(x)
         out = super().forward(xs, self.conv_offset(xs))
         return out.contiguous() if converted else out  # the caller's layout
 
 
 class ModulatedDeformConv2d(_DeformConvNd):
-    r"""Modulated deformable convolution (DCNv2); offsets and mask are given to ``forward``.
+    r"""Modulated deformable convolution (DCNv2) whose offsets and mask are given to
+    ``forward(x, offset, mask)``.
+
+    mmcv 2.x's ``mmcv.ops.ModulatedDeformConv2d``: the same arguments (mmcv's deprecated keyword
+    ``deformable_groups`` too, with mmcv's ``DeprecationWarning``), parameters, initialisation and
+    state-dict keys. The computation is :func:`deform_conv2d` with ``mask``.
 
     Args:
-        in_channels, out_channels (int): channels of input and output.
-        kernel_size, stride, padding, dilation (int or (int, int)): as in ``nn.Conv2d``.
-        groups (int): convolution groups.
-        deform_groups (int): offset groups; channels of a group share offsets and mask.
-        bias (bool): learn an additive bias.
+        in_channels (int): channels of the input.
+        out_channels (int): channels of the output.
+        kernel_size (int or (int, int)): (kH, kW).
+        stride, padding, dilation (int or (int, int)): as in ``nn.Conv2d``. Defaults: 1, 0, 1.
+        groups (int): convolution groups; must divide ``in_channels`` and ``out_channels``. Default: 1.
+        deform_groups (int): offset groups, must divide ``in_channels``; the channels of a group share
+            offsets and mask. Default: 1. (``forward`` takes the number of groups from the offset's
+            shape; this one sizes a Pack layer's ``conv_offset``.)
+        bias (bool or str): learn an additive bias (any true value, as mmcv's ``bool(bias)``). Default: True.
 
     Shape:
-        x: Tensor[N, in_channels, H, W];
-        offset: Tensor[N, 2 * deform_groups * kH * kW, H_out, W_out];
-        mask: Tensor[N, deform_groups * kH * kW, H_out, W_out] (values usually in [0, 1]);
-        output: Tensor[N, out_channels, H_out, W_out].
+        - x: Tensor[N, in_channels, H, W]
+        - offset: Tensor[N, 2 * deform_groups * kH * kW, H_out, W_out] (layout of :func:`deform_conv2d`)
+        - mask: Tensor[N, deform_groups * kH * kW, H_out, W_out] (values usually in [0, 1])
+        - output: Tensor[N, out_channels, H_out, W_out], in x's memory format; float32 under autocast
+
+    Parameters and state dict: ``weight`` (Tensor[out_channels, in_channels // groups, kH, kW]) and,
+    with ``bias``, ``bias`` (Tensor[out_channels]). ``init_weights()`` (mmcv's initialisation, run by
+    the constructor): weight uniform in +-1 / sqrt(in_channels * kH * kW), bias zero. It has the
+    ``nn.Conv2d`` attributes that mmcv's ``ConvModule`` reads, as ``DeformConv2d``.
+
+    Raises:
+        ValueError: channels not divisible by ``groups`` / ``deform_groups``.
+        TypeError: both ``deform_groups`` and ``deformable_groups`` given.
     """
 
     @_accepts_deformable_groups("ModulatedDeformConv2d")
@@ -472,6 +574,7 @@ class ModulatedDeformConv2d(_DeformConvNd):
         self.init_weights()
 
     def init_weights(self) -> None:
+        """mmcv's initialisation: ``weight`` uniform in +-1 / sqrt(in_channels * kH * kW), ``bias`` zero."""
         # uniform in +-1/sqrt(in_channels * kH * kW), bias zero: mmcv's initialisation
         stdv = 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] * self.kernel_size[1])
         nn.init.uniform_(self.weight, -stdv, stdv)
@@ -479,20 +582,40 @@ class ModulatedDeformConv2d(_DeformConvNd):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
+        """:func:`deform_conv2d` of ``x`` (Tensor[N, in_channels, H, W]) with ``offset``
+        (Tensor[N, 2 * dg * kH * kW, H_out, W_out]), ``mask`` (Tensor[N, dg * kH * kW, H_out, W_out]) and
+        the layer's weight, bias, stride, padding and dilation."""
         return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
 
 
 class ModulatedDeformConv2dPack(_PackVersion, ModulatedDeformConv2d):
-    """``ModulatedDeformConv2d`` that predicts its offsets and mask with a zero-initialised
-    ``conv_offset`` of 3 * deform_groups * kH * kW channels: its output splits into three
-    equal chunks o1, o2, m; offset = cat(o1, o2), mask = sigmoid(m) (mmcv's layout).
-    Registered in mmcv as ``DCNv2``; ``forward(x)``."""
+    """``ModulatedDeformConv2d`` that predicts its own offsets and mask: ``forward(x)``,
+    x Tensor[N, in_channels, H, W].
+
+    mmcv 2.x's ``mmcv.ops.ModulatedDeformConv2dPack``, which mmcv registers as ``DCNv2``. In mmdcnv2's
+    registry (where mmdet is installed) ``type='mmdcnv2.DCNv2'`` builds the subclass
+    :class:`mmdcnv2.models.DCNv2` and ``type='mmdcnv2.ModulatedDeformConv2dPack'`` this class. The
+    arguments are ``ModulatedDeformConv2d``'s.
+    ``conv_offset`` is an ``nn.Conv2d(in_channels, 3 * deform_groups * kH * kW)`` with the layer's
+    kernel size, stride, padding and dilation and a bias, zero-initialised (by ``init_weights()`` too).
+    Its output splits into three equal chunks o1, o2, m: offset = cat(o1, o2), mask = sigmoid(m)
+    (mmcv's layout, :meth:`split_offset_mask`). A new layer samples the regular grid with mask 0.5
+    everywhere, i.e. computes half the plain convolution of its ``weight`` (plus bias).
+
+    State dict: ``weight``, ``bias`` (with ``bias``), ``conv_offset.weight``, ``conv_offset.bias``
+    (mmcv's keys, version 2). The keys of mmcv < 2 checkpoints (mmdet 1.x), ``<name>_offset.*`` beside
+    the layer, are renamed to ``<name>.conv_offset.*`` on load, by a pre-hook of the parent module.
+
+    On the CPU a plain NCHW ``x`` is copied once to channels-last for ``conv_offset`` and the op, and
+    the output is handed back plain contiguous: the caller's memory format.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.conv_offset = self._make_conv_offset(3)
 
     def init_weights(self) -> None:
+        """``ModulatedDeformConv2d.init_weights``, and ``conv_offset`` zeroed (mmcv's)."""
         super().init_weights()
         if hasattr(self, "conv_offset"):
             nn.init.zeros_(self.conv_offset.weight)
@@ -506,6 +629,8 @@ class ModulatedDeformConv2dPack(_PackVersion, ModulatedDeformConv2d):
         return torch.cat((o1, o2), dim=1), torch.sigmoid(m)
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        """Offsets and mask from ``conv_offset(x)`` (:meth:`split_offset_mask`), then :func:`deform_conv2d`:
+        Tensor[N, in_channels, H, W] -> Tensor[N, out_channels, H_out, W_out], in x's memory format."""
         xs, converted = _sampling_layout(x)
         offset, mask = self.split_offset_mask(self.conv_offset(xs))
         out = super().forward(xs, offset, mask)

@@ -27,26 +27,67 @@ def deform_roi_pool(
     sampling_ratio: int = 0,
     gamma: float = 0.1,
 ) -> Tensor:
-    r"""Deformable RoI pooling.
+    r"""Performs deformable RoI pooling (DCNv1, arXiv 1703.06211; with a modulation branch in
+    :class:`ModulatedDeformRoIPoolPack`, DCNv2).
 
-    Each output bin is RoIAlign's average of bilinear samples (``sampling_ratio`` per
-    axis, adaptive when 0; pixel centres at +0.5 as with ``aligned=True``), the bin
-    shifted by ``gamma * (roi_w * offset[k, 0], roi_h * offset[k, 1])``. With no offset
-    (or a zero one) it equals ``torchvision.ops.roi_align(..., aligned=True)``.
+    Each output bin is RoIAlign's average of bilinear samples (``sampling_ratio`` per axis, adaptive
+    when 0; pixel centres at +0.5 as with ``aligned=True``; samples within one pixel outside the map
+    are clamped to its border, farther ones read 0), the bin shifted by
+    ``gamma * (roi_w * offset[k, 0], roi_h * offset[k, 1])``. With no offset (or a zero one) it equals
+    ``torchvision.ops.roi_align(..., aligned=True)``. mmcv 2.x's ``mmcv.ops.deform_roi_pool`` has the
+    same arguments; unlike mmcv's it runs on the CPU, and it does not extrapolate at the map border.
 
     Args:
         input (Tensor[N, C, H, W]): feature map.
-        rois (Tensor[K, 5]): (batch_index, x1, y1, x2, y2) in image coordinates.
-        offset (Tensor[K, 2, PH, PW], optional): per-bin offsets, channel 0 along x,
-            channel 1 along y, in units of the RoI's width and height (times gamma).
-        output_size (int or (int, int)): (PH, PW).
-        spatial_scale (float): feature-map size over image size.
-        sampling_ratio (int): samples per bin along each axis, at most 64; 0: ceil(bin size),
-            capped at 64 (so that a huge RoI cannot make the op run for ever).
-        gamma (float): scale of the offsets.
+        rois (Tensor[K, 5]): (batch_index, x1, y1, x2, y2) in image coordinates; the input's dtype.
+        offset (Tensor[K, 2, PH, PW], optional): per-bin offsets, channel 0 along x, channel 1 along y,
+            in units of the RoI's width and height (times ``gamma``). Default: ``None`` (no offsets).
+        output_size (int or (int, int)): (PH, PW), >= 1. Default: 7.
+        spatial_scale (float): feature-map size over image size, positive and finite. Default: 1.0.
+        sampling_ratio (int): samples per bin along each axis, in [0, 64]; 0: ceil(bin size), capped at
+            64 (so that a huge RoI cannot make the op run for ever). Default: 0.
+        gamma (float): scale of the offsets, finite. Default: 0.1.
+
+    Dtypes and devices: float32, float64, float16 and bfloat16, ``rois`` and ``offset`` of the input's
+    dtype and on its device; float16 and bfloat16 are computed in float32 and returned in their own
+    dtype. CPU always; CUDA when mmdcnv2 was built with CUDA kernels (:func:`has_cuda_kernels`). Under
+    ``torch.autocast`` (CPU or CUDA) the op computes in float32 and returns float32, whatever the
+    (floating) dtypes of the tensors (float64 ones are left as they are on torch >= 2.5 and cast on
+    older torch, as in :func:`deform_conv2d`); the modules cast the result back to the input's dtype.
+    Differentiable in ``input`` and ``offset`` (``rois`` gets no gradient). A RoI with a non-finite
+    coordinate pools nothing (zeros, zero gradient); a non-finite offset moves its bin off the map.
 
     Returns:
-        Tensor[K, C, PH, PW]
+        Tensor[K, C, PH, PW], plain contiguous (NCHW) whatever the input's memory format.
+
+    Raises:
+        TypeError: ``input`` or ``rois`` is not a Tensor.
+        ValueError: a malformed argument, with its name in the message: ``input`` not 4-D or not
+            floating point, ``rois`` not of shape (K, 5), ``offset`` not of shape (K, 2, PH, PW),
+            ``output_size`` < 1, ``sampling_ratio`` outside [0, 64], ``spatial_scale`` not positive and
+            finite, ``gamma`` not finite, ``rois`` or ``offset`` on another device than ``input`` or
+            (outside autocast) of another dtype, an output size that overflows 64-bit integers. On the
+            CPU also a batch index (``rois[:, 0]``) outside [0, N), NaN included; the CUDA kernels give
+            such a RoI zeros instead. The compiled op and the fake kernels (``torch.compile``,
+            ``torch.export``, meta tensors) check again; their errors are ValueErrors too.
+        RuntimeError: the compiled ops are not built or do not load, or ``input`` is a CUDA tensor and
+            mmdcnv2 was built without CUDA kernels; the message says what to run. On torch < 2.4, a call
+            on fake or meta tensors (``torch.compile``, ``torch.export``, ``torch.library.opcheck``)
+            raises a ``RuntimeError`` naming torch >= 2.4. The CUDA backward pass under
+            ``torch.use_deterministic_algorithms(True)`` raises PyTorch's nondeterminism error.
+
+    ONNX has no deformable RoI pooling operator: exporting a model that calls this op raises
+    :class:`UnsupportedONNXOperatorError` (:func:`export_onnx`).
+
+    Example::
+
+        >>> import torch
+        >>> from mmdcnv2.ops import deform_roi_pool
+        >>> feat = torch.rand(2, 16, 32, 32)                  # stride 4: a 128 x 128 image
+        >>> rois = torch.tensor([[0, 4.0, 4.0, 60.0, 80.0], [1, 10.0, 20.0, 100.0, 90.0]])
+        >>> offset = torch.zeros(2, 2, 7, 7)
+        >>> deform_roi_pool(feat, rois, offset, output_size=7, spatial_scale=1 / 4, sampling_ratio=2).shape
+        torch.Size([2, 16, 7, 7])
     """
     for name, t in (("input", input), ("rois", rois)):
         if not isinstance(t, Tensor):
@@ -125,9 +166,24 @@ if has_ops():
 
 
 class DeformRoIPool(nn.Module):
-    """Deformable RoI pooling with offsets given to ``forward(input, rois, offset=None)``.
+    """Deformable RoI pooling whose offsets are given to ``forward(input, rois, offset=None)``.
 
-    Shapes as in :func:`deform_roi_pool`.
+    mmcv 2.x's ``mmcv.ops.DeformRoIPool``: the same arguments, no parameters (an empty state dict).
+    Registered as ``mmdcnv2.DeformRoIPool`` where mmdet is installed (a ``roi_layer`` of
+    ``mmdcnv2.DeformRoIExtractor``). The computation is :func:`deform_roi_pool`.
+
+    Args:
+        output_size (int or (int, int)): (PH, PW).
+        spatial_scale (float): feature-map size over image size. Default: 1.0.
+        sampling_ratio (int): samples per bin along each axis, in [0, 64] (0: adaptive). Default: 0.
+        gamma (float): scale of the offsets. Default: 0.1.
+
+    Shape:
+        - input: Tensor[N, C, H, W]
+        - rois: Tensor[K, 5], (batch_index, x1, y1, x2, y2) in image coordinates
+        - offset: Tensor[K, 2, PH, PW], optional
+        - output: Tensor[K, C, PH, PW], in the input's dtype (under autocast too, as mmcv's RoI layers:
+          mmdet's RoI extractors write it into a buffer of the features' dtype)
     """
 
     def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1):
@@ -160,10 +216,32 @@ def _fc_branch(in_features: int, hidden: int, out_features: int, layers: int) ->
 
 
 class DeformRoIPoolPack(DeformRoIPool):
-    """Pools once without offsets, predicts per-bin offsets with ``offset_fc``
-    (C*PH*PW -> deform_fc_channels -> deform_fc_channels -> 2*PH*PW, last layer
-    zero-initialised) and pools again with them. ``forward(input, rois)``: input
-    Tensor[N, output_channels, H, W], rois Tensor[K, 5] -> Tensor[K, output_channels, PH, PW].
+    """Deformable RoI pooling that predicts its own offsets (DCNv1's deformable RoI pooling).
+
+    mmcv 2.x's ``mmcv.ops.DeformRoIPoolPack``: the same arguments, layers, initialisation and
+    state-dict keys. Registered as ``mmdcnv2.DeformRoIPoolPack`` where mmdet is installed (a
+    ``roi_layer`` of ``mmdcnv2.DeformRoIExtractor``, which fills in ``spatial_scale``).
+
+    ``forward(input, rois)`` pools once without offsets, predicts per-bin offsets with ``offset_fc``
+    (Linear C*PH*PW -> deform_fc_channels, ReLU, Linear -> deform_fc_channels, ReLU, Linear -> 2*PH*PW;
+    the last layer zero-initialised, so a new layer pools as RoIAlign) and pools again with them.
+
+    Args:
+        output_size (int or (int, int)): (PH, PW).
+        output_channels (int): channels C of the input (and output).
+        deform_fc_channels (int): width of ``offset_fc``'s hidden layers. Default: 1024.
+        spatial_scale, sampling_ratio, gamma: as in :class:`DeformRoIPool`.
+
+    Shape:
+        - input: Tensor[N, output_channels, H, W]
+        - rois: Tensor[K, 5], (batch_index, x1, y1, x2, y2) in image coordinates
+        - output: Tensor[K, output_channels, PH, PW], in the input's dtype
+
+    State dict: ``offset_fc.{0,2,4}.weight`` and ``.bias`` (mmcv's keys). The fc layers' other
+    parameters keep ``nn.Linear``'s default initialisation.
+
+    Raises:
+        ValueError: in ``forward``, an input that is not of shape (N, output_channels, H, W) (mmcv asserts).
     """
 
     def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024,
@@ -189,9 +267,25 @@ class DeformRoIPoolPack(DeformRoIPool):
 
 
 class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
-    """``DeformRoIPoolPack`` plus a modulation branch ``mask_fc`` (C*PH*PW ->
-    deform_fc_channels -> PH*PW, sigmoid; last linear layer zero-initialised, so every
-    bin starts at 0.5) multiplied onto the pooled features."""
+    """Modulated deformable RoI pooling (DCNv2's): :class:`DeformRoIPoolPack` plus a modulation branch.
+
+    mmcv 2.x's ``mmcv.ops.ModulatedDeformRoIPoolPack``: the same arguments, layers, initialisation
+    and state-dict keys. Registered as ``mmdcnv2.ModulatedDeformRoIPoolPack`` where mmdet is
+    installed (a ``roi_layer`` of ``mmdcnv2.DeformRoIExtractor``).
+
+    ``forward(input, rois)`` pools once without offsets; from that, ``offset_fc`` predicts the offsets
+    and ``mask_fc`` (Linear C*PH*PW -> deform_fc_channels, ReLU, Linear -> PH*PW, Sigmoid; the last
+    linear layer zero-initialised, so every bin starts at 0.5) a modulation per bin; it pools again
+    with the offsets and multiplies the result by the modulation.
+
+    Args, shapes: as in :class:`DeformRoIPoolPack`.
+
+    State dict: ``offset_fc.{0,2,4}.weight`` and ``.bias``, ``mask_fc.{0,2}.weight`` and ``.bias``
+    (mmcv's keys).
+
+    Raises:
+        ValueError: in ``forward``, an input that is not of shape (N, output_channels, H, W) (mmcv asserts).
+    """
 
     def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024,
                  spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1):

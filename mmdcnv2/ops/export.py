@@ -123,9 +123,32 @@ def _deform_roi_pool_translation(*args, **kwargs):
 
 
 def onnx_translation_table(opset: int = MIN_OPSET) -> Dict[Any, Any]:
-    """``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``: our
-    deformable convolution as ONNX ``DeformConv``; deformable RoI pooling raises
-    :class:`UnsupportedONNXOperatorError`."""
+    """The ``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``.
+
+    Importing mmdcnv2 already adds these translations to the dynamo exporter's default registry; pass
+    this table where that registration is not in effect (a warning at the exporter's import says so).
+
+    Args:
+        opset (int): the ONNX opset the model is exported at, >= 19 (``DeformConv``). Default: 19.
+
+    Returns:
+        dict: ``{torch.ops.mmdcnv2.deform_conv2d.default: fn, torch.ops.mmdcnv2.deform_roi_pool.default:
+        fn}``, onnxscript functions built with the newest onnxscript opset module not newer than
+        ``opset``. The first writes one ONNX ``DeformConv`` node: inputs X, W, offset, then B where
+        given (an empty input when only a mask is) and mask where given; attributes dilations, group,
+        offset_group, pads, strides and, for a static kernel, kernel_shape. The second raises
+        :class:`UnsupportedONNXOperatorError`.
+
+    Raises:
+        ValueError: ``opset`` is not an integer >= 19, or onnxscript has no opset module from 19 to it.
+        ImportError: the ``onnxscript`` package is not installed.
+        AttributeError: the compiled ops are not loaded (``torch.ops.mmdcnv2`` has no such op).
+
+    Example::
+
+        torch.onnx.export(model, (x,), "model.onnx", dynamo=True, opset_version=19,
+                          custom_translation_table=onnx_translation_table(19))
+    """
     op = _onnxscript_opset(_check_opset(opset))
     return {
         torch.ops.mmdcnv2.deform_conv2d.default: _deform_conv2d_translation(op),
@@ -292,9 +315,21 @@ def _deform_roi_pool_symbolic(g, *args):
 
 
 def register_onnx_symbolics(opset: int = MIN_OPSET) -> None:
-    """Registers, for the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``)
-    at ``opset`` and later, our deformable convolution as ONNX ``DeformConv`` and a
-    deformable RoI pooling symbolic that raises :class:`UnsupportedONNXOperatorError`."""
+    """Registers symbolics with the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``), for
+    ``opset`` and later: deformable convolution as ONNX ``DeformConv`` (a zero bias of the weight's dtype
+    inserted when only a mask is given, as ``DeformConv``'s inputs are positional) and a deformable RoI
+    pooling symbolic that raises :class:`UnsupportedONNXOperatorError`.
+
+    Importing mmdcnv2 already registers them at opset 19 (when ``torch.onnx`` is imported, where the
+    torch has fake kernels), and :func:`export_onnx` calls this for its opset; call it yourself where
+    that registration is not in effect.
+
+    Args:
+        opset (int): the first opset they are registered for, >= 19 (``DeformConv``). Default: 19.
+
+    Raises:
+        ValueError: ``opset`` is not an integer >= 19.
+    """
     from torch.onnx import register_custom_op_symbolic
 
     _check_opset(opset)
@@ -331,24 +366,42 @@ def export_onnx(
 ):
     """Exports ``model(*args)`` to the ONNX file ``path``; returns the ``onnx.ModelProto``.
 
-    Our deformable convolutions become standard ``DeformConv`` nodes (the rest of the model is
-    exported by PyTorch as usual), so the file runs in onnxruntime (CPU) without plugins.
+    Our deformable convolutions (v1 and v2, any stride, padding, dilation, groups and deform groups,
+    with or without bias) become standard ONNX ``DeformConv`` nodes in the default domain (the rest of
+    the model is exported by PyTorch as usual), so the file runs in onnxruntime (CPU execution
+    provider) without plugins. Deformable RoI pooling has no ONNX operator: no file is produced
+    without it.
 
     Args:
-        model (nn.Module): the model, in the mode it should be exported in (call ``.eval()``).
-        args (tuple): example inputs.
+        model (nn.Module): the model, in the mode it should be exported in (call ``.eval()``); with
+            the dynamo exporter also a ``torch.export.ExportedProgram``.
+        args (tuple): example inputs (a list is taken as a tuple, anything else as one input).
         path (str or PathLike): the ``.onnx`` file to write (weights inside the file).
-        opset (int): ONNX opset, >= 19 (<= 20 with the torchscript exporter).
-        exporter (str): ``"dynamo"`` (``torch.export`` based, needs onnxscript) or
-            ``"torchscript"`` (legacy tracer, deprecated by PyTorch).
+        opset (int): ONNX opset, >= 19 (<= 20 with the torchscript exporter). Default: 19.
+        exporter (str): ``"dynamo"`` (default: ``torch.export``, then ``torch.onnx.export(dynamo=True)``
+            with :func:`onnx_translation_table`; needs onnxscript) or ``"torchscript"`` (the legacy
+            tracer with :func:`register_onnx_symbolics`, deprecated by PyTorch).
         input_names, output_names (list of str, optional): names of the graph's inputs and outputs.
         dynamic_shapes: dynamo exporter only, as in ``torch.export.export``.
         dynamic_axes: torchscript exporter only, as in ``torch.onnx.export``.
 
+    Returns:
+        onnx.ModelProto: the exported file, loaded with ``onnx.load``.
+
     Raises:
-        UnsupportedONNXOperatorError: the model calls deformable RoI pooling (no ONNX operator).
-        ValueError: bad ``opset`` or ``exporter``, or an option of the other exporter.
+        UnsupportedONNXOperatorError: the model calls deformable RoI pooling (no ONNX operator), also
+            where the exporter wrapped that error in one of its own.
+        ValueError: ``opset`` not an integer >= 19 (or above 20 with the torchscript exporter), an
+            unknown ``exporter``, or an option of the other exporter (``dynamic_axes`` with dynamo,
+            ``dynamic_shapes`` with torchscript).
         RuntimeError: torch older than 2.4 (no fake kernels), naming the release needed.
+        ImportError: the ``onnx`` package, or with the dynamo exporter ``onnxscript``, is not installed.
+        Exception: any other error of ``torch.export`` or the exporter, unchanged.
+
+    Example::
+
+        model.eval()
+        proto = export_onnx(model, (x,), "model.onnx", opset=19, exporter="dynamo")
     """
     require("mmdcnv2.ops.export_onnx (both exporters trace through the ops' fake kernels or need torch.onnx "
             "options of newer releases)")

@@ -60,9 +60,29 @@ def deform_conv2d_reference(
     dilation: IntPair = 1,
     mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """Deformable convolution (v1 without ``mask``, v2 with it), same arguments as
-    :func:`mmdcnv2.ops.deform_conv2d`: groups = C_in // weight.shape[1],
-    deform groups = offset.shape[1] // (2 * kH * kW)."""
+    """Deformable convolution in plain PyTorch (v1 without ``mask``, v2 with it): the oracle of the tests.
+
+    Same arguments, shapes and result as :func:`mmdcnv2.ops.deform_conv2d`:
+    groups = C_in // weight.shape[1], deform groups dg = offset.shape[1] // (2 * kH * kW).
+
+    Args:
+        input (Tensor[N, C_in, H, W]): input features.
+        offset (Tensor[N, 2 * dg * kH * kW, H_out, W_out]): (dy, dx) per deform group and kernel tap.
+        weight (Tensor[C_out, C_in / groups, kH, kW]): convolution weight.
+        bias (Tensor[C_out], optional): added to every output position.
+        stride, padding, dilation (int or (int, int)): as in ``torch.nn.functional.conv2d``.
+        mask (Tensor[N, dg * kH * kW, H_out, W_out], optional): modulation of every sample; a sample
+            off the map is zero whatever its mask (NaN and inf included), as in the kernels.
+
+    Returns:
+        Tensor[N, C_out, H_out, W_out] on the input's device, computed in the arguments' dtype (float16
+        and bfloat16 do not accumulate in float32 here).
+
+    It needs no compiled extension and runs on any device and floating dtype; gradients come from
+    plain autograd. It has no autocast registration: under ``torch.autocast`` its operations
+    follow autocast's usual rules. The arguments are not checked as :func:`mmdcnv2.ops.deform_conv2d`
+    checks them: malformed ones fail inside PyTorch's own operations, with their messages.
+    """
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     dh, dw = _pair(dilation)
@@ -136,9 +156,31 @@ def deform_roi_pool_reference(
     sampling_ratio: int = 0,
     gamma: float = 0.1,
 ) -> Tensor:
-    """Deformable RoI pooling, one RoI at a time; same arguments as
-    :func:`mmdcnv2.ops.deform_roi_pool`. Returns Tensor[K, C, PH, PW]; a RoI with a
-    non-finite coordinate gives zeros."""
+    """Deformable RoI pooling in plain PyTorch, one RoI at a time: the oracle of the tests.
+
+    Same arguments, shapes and result as :func:`mmdcnv2.ops.deform_roi_pool`.
+
+    Args:
+        input (Tensor[N, C, H, W]): feature map.
+        rois (Tensor[K, 5]): (batch_index, x1, y1, x2, y2) in image coordinates.
+        offset (Tensor[K, 2, PH, PW], optional): per-bin offsets (x, y), in units of the RoI's size.
+        output_size (int or (int, int)): (PH, PW).
+        spatial_scale (float): feature-map size over image size.
+        sampling_ratio (int): samples per bin along each axis; 0: ceil(bin size), capped at
+            ``MAX_ROI_SAMPLES`` (64) as in the kernels. An explicit ratio is used as given (the op
+            refuses one above 64).
+        gamma (float): scale of the offsets.
+
+    Returns:
+        Tensor[K, C, PH, PW] on the input's device, computed in the input's dtype; a RoI with a
+        non-finite coordinate, or an empty sampling grid, gives zeros.
+
+    It needs no compiled extension; gradients come from plain autograd. The arguments are not
+    checked: it reads the batch index with ``int(rois[k, 0])`` and indexes ``input`` with it, so an
+    out-of-range index fails with PyTorch's ``IndexError`` (a negative one indexes from the end), a
+    NaN one with ``ValueError``; call :func:`mmdcnv2.ops.deform_roi_pool` for the argument checks.
+    It synchronises with the device for every RoI (``int()``, ``bool()``): slow on CUDA.
+    """
     PH, PW = _pair(output_size)
     C = input.shape[1]
     dt, dev = input.dtype, input.device

@@ -21,9 +21,24 @@ class MimicHook(Hook):
     * At the end of training, writes to the log how the mean cosine similarity moved
       (mean over the first and the last ``summary_window`` iterations that mimicked).
 
+    Usage, beside a ``model = dict(type='mmdcnv2.MimicRCNN', ...)``::
+
+        custom_hooks = [dict(type="mmdcnv2.MimicHook", begin_iter=0, warmup_iters=500)]
+
+    Without the hook the branch runs with scale 1 in every iteration.
+
     Args:
-        begin_iter, warmup_iters, end_iter: the schedule, in iterations (0-based).
-        summary_window: iterations averaged for the end-of-training summary.
+        begin_iter (int): first iteration (0-based) with a non-zero scale, >= 0. Default: 0.
+        warmup_iters (int): length of the ramp, >= 0: at iteration ``it`` the scale is
+            ``min(1, (it - begin_iter + 1) / warmup_iters)``; 0: no ramp. Default: 0.
+        end_iter (int, optional): first iteration at scale 0 again, >= ``begin_iter``; ``None``: the
+            branch stays on to the end. Default: ``None``.
+        summary_window (int): iterations averaged for the end-of-training summary, >= 1. Default: 50.
+
+    Raises:
+        ValueError: an argument out of its range (above) or not an int.
+        TypeError: in ``before_train`` and later, a model (inside its wrapper) without a
+            feature-mimicking branch: not a ``mmdcnv2.MimicRCNN``.
     """
 
     priority = "NORMAL"

@@ -22,6 +22,15 @@ class SyncNormStatsHook(Hook):
     iteration has been written. Averaging is linear, so the result is the running average of
     the batch statistics averaged over the processes. One collective per iteration over the
     buffers (a few kilobytes for a ResNet). A no-op in a single process.
+
+    ``tools/dist_train.py`` (``mmdcnv2.engine.configure_cpu_ddp``) adds it; in another distributed
+    run, add it to the config (no arguments)::
+
+        custom_hooks = [dict(type="mmdcnv2.SyncNormStatsHook")]
+
+    Norm layers are those derived from torch's ``_NormBase`` (the BatchNorm and InstanceNorm
+    families) with ``track_running_stats``; the buffers are reduced in one flat tensor per dtype
+    (floating ones averaged with ``all_reduce``, the others broadcast from rank 0).
     """
 
     priority = "NORMAL"  # before CheckpointHook (VERY_LOW) and validation

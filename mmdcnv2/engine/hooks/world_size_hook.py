@@ -24,6 +24,19 @@ class WorldSizeHook(Hook):
     the schedulers' learning rates of the old batch. To go on with another number of processes,
     start a new run from the checkpoint's weights (``load_from``). Checkpoints that do not say how
     many processes wrote them (from ``mim train``, mmdet's model zoo) are resumed as before.
+
+    ``tools/dist_train.py`` (``mmdcnv2.engine.configure_cpu_ddp``) adds it with the run's ``resume``;
+    in another run, add it to the config, with ``resume`` equal to the config's::
+
+        custom_hooks = [dict(type="mmdcnv2.WorldSizeHook", resume=True)]
+
+    Args:
+        resume (bool): whether this run resumes (mmengine calls ``after_load_checkpoint`` for
+            ``load_from`` as well; only a resume is checked). Default: False.
+
+    Raises:
+        WorldSizeError: (a ``LaunchError``) in ``after_load_checkpoint``, when ``resume`` is set and
+            the checkpoint's ``meta['world_size']`` differs from this run's world size.
     """
 
     priority = "VERY_HIGH"

@@ -34,7 +34,11 @@ def _stage_cfg(entry):
 
 
 class DCNBasicBlock(BasicBlock):
-    """mmdet's BasicBlock, with ``dcn`` replacing its second 3x3 conv (stride 1)."""
+    """mmdet's BasicBlock (ResNet-18/34), with ``dcn`` replacing its second 3x3 conv (stride 1, padding 1,
+    no bias), which mmdet's BasicBlock refuses. ``dcn`` is a conv-layer config for mmcv's
+    ``build_conv_layer`` (``dict(type='mmdcnv2.DCNv2', ...)``; its ``fallback_on_stride`` is ignored: the
+    second conv has stride 1). Other arguments and state-dict keys are mmdet's BasicBlock's.
+    """
 
     def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, style="pytorch", with_cp=False,
                  conv_cfg=None, norm_cfg=dict(type="BN"), dcn=None, plugins=None, init_cfg=None):
@@ -70,7 +74,34 @@ class _PerStageDCN:
 
 @MODELS.register_module()
 class DCNResNet(_PerStageDCN, ResNet):
-    """mmdet's ResNet with ``stage_dcn`` (see the module docstring) and DCN in BasicBlock."""
+    """mmdet's ResNet whose stages each choose no DCN, DCNv1 or DCNv2: ``type='mmdcnv2.DCNResNet'``.
+
+    Args:
+        stage_dcn (sequence, optional): one entry per stage (``num_stages``, 4 by default): ``None``
+            (the regular 3x3 conv), ``'DCN'``, ``'DCNv2'`` (our ``mmdcnv2.DCN`` / ``mmdcnv2.DCNv2``) or
+            a layer config such as ``dict(type='DCNv2', deform_groups=4)`` (``'DCN'``/``'DCNv2'`` there
+            mean ours too; ``fallback_on_stride`` defaults to False). The layer replaces each block's
+            3x3 conv: ``conv2`` of the Bottleneck (ResNet-50/101/152) and of :class:`DCNBasicBlock`
+            (ResNet-18/34). Default: ``None``, no DCN unless ``dcn``/``stage_with_dcn`` ask for it.
+        **kwargs: mmdet ResNet's arguments (``depth`` in 18, 34, 50, 101, 152, ``num_stages``,
+            ``norm_cfg``, ``norm_eval``, ``frozen_stages``, ``init_cfg``, ...), the stock
+            ``dcn=``/``stage_with_dcn=`` included (which now also work for ResNet-18/34).
+
+    State-dict keys are mmdet ResNet's, plus ``layerX.Y.conv2.conv_offset.{weight,bias}`` for the
+    deformable layers, so ImageNet checkpoints of the plain ResNet (mmdet or torchvision layout) load
+    (their missing ``conv_offset`` keys stay zero; a DCNv2 layer divides the loaded weight by its 0.5
+    modulation) and, with those zero offsets, the network computes the plain ResNet's function.
+
+    Raises:
+        ValueError: ``stage_dcn`` without one entry per stage, with an entry that is not ``None``,
+            ``'DCN'``, ``'DCNv2'`` or a dict with a ``type``, or given together with ``dcn``.
+
+    Example::
+
+        model = dict(backbone=dict(
+            type="mmdcnv2.DCNResNet", depth=50,
+            stage_dcn=(None, "DCN", "DCNv2", dict(type="DCNv2", deform_groups=4))))
+    """
 
     arch_settings = {
         18: (DCNBasicBlock, (2, 2, 2, 2)),
@@ -83,7 +114,19 @@ class DCNResNet(_PerStageDCN, ResNet):
 
 @MODELS.register_module()
 class DCNResNeXt(_PerStageDCN, ResNeXt):
-    """mmdet's ResNeXt with ``stage_dcn``."""
+    """mmdet's ResNeXt (depth 50, 101, 152) whose stages each choose no DCN, DCNv1 or DCNv2:
+    ``type='mmdcnv2.DCNResNeXt'``.
+
+    ``stage_dcn`` as in :class:`DCNResNet` (the layer replaces the grouped 3x3 ``conv2`` of each
+    Bottleneck, with ResNeXt's ``groups``); every other argument (``groups``, ``base_width``, ...) and
+    the state-dict keys are mmdet ResNeXt's.
+
+    Example::
+
+        model = dict(backbone=dict(
+            type="mmdcnv2.DCNResNeXt", depth=101, groups=32, base_width=4,
+            stage_dcn=(None, "DCNv2", "DCNv2", "DCNv2")))
+    """
 
     arch_settings = {
         50: (XBottleneck, (3, 4, 6, 3)),

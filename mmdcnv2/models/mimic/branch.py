@@ -57,19 +57,37 @@ def roi_head_features(roi_head, feats: Tuple[Tensor, ...], rois: Tensor) -> Tens
 
 @MODELS.register_module()
 class RCNNMimicBranch(BaseModule):
-    """The R-CNN branch: positive-RoI sampling, crops, its classifier and both losses.
+    """The R-CNN branch of feature mimicking: positive-RoI sampling, crops, its classifier and both losses.
+
+    ``type='mmdcnv2.RCNNMimicBranch'``, built by :class:`MimicRCNN` from its ``mimic`` config
+    (training only; never called at inference)::
+
+        model = dict(type="mmdcnv2.MimicRCNN",
+                     mimic=dict(type="mmdcnv2.RCNNMimicBranch", num_rois=32, crop_size=224))
 
     Args:
-        num_classes: classes of the detector (the classifier has ``num_classes + 1``
+        num_classes (int): classes of the detector (the classifier has ``num_classes + 1``
             outputs, background last, as mmdet's heads). Filled in by ``MimicRCNN``.
-        in_channels: width of the box head's shared fc feature. Filled in by ``MimicRCNN``.
-        num_rois: positive RoIs mimicked per image at most (paper: 32), drawn at random
-            among the proposals that the RoI head's assigner marks positive.
-        crop_size: side of the square image crop of each RoI (paper: 224).
-        add_gt_as_proposals: the ground-truth boxes are candidates too (as in mmdet's
-            RoI samplers), so that every image has positives even before the RPN learns.
-        loss_mimic: the cosine mimic loss (paper: weight 0.1).
-        loss_cls: the branch classifier's loss (paper: cross-entropy, weight 0.1).
+        in_channels (int): width of the box head's shared fc feature. Filled in by ``MimicRCNN``.
+        num_rois (int): positive RoIs mimicked per image at most (paper: 32), drawn at random
+            among the proposals that the RoI head's assigner marks positive. Default: 32.
+        crop_size (int): side of the square image crop of each RoI (paper: 224). Default: 224.
+        add_gt_as_proposals (bool): the ground-truth boxes are candidates too (as in mmdet's
+            RoI samplers), so that every image has positives even before the RPN learns. Default: True.
+        loss_mimic (dict): the cosine mimic loss (paper: weight 0.1). Default:
+            ``dict(type='mmdcnv2.CosineMimicLoss', loss_weight=0.1, reduction='mean')``.
+        loss_cls (dict): the branch classifier's loss (paper: cross-entropy, weight 0.1). Default:
+            ``dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.1)``.
+        init_cfg (dict, optional): mmengine's initialisation; default: the classifier ``fc_cls``
+            from a normal distribution with std 0.01 (bias zero, mmengine's ``Normal`` init).
+
+    Its only parameters are ``fc_cls`` (``nn.Linear(in_channels, num_classes + 1)``; state-dict keys
+    ``mimic.fc_cls.weight``, ``mimic.fc_cls.bias`` in the detector). ``loss_scale`` (a plain float,
+    1.0; :class:`mmdcnv2.engine.MimicHook` schedules it) multiplies both losses; at 0 the branch does
+    not run.
+
+    Raises:
+        ValueError: ``num_classes``, ``in_channels``, ``num_rois`` or ``crop_size`` not a positive int.
     """
 
     def __init__(

@@ -26,6 +26,23 @@ class MimicRCNN(TwoStageDetector):
     inherited unchanged and never touch the branch. The branch's only parameters (its
     classifier, ``mimic.fc_cls.*``) are the keys a plain config reports as unexpected
     when it loads this detector's checkpoint.
+
+    Args:
+        mimic (dict, optional): the branch's config; ``type`` defaults to
+            ``'mmdcnv2.RCNNMimicBranch'``, ``num_classes`` to the box head's ``num_classes`` and
+            ``in_channels`` to its ``shared_out_channels``. Default: ``None``, the branch's defaults.
+        *args, **kwargs: mmdet's ``TwoStageDetector`` arguments (``backbone``, ``neck``,
+            ``rpn_head``, ``roi_head``, ``train_cfg``, ``test_cfg``, ``data_preprocessor``, ...).
+
+    ``loss`` runs the backbone and neck once, the RPN as mmdet's two-stage detector does, then the
+    branch's losses (``loss_mimic``, ``loss_mimic_cls``; logs ``mimic_cos``, ``mimic_acc``,
+    ``mimic_rois``) and the RoI head's; the branch reruns the backbone, neck, RoI extractor and shared
+    fcs on the RoI crops.
+
+    Raises:
+        ValueError: the model has no ``roi_head`` with a ``bbox_head``.
+        TypeError: the box head has no shared fc layers (not a ``ConvFCBBoxHead`` with
+            ``num_shared_fcs >= 1``, e.g. ``Shared2FCBBoxHead``).
     """
 
     def __init__(self, *args, mimic: Optional[dict] = None, **kwargs):

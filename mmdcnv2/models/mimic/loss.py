@@ -36,6 +36,20 @@ class CosineMimicLoss(nn.Module):
     The paper writes the loss as a sum over the sampled RoIs; the default here is the
     mean, like every other loss of mmdet's R-CNN heads, so that its size does not grow
     with the batch or the number of RoIs. ``reduction='sum'`` gives the paper's form.
+
+    ``type='mmdcnv2.CosineMimicLoss'``, the default ``loss_mimic`` of ``mmdcnv2.RCNNMimicBranch``.
+    Computed in float32 whatever the inputs' dtype, with gradients into both arguments
+    (:func:`cosine_mimic_loss`); no parameters.
+
+    Args:
+        loss_weight (float): multiplies the loss (paper: 0.1). Default: 0.1.
+        reduction (str): ``'mean'`` (default) or ``'sum'`` over the RoIs.
+
+    ``forward(pred, target, reduction_override=None)``: ``pred``, ``target`` Tensor[N, D] ->
+    a float32 scalar (Tensor[N] with ``reduction_override='none'``).
+
+    Raises:
+        ValueError: another ``reduction``; in ``forward``, inputs that are not both [N, D] of one shape.
     """
 
     def __init__(self, loss_weight: float = 0.1, reduction: str = "mean"):
