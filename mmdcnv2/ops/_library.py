@@ -114,16 +114,16 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
 
 def register_autocast(qualname: str, device_type: str, cast_to: torch.dtype) -> None:
     """``torch.library.register_autocast`` where torch has it; elsewhere a kernel under the device's
-    Autocast key that casts every floating tensor argument to ``cast_to`` and runs the op with autocast
-    off (as the official registration does)."""
+    Autocast key that casts every floating tensor argument but float64 ones to ``cast_to`` and runs the op
+    with autocast off (as the official registration does)."""
     if _HAS_REGISTER_AUTOCAST:
         torch.library.register_autocast(qualname, device_type, cast_to)
         return
     namespace, name = qualname.split("::", 1)
     op = getattr(getattr(torch.ops, namespace), name).default
 
-    def cast(a):
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
+    def cast(a):  # autocast's rule: floating tensors other than float64
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64:
             return a.to(cast_to)
         return a
 

@@ -130,8 +130,7 @@ def deform_conv2d(
     always; CUDA when mmdcnv2 was built with CUDA kernels (:func:`has_cuda_kernels`). Under
     ``torch.autocast`` (CPU or CUDA) the op computes in float32, like torchvision's: the tensors may come
     in mixed floating dtypes, are cast to float32, and the result is float32 (float64 tensors are left
-    as they are on torch >= 2.5, whose ``torch.library.register_autocast`` skips them, and cast as well
-    on older torch). Differentiable in ``input``, ``offset``, ``weight``, ``mask`` and ``bias``.
+    as they are, as autocast does). Differentiable in ``input``, ``offset``, ``weight``, ``mask`` and ``bias``.
 
     Returns:
         Tensor[N, C_out, H_out, W_out], in the input's memory format, as ``torch.nn.functional.conv2d``:
