@@ -388,7 +388,6 @@ def bench_detector(device, reps, side):
 
         steps[name] = step
     times = interleaved(steps, device, reps)
-    ref = losses[next(iter(losses))]
     print("  detector losses of the first iteration (the same function in every variant): "
           + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()), flush=True)
     out = {}
@@ -514,7 +513,7 @@ def main():
     dev_name = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or 'CPU'} x{os.cpu_count()}"
     try:
         with open("/proc/cpuinfo") as f:
-            model = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+            model = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         if a.device == "cpu" and model:
             dev_name = f"{model[0]}, {os.cpu_count()} cores"
     except OSError:

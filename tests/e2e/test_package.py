@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import zipfile
 
 import pytest

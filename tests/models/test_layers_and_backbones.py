@@ -9,7 +9,7 @@ from mmcv.cnn import ConvModule, build_conv_layer  # noqa: E402
 from mmdet.registry import MODELS as MMDET_MODELS  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
 
-from mmdcnv2.models import DCN, DCNv2, DCNBasicBlock, DCNResNet  # noqa: E402
+from mmdcnv2.models import DCN, DCNv2, DCNBasicBlock  # noqa: E402
 from mmdcnv2.ops import DeformConv2dPack, ModulatedDeformConv2dPack, ModulatedDeformRoIPoolPack  # noqa: E402
 from mmdcnv2.registry import MODELS  # noqa: E402
 

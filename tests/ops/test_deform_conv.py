@@ -123,9 +123,9 @@ def _mmcv_ops():
 @pytest.mark.parametrize("groups,deform_groups,stride", [(1, 1, 1), (2, 2, 1), (1, 4, 2)])
 def test_modules_load_mmcv_state_dicts(groups, deform_groups, stride):
     mmcv_ops = _mmcv_ops()
-    for ours_cls, theirs_cls, modulated in (
-        (ModulatedDeformConv2dPack, mmcv_ops.ModulatedDeformConv2dPack, True),
-        (DeformConv2dPack, mmcv_ops.DeformConv2dPack, False),
+    for ours_cls, theirs_cls in (
+        (ModulatedDeformConv2dPack, mmcv_ops.ModulatedDeformConv2dPack),
+        (DeformConv2dPack, mmcv_ops.DeformConv2dPack),
     ):
         theirs = theirs_cls(8, 8, 3, stride=stride, padding=1, groups=groups, deform_groups=deform_groups)
         with torch.no_grad():  # non-zero offsets, so that sampling really is deformable
