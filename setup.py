@@ -6,6 +6,7 @@ MMDCNV2_SANITIZE=1 builds the CPU code with AddressSanitizer and UBSan.
 The sources are C++17: they are compiled as C++17, or as C++20 where the installed
 torch's headers require it (MMDCNV2_CXX_STD=c++17 or c++20 overrides the choice).
 """
+
 import glob
 import os
 import shutil
@@ -19,8 +20,10 @@ from setuptools import setup
 # pyproject.toml's [project] table (name, version, packages, package data) needs setuptools >= 64; an older
 # one (Python 3.8's venv ships 56) would build a package named UNKNOWN holding only the extension.
 if int(setuptools.__version__.split(".")[0]) < 64:
-    sys.exit(f"mmdcnv2 needs setuptools >= 64 to build (found {setuptools.__version__}): "
-             "pip install -U 'setuptools>=64', then install mmdcnv2 again")
+    sys.exit(
+        f"mmdcnv2 needs setuptools >= 64 to build (found {setuptools.__version__}): "
+        "pip install -U 'setuptools>=64', then install mmdcnv2 again"
+    )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "7.5;8.0;8.6;9.0;10.0;12.0+PTX"

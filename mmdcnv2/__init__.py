@@ -5,6 +5,7 @@ where mmdet is installed, registers the mmdet components under the scope
 ``mmdcnv2`` (what ``custom_imports = dict(imports=['mmdcnv2'])`` in a config does)
 and makes mmengine's checkpoints loadable on current torch.
 """
+
 import importlib.util
 
 from . import ops  # noqa: F401

@@ -22,13 +22,14 @@ parameter names, shapes and initialisation); checkpoints load both ways. It logs
 ``restore()`` undoes all of it (layers built meanwhile stay ours); ``redirect()`` does it again.
 Nothing changes unless this module is imported: ``import mmdcnv2`` alone leaves mmcv alone.
 """
+
 import importlib
 import sys
 import threading
 import types
 from typing import Dict, List, Optional, Tuple, Union
 
-import mmcv.ops
+import mmcv.ops  # noqa: F401  (imported first, so that every module of it can be redirected)
 import torch.nn.functional as F
 from mmengine.logging import print_log
 from mmengine.registry import MODELS as _ROOT_MODELS
@@ -39,9 +40,19 @@ from mmdcnv2 import ops as _ops
 from mmdcnv2.ops.deform_conv import _conv_out
 
 __all__ = [
-    "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2d", "ModulatedDeformConv2dPack", "DeformRoIPool",
-    "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack", "deform_conv2d", "modulated_deform_conv2d",
-    "deform_roi_pool", "redirect", "restore", "is_redirected",
+    "DeformConv2d",
+    "DeformConv2dPack",
+    "ModulatedDeformConv2d",
+    "ModulatedDeformConv2dPack",
+    "DeformRoIPool",
+    "DeformRoIPoolPack",
+    "ModulatedDeformRoIPoolPack",
+    "deform_conv2d",
+    "modulated_deform_conv2d",
+    "deform_roi_pool",
+    "redirect",
+    "restore",
+    "is_redirected",
 ]
 
 IntPair = Union[int, Tuple[int, int]]
@@ -57,18 +68,31 @@ def _check_groups(fn: str, input: Tensor, offset: Tensor, weight: Tensor, groups
     if weight.dim() != 4 or offset.dim() != 4 or input.dim() != 4:
         return  # the op names the argument with the wrong rank
     if groups < 1 or weight.shape[1] * groups != input.shape[1]:
-        raise ValueError(f"{fn}: groups={groups} does not fit input channels {input.shape[1]} and weight "
-                         f"{tuple(weight.shape)} (weight.shape[1] must be in_channels / groups)")
+        raise ValueError(
+            f"{fn}: groups={groups} does not fit input channels {input.shape[1]} and weight "
+            f"{tuple(weight.shape)} (weight.shape[1] must be in_channels / groups)"
+        )
     taps = weight.shape[2] * weight.shape[3]
     if deform_groups < 1 or offset.shape[1] != 2 * deform_groups * taps:
-        raise ValueError(f"{fn}: deform_groups={deform_groups} does not fit offset {tuple(offset.shape)} "
-                         f"(offset must have 2 * deform_groups * kH * kW = {2 * max(deform_groups, 0) * taps} "
-                         "channels)")
+        raise ValueError(
+            f"{fn}: deform_groups={deform_groups} does not fit offset {tuple(offset.shape)} "
+            f"(offset must have 2 * deform_groups * kH * kW = {2 * max(deform_groups, 0) * taps} "
+            "channels)"
+        )
 
 
-def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, stride: IntPair = 1, padding: IntPair = 0,
-                  dilation: IntPair = 1, groups: int = 1, deform_groups: int = 1, bias: bool = False,
-                  im2col_step: int = 32) -> Tensor:
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    deform_groups: int = 1,
+    bias: bool = False,
+    im2col_step: int = 32,
+) -> Tensor:
     """``mmcv.ops.deform_conv2d`` (DCNv1) on mmdcnv2's op, with mmcv's positional signature.
 
     Args:
@@ -96,14 +120,24 @@ def _read_as_mmcv(fn: str, name: str, t: Tensor, out_hw: Tuple[int, int]) -> Ten
         return t
     need = t.shape[1] * out_hw[0] * out_hw[1]
     if t[0].numel() < need:
-        raise ValueError(f"{fn}: {name} of shape {tuple(t.shape)} is smaller than the output's "
-                         f"{out_hw[0]} x {out_hw[1]} map")
+        raise ValueError(
+            f"{fn}: {name} of shape {tuple(t.shape)} is smaller than the output's {out_hw[0]} x {out_hw[1]} map"
+        )
     return t.reshape(t.shape[0], -1)[:, :need].reshape(t.shape[0], t.shape[1], *out_hw)
 
 
-def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight: Tensor,
-                            bias: Optional[Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
-                            dilation: IntPair = 1, groups: int = 1, deform_groups: int = 1) -> Tensor:
+def modulated_deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    deform_groups: int = 1,
+) -> Tensor:
     """``mmcv.ops.modulated_deform_conv2d`` (DCNv2) on mmdcnv2's op, with mmcv's signature.
 
     mask: Tensor[N, deform_groups * kH * kW, H_out, W_out]; bias: Tensor[C_out] or None; the rest as in
@@ -125,15 +159,21 @@ def modulated_deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor, weight:
     return _ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
 
 
-def deform_roi_pool(input: Tensor, rois: Tensor, offset: Optional[Tensor], output_size: IntPair,
-                    spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1) -> Tensor:
+def deform_roi_pool(
+    input: Tensor,
+    rois: Tensor,
+    offset: Optional[Tensor],
+    output_size: IntPair,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+) -> Tensor:
     """``mmcv.ops.deform_roi_pool`` on mmdcnv2's op (which also runs on the CPU), mmcv's signature.
 
     input Tensor[N, C, H, W], rois Tensor[K, 5], offset Tensor[K, 2, PH, PW] or None; returns
     Tensor[K, C, PH, PW] in the input's dtype.
     """
-    return _ops.deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio,
-                                gamma).to(input.dtype)
+    return _ops.deform_roi_pool(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma).to(input.dtype)
 
 
 # --- mmcv's classes on our ops ---------------------------------------------------------------------------
@@ -152,10 +192,11 @@ class DeformConv2d(_ops.DeformConv2d):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
             offset = F.pad(offset, (0, pad_w, 0, pad_h))
-        out = deform_conv2d(x, offset, self.weight, self.stride, self.padding, self.dilation, self.groups,
-                            self.deform_groups)
+        out = deform_conv2d(
+            x, offset, self.weight, self.stride, self.padding, self.dilation, self.groups, self.deform_groups
+        )
         if pad_h or pad_w:
-            out = out[:, :, :out.size(2) - pad_h, :out.size(3) - pad_w].contiguous()
+            out = out[:, :, : out.size(2) - pad_h, : out.size(3) - pad_w].contiguous()
         return out
 
 
@@ -167,8 +208,18 @@ class ModulatedDeformConv2d(_ops.ModulatedDeformConv2d):
     """mmcv's ``ModulatedDeformConv2d`` on mmdcnv2's op."""
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
-        return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
-                                       self.dilation, self.groups, self.deform_groups)
+        return modulated_deform_conv2d(
+            x,
+            offset,
+            mask,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.deform_groups,
+        )
 
 
 class ModulatedDeformConv2dPack(_ops.ModulatedDeformConv2dPack, ModulatedDeformConv2d):
@@ -189,18 +240,32 @@ class ModulatedDeformRoIPoolPack(_ops.ModulatedDeformRoIPoolPack, DeformRoIPool)
 
 # --- the switch ------------------------------------------------------------------------------------------
 
-_NAMES = ("DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2d", "ModulatedDeformConv2dPack",
-          "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPoolPack", "deform_conv2d",
-          "modulated_deform_conv2d", "deform_roi_pool")
+_NAMES = (
+    "DeformConv2d",
+    "DeformConv2dPack",
+    "ModulatedDeformConv2d",
+    "ModulatedDeformConv2dPack",
+    "DeformRoIPool",
+    "DeformRoIPoolPack",
+    "ModulatedDeformRoIPoolPack",
+    "deform_conv2d",
+    "modulated_deform_conv2d",
+    "deform_roi_pool",
+)
 # (importlib: the attribute mmcv.ops.deform_roi_pool is the function, which hides the submodule)
 _mmcv_deform_conv = importlib.import_module("mmcv.ops.deform_conv")
 _mmcv_modulated_deform_conv = importlib.import_module("mmcv.ops.modulated_deform_conv")
 _mmcv_deform_roi_pool = importlib.import_module("mmcv.ops.deform_roi_pool")
 _HOMES = {
-    "DeformConv2d": _mmcv_deform_conv, "DeformConv2dPack": _mmcv_deform_conv, "deform_conv2d": _mmcv_deform_conv,
-    "ModulatedDeformConv2d": _mmcv_modulated_deform_conv, "ModulatedDeformConv2dPack": _mmcv_modulated_deform_conv,
-    "modulated_deform_conv2d": _mmcv_modulated_deform_conv, "DeformRoIPool": _mmcv_deform_roi_pool,
-    "DeformRoIPoolPack": _mmcv_deform_roi_pool, "ModulatedDeformRoIPoolPack": _mmcv_deform_roi_pool,
+    "DeformConv2d": _mmcv_deform_conv,
+    "DeformConv2dPack": _mmcv_deform_conv,
+    "deform_conv2d": _mmcv_deform_conv,
+    "ModulatedDeformConv2d": _mmcv_modulated_deform_conv,
+    "ModulatedDeformConv2dPack": _mmcv_modulated_deform_conv,
+    "modulated_deform_conv2d": _mmcv_modulated_deform_conv,
+    "DeformRoIPool": _mmcv_deform_roi_pool,
+    "DeformRoIPoolPack": _mmcv_deform_roi_pool,
+    "ModulatedDeformRoIPoolPack": _mmcv_deform_roi_pool,
     "deform_roi_pool": _mmcv_deform_roi_pool,
 }
 #: mmcv's own objects, taken from the modules that define them (before any redirect).
@@ -209,7 +274,7 @@ MMCV_ORIGINALS: Dict[str, object] = {name: vars(_HOMES[name])[name] for name in 
 REPLACEMENTS: Dict[str, object] = {name: globals()[name] for name in _NAMES}
 
 _lock = threading.Lock()
-_bindings: List[Tuple[object, str, object]] = []   # (module, attribute, mmcv's object) replaced
+_bindings: List[Tuple[object, str, object]] = []  # (module, attribute, mmcv's object) replaced
 _registered: List[Tuple[object, str, object]] = []  # (registry, name, mmcv's class) replaced
 _active = False
 
@@ -263,12 +328,17 @@ def redirect() -> Dict[str, List[str]]:
                     registry._module_dict[key] = REPLACEMENTS[name]
                     _registered.append((registry, key, value))
         _active = True
-        replaced = {"modules": sorted(f"{m.__name__}.{a}" for m, a, _ in _bindings),
-                    "registry": sorted(f"{r.scope}::{r.name}.{k}" for r, k, _ in _registered)}
+        replaced = {
+            "modules": sorted(f"{m.__name__}.{a}" for m, a, _ in _bindings),
+            "registry": sorted(f"{r.scope}::{r.name}.{k}" for r, k, _ in _registered),
+        }
         mods = sorted({m.__name__ for m, _, _ in _bindings})
-        print_log(f"mmdcnv2.mmcv_ops: mmcv's deformable ops now run on mmdcnv2's kernels: replaced "
-                  f"{len(_bindings)} bindings in {len(mods)} modules ({', '.join(mods)}) and the registry names "
-                  f"{', '.join(replaced['registry'])}. mmdcnv2.mmcv_ops.restore() undoes it.", logger="current")
+        print_log(
+            f"mmdcnv2.mmcv_ops: mmcv's deformable ops now run on mmdcnv2's kernels: replaced "
+            f"{len(_bindings)} bindings in {len(mods)} modules ({', '.join(mods)}) and the registry names "
+            f"{', '.join(replaced['registry'])}. mmdcnv2.mmcv_ops.restore() undoes it.",
+            logger="current",
+        )
         return replaced
 
 

@@ -16,6 +16,7 @@ parent fallback would, for example, turn ``mmdcnv2.SAC`` into mmcv's ``SAC``).
 (``'mmdcnv2.X' in mmdet.registry.MODELS`` raises that error too, since mmengine's
 ``in`` is a lookup; ``in`` on our own registries answers False.)
 """
+
 from mmdet import registry as _mmdet
 from mmengine.registry import Registry
 
@@ -89,8 +90,9 @@ def _missing(registry: Registry, name: str) -> KeyError:
 def _child(parent: Registry, locations=()) -> ScopedRegistry:
     # mmdet's locations too: an unscoped name looked up in our registry falls back to mmdet's
     # registry without triggering mmdet's lazy imports, so ours triggers them.
-    registry = ScopedRegistry(parent.name, parent=parent, scope=SCOPE,
-                              locations=list(locations) + list(parent._locations))
+    registry = ScopedRegistry(
+        parent.name, parent=parent, scope=SCOPE, locations=list(locations) + list(parent._locations)
+    )
     parent._children[SCOPE] = _ExplicitScopeView(registry)
     return registry
 

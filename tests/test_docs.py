@@ -1,4 +1,5 @@
 """The markdown's relative links and anchors resolve (tools/check_docs.py), and the checker catches broken ones."""
+
 import os
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_checker_accepts_github_slugs_and_duplicates(tmp_path):
         "## Notes\n"
         "\n"
         "[a](#every-model-mmdcnv2mmcv_ops) [b](#export-determinism-robustness) [c](#notes) [d](#notes-1)\n"
-        "![img](pic.png) <img src=\"pic.png\">\n"
+        '![img](pic.png) <img src="pic.png">\n'
     )
     (tmp_path / "pic.png").write_bytes(b"")
     result = run_checker(tmp_path)

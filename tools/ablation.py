@@ -28,6 +28,7 @@ or anything else running on the machine, would skew it. --reuse DIR (repeatable)
 finished in an earlier run's DIR/ablation.json (metrics, checkpoints, timings) instead of training
 them again, e.g. to add a row to a finished ablation.
 """
+
 import argparse
 import json
 import os
@@ -38,8 +39,17 @@ import sys
 import threading
 import time
 
-from mim_jobs import (ROOT, coco_metrics, data_options, last_checkpoint, seconds_per_iter, subprocess_env,
-                      test_cmd, train_cmd, train_progress)
+from mim_jobs import (
+    ROOT,
+    coco_metrics,
+    data_options,
+    last_checkpoint,
+    seconds_per_iter,
+    subprocess_env,
+    test_cmd,
+    train_cmd,
+    train_progress,
+)
 
 S = "configs/shapes/"
 # name, config, deformable conv stages, modulated conv, RoI pooling, mimicking
@@ -51,13 +61,25 @@ ROWS = [
     ("mdpool", S + "faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py", "c3-c5", True, "mdpool", False),
     ("mimic", S + "faster-rcnn_r18-dcnv2-mdpool-mimic_fpn_shapes.py", "c3-c5", True, "mdpool", True),
     # not in the default rows: mimicking closer to the paper's setting (32 RoIs, 224px crops)
-    ("mimic-large", S + "faster-rcnn_r18-dcnv2-mdpool-mimic-large_fpn_shapes.py", "c3-c5", True, "mdpool",
-     "16 RoIs, 80px"),
+    (
+        "mimic-large",
+        S + "faster-rcnn_r18-dcnv2-mdpool-mimic-large_fpn_shapes.py",
+        "c3-c5",
+        True,
+        "mdpool",
+        "16 RoIs, 80px",
+    ),
 ]
 DEFAULT_ROWS = ("regular", "dcnv1", "dconv-c3-c5", "mdconv", "mdpool", "mimic")
-LABELS = {"regular": "regular conv", "dcnv1": "DCNv1", "dconv-c3-c5": "dconv c3-c5", "mdconv": "+ modulation",
-          "mdpool": "+ mdpool", "mimic": "+ mimicking (DCNv2)",
-          "mimic-large": "+ mimicking, 16 RoIs, 80px"}
+LABELS = {
+    "regular": "regular conv",
+    "dcnv1": "DCNv1",
+    "dconv-c3-c5": "dconv c3-c5",
+    "mdconv": "+ modulation",
+    "mdpool": "+ mdpool",
+    "mimic": "+ mimicking (DCNv2)",
+    "mimic-large": "+ mimicking, 16 RoIs, 80px",
+}
 
 
 def run_job(row, seed, out_dir, data, iters, threads, status):
@@ -72,8 +94,7 @@ def run_job(row, seed, out_dir, data, iters, threads, status):
     train_log = os.path.join(work, "train_output.txt")
     status[key] = dict(state="training", log=train_log)
     with open(train_log, "w") as log:
-        rc = subprocess.call(train_cmd(config, work, options), cwd=ROOT, env=env, stdout=log,
-                             stderr=subprocess.STDOUT)
+        rc = subprocess.call(train_cmd(config, work, options), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     ckpt = last_checkpoint(work)
     if rc != 0 or ckpt is None:
         status[key] = dict(state=f"training failed (rc {rc}): {train_log}")
@@ -81,15 +102,23 @@ def run_job(row, seed, out_dir, data, iters, threads, status):
     test_log = os.path.join(work, "test_output.txt")
     status[key] = dict(state="testing", log=test_log)
     with open(test_log, "w") as log:
-        rc = subprocess.call(test_cmd(config, ckpt, work, options), cwd=ROOT, env=env, stdout=log,
-                             stderr=subprocess.STDOUT)
+        rc = subprocess.call(
+            test_cmd(config, ckpt, work, options), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     with open(test_log) as f:
         metrics = coco_metrics(f.read())
     if rc != 0 or metrics is None:
         status[key] = dict(state=f"testing failed (rc {rc}): {test_log}")
         return
-    status[key] = dict(state="done", ap=metrics[0], ap50=metrics[1], ap75=metrics[2],
-                       s_per_iter_jobs=seconds_per_iter(work), minutes=(time.time() - t0) / 60, checkpoint=ckpt)
+    status[key] = dict(
+        state="done",
+        ap=metrics[0],
+        ap50=metrics[1],
+        ap75=metrics[2],
+        s_per_iter_jobs=seconds_per_iter(work),
+        minutes=(time.time() - t0) / 60,
+        checkpoint=ckpt,
+    )
 
 
 def time_row(row, out_dir, data, iters, timing):
@@ -97,11 +126,14 @@ def time_row(row, out_dir, data, iters, timing):
     name, config = row[0], row[1]
     work = os.path.join(out_dir, "work", name + "-timing")
     os.makedirs(work)
-    options = data_options(data, iters) + [f"default_hooks.logger.interval={max(1, iters // 5)}",
-                                           f"default_hooks.checkpoint.interval={iters + 1}"]
+    options = data_options(data, iters) + [
+        f"default_hooks.logger.interval={max(1, iters // 5)}",
+        f"default_hooks.checkpoint.interval={iters + 1}",
+    ]
     with open(os.path.join(work, "train_output.txt"), "w") as log:
-        rc = subprocess.call(train_cmd(config, work, options), cwd=ROOT, env=subprocess_env(), stdout=log,
-                             stderr=subprocess.STDOUT)
+        rc = subprocess.call(
+            train_cmd(config, work, options), cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT
+        )
     timing[name] = seconds_per_iter(work) if rc == 0 else None
 
 
@@ -152,10 +184,18 @@ def step_verdicts(rows, summary):
         # paired by seed (a seed fixes the image order and the heads' initialisation in every row)
         common = [s for s in a["seeds"] if s in b["seeds"]]
         diffs = [b["ap"][b["seeds"].index(s)] - a["ap"][a["seeds"].index(s)] for s in common]
-        out.append(dict(frm=prev[0], to=row[0], delta=delta, spread=spread,
-                        larger=(abs(delta) > spread) if known else None, paired=diffs,
-                        paired_std=statistics.stdev(diffs) if len(diffs) > 1 else None,
-                        same_sign=len(diffs) > 1 and (all(d > 0 for d in diffs) or all(d < 0 for d in diffs))))
+        out.append(
+            dict(
+                frm=prev[0],
+                to=row[0],
+                delta=delta,
+                spread=spread,
+                larger=(abs(delta) > spread) if known else None,
+                paired=diffs,
+                paired_std=statistics.stdev(diffs) if len(diffs) > 1 else None,
+                same_sign=len(diffs) > 1 and (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)),
+            )
+        )
     return out
 
 
@@ -170,36 +210,55 @@ def _fmt(entry, key):
 def markdown(rows, seeds, status, timing, meta):
     check = {True: "yes", False: ""}
     summary = summarize(rows, seeds, status)
-    lines = [f"Embedded shapes dataset, {meta['iters']} iterations, seeds {', '.join(map(str, seeds))} "
-             f"(mean ± sample standard deviation over the seeds), {meta['machine']}; trained {meta['jobs']} "
-             f"job(s) side by side with {meta['threads']} thread(s) each; s/iter: "
-             + (f"{meta['timing_iters']} iterations of each row alone, all cores." if meta["timing_iters"] else
-                "measured during training."), "",
-             "| | deformable conv | modulation | RoI pooling | mimicking | box AP | AP50 | AP75 | box AP per seed | s/iter |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Embedded shapes dataset, {meta['iters']} iterations, seeds {', '.join(map(str, seeds))} "
+        f"(mean ± sample standard deviation over the seeds), {meta['machine']}; trained {meta['jobs']} "
+        f"job(s) side by side with {meta['threads']} thread(s) each; s/iter: "
+        + (
+            f"{meta['timing_iters']} iterations of each row alone, all cores."
+            if meta["timing_iters"]
+            else "measured during training."
+        ),
+        "",
+        "| | deformable conv | modulation | RoI pooling | mimicking | box AP | AP50 | AP75 | box AP per seed | s/iter |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, _, stages, modulated, pool, mimic in rows:
         e = summary[name]
-        per_seed = ", ".join(f"{status[(name, s)]['ap']:.3f}" if status[(name, s)].get("state") == "done"
-                             else "failed" if "failed" in status[(name, s)].get("state", "") else "-" for s in seeds)
+        per_seed = ", ".join(
+            f"{status[(name, s)]['ap']:.3f}"
+            if status[(name, s)].get("state") == "done"
+            else "failed"
+            if "failed" in status[(name, s)].get("state", "")
+            else "-"
+            for s in seeds
+        )
         t = timing.get(name)
         if t is None:
             jobs = [status[(name, s)].get("s_per_iter_jobs") for s in seeds]
             jobs = [j for j in jobs if j]
             t = statistics.median(jobs) if jobs else None
         spi = "n/a" if t is None else f"{t:.2f}"
-        lines.append(f"| {LABELS[name]} | {stages or '-'} | {check[modulated]} | {pool} | {check.get(mimic, mimic)} | "
-                     f"{_fmt(e, 'ap')} | {_fmt(e, 'ap50')} | {_fmt(e, 'ap75')} | {per_seed} | {spi} |")
+        lines.append(
+            f"| {LABELS[name]} | {stages or '-'} | {check[modulated]} | {pool} | {check.get(mimic, mimic)} | "
+            f"{_fmt(e, 'ap')} | {_fmt(e, 'ap50')} | {_fmt(e, 'ap75')} | {per_seed} | {spi} |"
+        )
     verdicts = step_verdicts(rows, summary)
     if verdicts:
-        lines += ["", "| step | change of mean box AP | sum of the two stds | larger than the spread? | "
-                      "change per seed (paired) | same sign in every seed? |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| step | change of mean box AP | sum of the two stds | larger than the spread? | "
+            "change per seed (paired) | same sign in every seed? |",
+            "|---|---|---|---|---|---|",
+        ]
         for v in verdicts:
             verdict = {True: "**yes**", False: "no", None: "n/a (one seed)"}[v["larger"]]
             paired = ", ".join(f"{d:+.3f}" for d in v["paired"]) or "-"
             sign = "**yes**" if v["same_sign"] else ("no" if len(v["paired"]) > 1 else "n/a")
-            lines.append(f"| {LABELS[v['frm']]} -> {LABELS[v['to']]} | {v['delta']:+.3f} | {v['spread']:.3f} | "
-                         f"{verdict} | {paired} | {sign} |")
+            lines.append(
+                f"| {LABELS[v['frm']]} -> {LABELS[v['to']]} | {v['delta']:+.3f} | {v['spread']:.3f} | "
+                f"{verdict} | {paired} | {sign} |"
+            )
     return "\n".join(lines) + "\n", summary, verdicts
 
 
@@ -240,19 +299,35 @@ def write_results(out, rows, seeds, status, timing, meta):
     table, summary, verdicts = markdown(rows, seeds, status, timing, meta)
     with open(os.path.join(out, "ablation.md"), "w") as f:
         f.write(table)
-    runs = {f"{n}/seed{s}": dict(row=n, seed=s, **{k: v for k, v in st.items() if k != "log"})
-            for (n, s), st in status.items()}
+    runs = {
+        f"{n}/seed{s}": dict(row=n, seed=s, **{k: v for k, v in st.items() if k != "log"})
+        for (n, s), st in status.items()
+    }
     with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump(dict(meta=meta, seeds=seeds, timing=timing, summary=summary, steps=verdicts, runs=runs,
-                       configs={r[0]: r[1] for r in rows}), f, indent=1)
+        json.dump(
+            dict(
+                meta=meta,
+                seeds=seeds,
+                timing=timing,
+                summary=summary,
+                steps=verdicts,
+                runs=runs,
+                configs={r[0]: r[1] for r in rows},
+            ),
+            f,
+            indent=1,
+        )
     plot(rows, summary, timing, os.path.join(out, "ablation.png"))
     return table
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
-                   help="comma-separated rows (default: the paper's six; also: mimic-large)")
+    p.add_argument(
+        "--rows",
+        default=",".join(DEFAULT_ROWS),
+        help="comma-separated rows (default: the paper's six; also: mimic-large)",
+    )
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every row is trained once per seed")
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the configs')")
     p.add_argument("--jobs", type=int, default=1, help="trainings side by side")
@@ -260,9 +335,12 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="results folder; must not exist (default results/ablation-<time>)")
     p.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
     p.add_argument("--timing-iters", type=int, default=30, help="iterations of the timing run per row (0: none)")
-    p.add_argument("--reuse", action="append", default=None,
-                   help="an earlier results folder (may be given more than once): its finished runs are not "
-                        "retrained")
+    p.add_argument(
+        "--reuse",
+        action="append",
+        default=None,
+        help="an earlier results folder (may be given more than once): its finished runs are not retrained",
+    )
     a = p.parse_args(argv)
     names = [n.strip() for n in a.rows.split(",") if n.strip()]
     known = [r[0] for r in ROWS]
@@ -313,23 +391,31 @@ def main(argv=None):
             timing[row[0]] = earlier_timing[row[0]]
     pending = [(row, seed) for row, seed in order if status[(row[0], seed)].get("state") != "done"]
     trained = bool(pending)
-    meta = dict(iters=a.iters or "the configs'", jobs=jobs, threads=threads, timing_iters=a.timing_iters,
-                machine=f"{os.cpu_count()}-core {platform.machine()} CPU", date=time.strftime("%Y-%m-%d"))
+    meta = dict(
+        iters=a.iters or "the configs'",
+        jobs=jobs,
+        threads=threads,
+        timing_iters=a.timing_iters,
+        machine=f"{os.cpu_count()}-core {platform.machine()} CPU",
+        date=time.strftime("%Y-%m-%d"),
+    )
     if not trained:  # every run came from --reuse: keep how they were trained
         meta.update({k: earlier_meta[k] for k in ("iters", "jobs", "threads", "date") if k in earlier_meta})
     if timing and not a.timing_iters and earlier_meta.get("timing_iters"):  # the timings came from earlier runs
         meta["timing_iters"] = earlier_meta["timing_iters"]
     running = []
     t0 = time.time()
-    print(f"{len(rows)} rows x {len(seeds)} seeds, {len(pending)} to train, {jobs} at a time, {threads} "
-          f"thread(s) each; results in {out}", flush=True)
+    print(
+        f"{len(rows)} rows x {len(seeds)} seeds, {len(pending)} to train, {jobs} at a time, {threads} "
+        f"thread(s) each; results in {out}",
+        flush=True,
+    )
     finished = 0
     while pending or running:
         running = [t for t in running if t.is_alive()]
         while pending and len(running) < jobs:
             row, seed = pending.pop(0)
-            t = threading.Thread(target=run_job, args=(row, seed, out, a.data, a.iters, threads, status),
-                                 daemon=True)
+            t = threading.Thread(target=run_job, args=(row, seed, out, a.data, a.iters, threads, status), daemon=True)
             t.start()
             running.append(t)
         if running:

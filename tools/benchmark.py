@@ -8,6 +8,7 @@ of the modulated deformable convolution at ResNet-50's c3/c4/c5 3x3 layers for a
 one Faster R-CNN R-50-FPN training iteration (DCNv2 in c3-c5: mmdcnv2 vs mmcv layers
 vs the plain detector). Writes a markdown table and a PNG plot to --out.
 """
+
 import argparse
 import contextlib
 import json
@@ -124,15 +125,21 @@ class QuietWatch:
         wall = time.perf_counter() - self.t0
         j1, c1 = _cpu_jiffies(), _own_cpu_seconds()
         after = self.calibrate()
-        report = dict(calibration_before_ms=self.calib_before, calibration_after_ms=after,
-                      calibration_change=after / self.calib_before - 1, wall_s=wall, warnings=[])
+        report = dict(
+            calibration_before_ms=self.calib_before,
+            calibration_after_ms=after,
+            calibration_change=after / self.calib_before - 1,
+            wall_s=wall,
+            warnings=[],
+        )
         if self.j0 and j1:
             others = (j1[0] - self.j0[0]) / self.hz - (c1 - self.c0)
             report["other_cpu_fraction"] = max(0.0, others) / (wall * (os.cpu_count() or 1))
             if report["other_cpu_fraction"] > 0.05:
                 report["warnings"].append(
                     f"other processes used {100 * report['other_cpu_fraction']:.0f}% of the machine's CPU time "
-                    f"during the run: the figures are not those of a quiet machine")
+                    f"during the run: the figures are not those of a quiet machine"
+                )
         try:
             report["loadavg"] = os.getloadavg()
         except OSError:
@@ -140,7 +147,8 @@ class QuietWatch:
         if abs(report["calibration_change"]) > 0.15:
             report["warnings"].append(
                 f"the calibration workload took {self.calib_before:.1f} ms before and {after:.1f} ms after the run "
-                f"({100 * report['calibration_change']:+.0f}%): the machine's speed changed during the run")
+                f"({100 * report['calibration_change']:+.0f}%): the machine's speed changed during the run"
+            )
         for w in report["warnings"]:
             print(f"\n!!! WARNING: {w} !!!", flush=True)
         return report
@@ -148,8 +156,16 @@ class QuietWatch:
 
 # What torch's profiler (kineto, CUPTI) writes straight to the process's stderr on every start and stop on a
 # machine without a GPU: noise for the reader of the benchmark, dropped; any other line is passed on.
-PROFILER_NOISE = ("USDT", "profiler_start", "profiler_stop", "gpuGetDeviceCount", "CUPTI", "libkineto",
-                  "ActivityProfilerController", "kineto")
+PROFILER_NOISE = (
+    "USDT",
+    "profiler_start",
+    "profiler_stop",
+    "gpuGetDeviceCount",
+    "CUPTI",
+    "libkineto",
+    "ActivityProfilerController",
+    "kineto",
+)
 
 
 @contextlib.contextmanager
@@ -169,8 +185,11 @@ def profiler_quiet():
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
-            kept = [line for line in tmp.read().decode(errors="replace").splitlines()
-                    if line.strip() and not any(n in line for n in PROFILER_NOISE)]
+            kept = [
+                line
+                for line in tmp.read().decode(errors="replace").splitlines()
+                if line.strip() and not any(n in line for n in PROFILER_NOISE)
+            ]
             for line in kept:
                 print(line, file=sys.stderr)
 
@@ -190,8 +209,9 @@ def peak_memory(fn, device):
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
     # walk the allocation events in time order: running total, keep the peak
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0 and not e.cpu_children),
-                    key=lambda e: e.time_range.start)
+    events = sorted(
+        (e for e in prof.events() if e.cpu_memory_usage != 0 and not e.cpu_children), key=lambda e: e.time_range.start
+    )
     cur = peak = 0
     for e in events:
         cur += e.cpu_memory_usage
@@ -267,12 +287,20 @@ def bench_conv(device, dtype, reps, shapes):
         t_f, t_fb = interleaved(fwd, device, reps), interleaved(fwd_bwd, device, reps)
         for impl in fwd:
             sf, sfb = stats(t_f[impl]), stats(t_fb[impl])
-            row[impl] = dict(fwd=sf["median"], fwd_bwd=sfb["median"], bwd=sfb["median"] - sf["median"],
-                             fwd_spread=[sf["min"], sf["max"]], fwd_bwd_spread=[sfb["min"], sfb["max"]],
-                             mem_mib=mem[impl] / 2**20)
-            print(f"  {name:12s} {impl:18s} fwd {sf['median']:8.2f} ms [{sf['min']:.1f}-{sf['max']:.1f}]  "
-                  f"fwd+bwd {sfb['median']:8.2f} ms [{sfb['min']:.1f}-{sfb['max']:.1f}]  "
-                  f"peak {mem[impl] / 2**20:7.1f} MiB", flush=True)
+            row[impl] = dict(
+                fwd=sf["median"],
+                fwd_bwd=sfb["median"],
+                bwd=sfb["median"] - sf["median"],
+                fwd_spread=[sf["min"], sf["max"]],
+                fwd_bwd_spread=[sfb["min"], sfb["max"]],
+                mem_mib=mem[impl] / 2**20,
+            )
+            print(
+                f"  {name:12s} {impl:18s} fwd {sf['median']:8.2f} ms [{sf['min']:.1f}-{sf['max']:.1f}]  "
+                f"fwd+bwd {sfb['median']:8.2f} ms [{sfb['min']:.1f}-{sfb['max']:.1f}]  "
+                f"peak {mem[impl] / 2**20:7.1f} MiB",
+                flush=True,
+            )
         rows.append(row)
     return rows
 
@@ -297,7 +325,8 @@ def bench_roi_pool(device, dtype, reps):
         import torchvision
 
         impls["torchvision roi_align (no offsets)"] = lambda f, o: torchvision.ops.roi_align(
-            f, rois, 7, 1 / 16, 2, aligned=True)
+            f, rois, 7, 1 / 16, 2, aligned=True
+        )
     except ImportError:
         pass
     row = dict(shape=f"2x256x50x84, {n} RoIs, 7x7")
@@ -324,10 +353,17 @@ def bench_roi_pool(device, dtype, reps):
     t_f, t_fb = interleaved(fwd, device, reps), interleaved(fwd_bwd, device, reps)
     for impl in fwd:
         sf, sfb = stats(t_f[impl]), stats(t_fb[impl])
-        row[impl] = dict(fwd=sf["median"], fwd_bwd=sfb["median"], bwd=sfb["median"] - sf["median"],
-                         fwd_bwd_spread=[sfb["min"], sfb["max"]])
-        print(f"  roi pool {impl:34s} fwd {sf['median']:8.2f} ms  fwd+bwd {sfb['median']:8.2f} ms "
-              f"[{sfb['min']:.1f}-{sfb['max']:.1f}]", flush=True)
+        row[impl] = dict(
+            fwd=sf["median"],
+            fwd_bwd=sfb["median"],
+            bwd=sfb["median"] - sf["median"],
+            fwd_bwd_spread=[sfb["min"], sfb["max"]],
+        )
+        print(
+            f"  roi pool {impl:34s} fwd {sf['median']:8.2f} ms  fwd+bwd {sfb['median']:8.2f} ms "
+            f"[{sfb['min']:.1f}-{sfb['max']:.1f}]",
+            flush=True,
+        )
     rows.append(row)
     return rows
 
@@ -350,8 +386,9 @@ def bench_detector(device, reps, side):
     variants = {
         "plain (regular conv)": os.path.join(base, "faster_rcnn", "faster-rcnn_r50_fpn_1x_coco.py"),
         "DCNv2 c3-c5, mmcv layers": os.path.join(base, "dcnv2", "faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py"),
-        "DCNv2 c3-c5, mmdcnv2 layers": os.path.join(ROOT, "configs", "dcnv2",
-                                                    "faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py"),
+        "DCNv2 c3-c5, mmdcnv2 layers": os.path.join(
+            ROOT, "configs", "dcnv2", "faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py"
+        ),
     }
     steps, losses, plain_state = {}, {}, None
     for name, path in variants.items():
@@ -379,8 +416,11 @@ def bench_detector(device, reps, side):
             torch.manual_seed(0)  # the same sampled RoIs in every repetition and variant
             data = model.data_preprocessor(packed, True)
             losses_ = model(**data, mode="loss")
-            loss = sum(v.sum() if isinstance(v, torch.Tensor) else sum(x.sum() for x in v)
-                       for k, v in losses_.items() if "loss" in k)
+            loss = sum(
+                v.sum() if isinstance(v, torch.Tensor) else sum(x.sum() for x in v)
+                for k, v in losses_.items()
+                if "loss" in k
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -388,8 +428,11 @@ def bench_detector(device, reps, side):
 
         steps[name] = step
     times = interleaved(steps, device, reps)
-    print("  detector losses of the first iteration (the same function in every variant): "
-          + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()), flush=True)
+    print(
+        "  detector losses of the first iteration (the same function in every variant): "
+        + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()),
+        flush=True,
+    )
     out = {}
     for name, ms in times.items():
         st = stats(ms)
@@ -405,22 +448,33 @@ def fmt(v):
 
 def write_report(results, out_dir):
     os.makedirs(out_dir, exist_ok=True)
-    lines = [f"# mmdcnv2 benchmark ({results['device_name']}, {results['date']})", "",
-             f"torch {results['torch']}, {results['threads']} threads, {results['reps']} repeats interleaved across "
-             f"implementations (median, [min-max] where shown)", ""]
+    lines = [
+        f"# mmdcnv2 benchmark ({results['device_name']}, {results['date']})",
+        "",
+        f"torch {results['torch']}, {results['threads']} threads, {results['reps']} repeats interleaved across "
+        f"implementations (median, [min-max] where shown)",
+        "",
+    ]
     q = results.get("quiet", {})
     for w in q.get("warnings", []):
         lines += [f"**WARNING: {w}.**", ""]
     if q:
-        lines += [f"Calibration workload {q['calibration_before_ms']:.1f} ms before, {q['calibration_after_ms']:.1f} ms "
-                  f"after; other processes' share of the CPU during the run: "
-                  f"{100 * q.get('other_cpu_fraction', float('nan')):.1f}%.", ""]
+        lines += [
+            f"Calibration workload {q['calibration_before_ms']:.1f} ms before, {q['calibration_after_ms']:.1f} ms "
+            f"after; other processes' share of the CPU during the run: "
+            f"{100 * q.get('other_cpu_fraction', float('nan')):.1f}%.",
+            "",
+        ]
     for dtype, rows in results["conv"].items():
-        lines += [f"## Modulated deformable convolution, 3x3, {dtype} (ms)", "",
-                  "Ratios: ours / dense conv2d (fwd, fwd+bwd); ours / peer (fwd+bwd).", "",
-                  "| layer | size | mmdcnv2 fwd | fwd+bwd [min-max] | GEMM route fwd / fwd+bwd | "
-                  "conv route fwd / fwd+bwd | peak MiB | dense fwd / fwd+bwd | vs dense | vs torchvision | vs mmcv |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## Modulated deformable convolution, 3x3, {dtype} (ms)",
+            "",
+            "Ratios: ours / dense conv2d (fwd, fwd+bwd); ours / peer (fwd+bwd).",
+            "",
+            "| layer | size | mmdcnv2 fwd | fwd+bwd [min-max] | GEMM route fwd / fwd+bwd | "
+            "conv route fwd / fwd+bwd | peak MiB | dense fwd / fwd+bwd | vs dense | vs torchvision | vs mmcv |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             ours = r.get("mmdcnv2", {})
             if "fwd_bwd" not in ours:
@@ -429,35 +483,57 @@ def write_report(results, out_dir):
             gemm = r.get("mmdcnv2 GEMM route", {})
             convr = r.get("mmdcnv2 conv route", {})
             d = r.get("dense conv2d", {})
-            cells = [r["shape"], r["size"], fmt(ours.get("fwd")),
-                     f"{fmt(ours.get('fwd_bwd'))} [{fmt(sp[0])}-{fmt(sp[1])}]",
-                     f"{fmt(gemm.get('fwd'))} / {fmt(gemm.get('fwd_bwd'))}" if gemm else "-",
-                     f"{fmt(convr.get('fwd'))} / {fmt(convr.get('fwd_bwd'))}" if convr else "-",
-                     fmt(ours.get("mem_mib")), f"{fmt(d.get('fwd'))} / {fmt(d.get('fwd_bwd'))}",
-                     f"{ours['fwd'] / d['fwd']:.2f}x / {ours['fwd_bwd'] / d['fwd_bwd']:.2f}x" if "fwd" in d else "-"]
+            cells = [
+                r["shape"],
+                r["size"],
+                fmt(ours.get("fwd")),
+                f"{fmt(ours.get('fwd_bwd'))} [{fmt(sp[0])}-{fmt(sp[1])}]",
+                f"{fmt(gemm.get('fwd'))} / {fmt(gemm.get('fwd_bwd'))}" if gemm else "-",
+                f"{fmt(convr.get('fwd'))} / {fmt(convr.get('fwd_bwd'))}" if convr else "-",
+                fmt(ours.get("mem_mib")),
+                f"{fmt(d.get('fwd'))} / {fmt(d.get('fwd_bwd'))}",
+                f"{ours['fwd'] / d['fwd']:.2f}x / {ours['fwd_bwd'] / d['fwd_bwd']:.2f}x" if "fwd" in d else "-",
+            ]
             for peer in ("torchvision", "mmcv"):
                 p = r.get(peer, {})
-                cells.append(f"{ours['fwd_bwd'] / p['fwd_bwd']:.3f}x ({p['fwd_bwd']:.0f} ms)" if "fwd_bwd" in p else "-")
+                cells.append(
+                    f"{ours['fwd_bwd'] / p['fwd_bwd']:.3f}x ({p['fwd_bwd']:.0f} ms)" if "fwd_bwd" in p else "-"
+                )
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if results.get("roi_pool"):
-        lines += ["## Deformable RoI pooling (ms)", "", "| case | implementation | fwd | fwd+bwd |", "|---|---|---|---|"]
+        lines += [
+            "## Deformable RoI pooling (ms)",
+            "",
+            "| case | implementation | fwd | fwd+bwd |",
+            "|---|---|---|---|",
+        ]
         for r in results["roi_pool"]:
             for impl, v in r.items():
                 if isinstance(v, dict):
-                    lines.append(f"| {r['shape']} | {impl} | {fmt(v.get('fwd'))} | "
-                                 f"{fmt(v.get('fwd_bwd')) if 'error' not in v else v['error']} |")
+                    lines.append(
+                        f"| {r['shape']} | {impl} | {fmt(v.get('fwd'))} | "
+                        f"{fmt(v.get('fwd_bwd')) if 'error' not in v else v['error']} |"
+                    )
         lines.append("")
     if results.get("detector"):
-        lines += [f"## One training iteration, Faster R-CNN R-50-FPN, 2 images {results['detector_side']}px (ms)", "",
-                  f"{results.get('detector_reps', results['reps'])} repetitions, interleaved; every variant with the plain "
-                  "detector's weights (the same function, the same proposals), loss of the first iteration: "
-                  + ", ".join(f"{k} {v:.5f}" for k, v in results.get("detector_losses", {}).items()), "",
-                  "| model | ms / iteration [min-max] | relative to plain |", "|---|---|---|"]
+        lines += [
+            f"## One training iteration, Faster R-CNN R-50-FPN, 2 images {results['detector_side']}px (ms)",
+            "",
+            f"{results.get('detector_reps', results['reps'])} repetitions, interleaved; every variant with the plain "
+            "detector's weights (the same function, the same proposals), loss of the first iteration: "
+            + ", ".join(f"{k} {v:.5f}" for k, v in results.get("detector_losses", {}).items()),
+            "",
+            "| model | ms / iteration [min-max] | relative to plain |",
+            "|---|---|---|",
+        ]
         det = results["detector"]
         names = [k for k in det if not k.endswith(" spread")]
-        lines += [f"| {k} | {det[k]:.0f} [{det[k + ' spread'][0]:.0f}-{det[k + ' spread'][1]:.0f}] | "
-                  f"{det[k] / det[names[0]]:.2f}x |" for k in names]
+        lines += [
+            f"| {k} | {det[k]:.0f} [{det[k + ' spread'][0]:.0f}-{det[k + ' spread'][1]:.0f}] | "
+            f"{det[k] / det[names[0]]:.2f}x |"
+            for k in names
+        ]
     with open(os.path.join(out_dir, "benchmark.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "benchmark.json"), "w") as f:
@@ -472,8 +548,11 @@ def write_report(results, out_dir):
         fig, axes = plt.subplots(1, len(dtypes), figsize=(7 * len(dtypes), 4.5), squeeze=False)
         for ax, dtype in zip(axes[0], dtypes):
             rows = results["conv"][dtype]
-            impls = [i for i in ("mmdcnv2", "torchvision", "mmcv", "dense conv2d") if any(
-                "fwd_bwd" in r.get(i, {}) for r in rows)]
+            impls = [
+                i
+                for i in ("mmdcnv2", "torchvision", "mmcv", "dense conv2d")
+                if any("fwd_bwd" in r.get(i, {}) for r in rows)
+            ]
             width = 0.8 / len(impls)
             for k, impl in enumerate(impls):
                 vals = [r.get(impl, {}).get("fwd_bwd", 0) for r in rows]
@@ -499,9 +578,13 @@ def main():
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="c4 and small shapes only, fewer repeats")
     p.add_argument("--no-detector", action="store_true")
-    p.add_argument("--detector-reps", type=int, default=None,
-                   help="repetitions of the detector iteration (default 10 on the CPU, 20 on a GPU): one iteration "
-                        "varies by +-10%% on a 2-core machine")
+    p.add_argument(
+        "--detector-reps",
+        type=int,
+        default=None,
+        help="repetitions of the detector iteration (default 10 on the CPU, 20 on a GPU): one iteration "
+        "varies by +-10%% on a 2-core machine",
+    )
     p.add_argument("--out", default="results/bench")
     a = p.parse_args()
     for name in ("reps", "detector_reps"):
@@ -510,7 +593,9 @@ def main():
     dtypes = (a.dtypes or ("float32" if a.device == "cpu" else "float32,float16,bfloat16")).split(",")
     reps = a.reps or (5 if a.device == "cpu" else 20)
     shapes = [s for s in SHAPES if s[0] in ("c4 b1", "small")] if a.quick else SHAPES
-    dev_name = torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or 'CPU'} x{os.cpu_count()}"
+    dev_name = (
+        torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or 'CPU'} x{os.cpu_count()}"
+    )
     try:
         with open("/proc/cpuinfo") as f:
             model = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
@@ -518,9 +603,17 @@ def main():
             dev_name = f"{model[0]}, {os.cpu_count()} cores"
     except OSError:
         pass
-    results = dict(device=a.device, device_name=dev_name, torch=torch.__version__, threads=torch.get_num_threads(),
-                   reps=reps, conv={}, roi_pool=[], detector={},
-                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    results = dict(
+        device=a.device,
+        device_name=dev_name,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        reps=reps,
+        conv={},
+        roi_pool=[],
+        detector={},
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
     watch = QuietWatch(a.device)
     for dt in dtypes:
         print(f"[conv {dt}]", flush=True)

@@ -18,6 +18,7 @@ it with the standard library of any Python >= 3.8, and it checks exactly the mar
 renders, where mkdocs would check its own rendering of it (with its own anchor rules and its own view of
 links that leave docs/).
 """
+
 import os
 import re
 import sys
@@ -76,7 +77,7 @@ def heading_text(raw: str) -> str:
     parts = []
     last = 0
     for c in INLINE_CODE.finditer(raw):
-        parts.append(_rendered(raw[last:c.start()]))
+        parts.append(_rendered(raw[last : c.start()]))
         parts.append(c.group(2).strip())
         last = c.end()
     parts.append(_rendered(raw[last:]))
@@ -112,8 +113,13 @@ def anchors(text: str) -> Set[str]:
             add(m.group(2) or "")
             previous = None
             continue
-        if (previous is not None and previous.strip() and SETEXT_UNDERLINE.match(line)
-                and not re.match(r"^\s*([-*+>|]|\d+[.)])\s", previous) and not previous.lstrip().startswith("|")):
+        if (
+            previous is not None
+            and previous.strip()
+            and SETEXT_UNDERLINE.match(line)
+            and not re.match(r"^\s*([-*+>|]|\d+[.)])\s", previous)
+            and not previous.lstrip().startswith("|")
+        ):
             add(previous.strip())
             previous = None
             continue

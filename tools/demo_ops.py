@@ -5,14 +5,20 @@
 3. Deformable RoI pooling with zero offsets equals torchvision's roi_align(aligned=True).
 4. Timing of one DCNv2 layer (ResNet-50 c4 shape) against torchvision and dense conv2d.
 """
+
 import time
 
 import torch
 import torch.nn.functional as F
 
 import mmdcnv2
-from mmdcnv2.ops import (ModulatedDeformConv2dPack, deform_conv2d, deform_conv2d_reference, deform_roi_pool,
-                         has_cuda_kernels)
+from mmdcnv2.ops import (
+    ModulatedDeformConv2dPack,
+    deform_conv2d,
+    deform_conv2d_reference,
+    deform_roi_pool,
+    has_cuda_kernels,
+)
 
 
 def median_ms(fn, reps=5):
@@ -27,8 +33,10 @@ def median_ms(fn, reps=5):
 
 def main():
     torch.manual_seed(0)
-    print(f"mmdcnv2 {mmdcnv2.__version__} on torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"CUDA kernels built: {has_cuda_kernels()}")
+    print(
+        f"mmdcnv2 {mmdcnv2.__version__} on torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"CUDA kernels built: {has_cuda_kernels()}"
+    )
 
     layer = ModulatedDeformConv2dPack(32, 32, 3, padding=1)
     x = torch.randn(2, 32, 40, 40)
@@ -39,16 +47,19 @@ def main():
     off = torch.randn(2, 2 * 2 * 9, 20, 24, dtype=torch.float64) * 2
     mask = torch.rand(2, 2 * 9, 20, 24, dtype=torch.float64)
     w = torch.randn(8, 16, 3, 3, dtype=torch.float64)
-    err = (deform_conv2d(x64, off, w, None, 1, 1, 1, mask) - deform_conv2d_reference(x64, off, w, None, 1, 1, 1, mask))
+    err = deform_conv2d(x64, off, w, None, 1, 1, 1, mask) - deform_conv2d_reference(x64, off, w, None, 1, 1, 1, mask)
     print(f"[2] compiled op vs pure-PyTorch reference (float64, 2 deform groups): max |diff| = {err.abs().max():.2e}")
 
     try:
         import torchvision
+
         feat = torch.randn(1, 8, 32, 32)
         rois = torch.tensor([[0, 10.0, 12.0, 90.0, 100.0], [0, 40.0, 5.0, 70.0, 60.0]])
         ours = deform_roi_pool(feat, rois, None, 7, 0.25, 2)
         ref = torchvision.ops.roi_align(feat, rois, 7, 0.25, 2, aligned=True)
-        print(f"[3] deform_roi_pool with zero offsets vs torchvision roi_align: max |diff| = {(ours - ref).abs().max():.2e}")
+        print(
+            f"[3] deform_roi_pool with zero offsets vs torchvision roi_align: max |diff| = {(ours - ref).abs().max():.2e}"
+        )
     except ImportError:
         torchvision = None
         print("[3] torchvision is not installed: skipped")

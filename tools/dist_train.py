@@ -17,6 +17,7 @@ size in the config is per process. Checkpoints are written by rank 0 only, all o
 rank writes its own log. Any failure ends with one line ``[dist_train rank R/N] ...`` on stderr.
 For GPUs use mmdet's own launcher: ``mim train mmdet CONFIG --launcher pytorch --gpus N``.
 """
+
 import argparse
 import os
 import os.path as osp
@@ -36,18 +37,34 @@ def parse_args(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="training config file")
-    p.add_argument("--work-dir", help="where logs and checkpoints go (default: the config's, else "
-                                      "work_dirs/<config name>)")
-    p.add_argument("--resume", nargs="?", type=str, const="auto",
-                   help="resume from CKPT, or without a value from the work dir's latest checkpoint")
-    p.add_argument("--auto-scale-lr", action="store_true",
-                   help="scale the learning rate by (processes x batch size) / auto_scale_lr.base_batch_size")
+    p.add_argument(
+        "--work-dir", help="where logs and checkpoints go (default: the config's, else work_dirs/<config name>)"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        type=str,
+        const="auto",
+        help="resume from CKPT, or without a value from the work dir's latest checkpoint",
+    )
+    p.add_argument(
+        "--auto-scale-lr",
+        action="store_true",
+        help="scale the learning rate by (processes x batch size) / auto_scale_lr.base_batch_size",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
-    p.add_argument("--timeout", type=float, default=1800.0,
-                   help="seconds a process waits for the others (start, every collective) before it fails "
-                        "(default 1800)")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction,
-                   help="override config settings, KEY=VALUE as in mmdet's tools/train.py")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="seconds a process waits for the others (start, every collective) before it fails (default 1800)",
+    )
+    p.add_argument(
+        "--cfg-options",
+        nargs="+",
+        action=DictAction,
+        help="override config settings, KEY=VALUE as in mmdet's tools/train.py",
+    )
     a = p.parse_args(argv)
     if a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
@@ -84,8 +101,10 @@ def build_cfg(a):
         cfg.resume, cfg.load_from = True, a.resume
     last = osp.join(cfg.work_dir, "last_checkpoint")
     if not cfg.get("resume") and osp.exists(last):
-        raise FileExistsError(f"--work-dir {cfg.work_dir} holds the checkpoints of an earlier run ({last}): pass "
-                              "--resume to continue it, or choose a new --work-dir (nothing is overwritten)")
+        raise FileExistsError(
+            f"--work-dir {cfg.work_dir} holds the checkpoints of an earlier run ({last}): pass "
+            "--resume to continue it, or choose a new --work-dir (nothing is overwritten)"
+        )
     if cfg.get("resume") and a.resume == "auto" and not osp.exists(last):
         raise FileNotFoundError(f"--resume: no {last}: nothing to resume in --work-dir {cfg.work_dir}")
     configure_cpu_ddp(cfg, timeout_s=a.timeout)
@@ -97,8 +116,10 @@ def explain(exc, timeout):
     text = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
     low = str(exc).lower()
     if any(s in low for s in ("connection closed by peer", "connection reset", "broken pipe", "connection refused")):
-        return ("another process of this job died (its connection closed); see that rank's error and torchrun's "
-                f"summary. ({text})")
+        return (
+            "another process of this job died (its connection closed); see that rank's error and torchrun's "
+            f"summary. ({text})"
+        )
     if "timed out" in low or "timeout" in low:
         return f"another process did not answer within --timeout {timeout:g} s (died or hangs). ({text})"
     return text
@@ -136,8 +157,7 @@ def run(argv, where):
     except (LaunchError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"{where} {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 2
-    print(f"{where} process group up (gloo, {torch.get_num_threads()} thread(s)); work dir {cfg.work_dir}",
-          flush=True)
+    print(f"{where} process group up (gloo, {torch.get_num_threads()} thread(s)); work dir {cfg.work_dir}", flush=True)
     try:
         runner = RankLogRunner.from_cfg(cfg)
         runner.train()
@@ -163,8 +183,12 @@ def _on_sigterm(signum, frame):
     # Say why at once: the signal can arrive anywhere, also after main() returned (in atexit handlers),
     # where an exception would only print a traceback. Later SIGTERMs are ignored.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    print(f"{_WHERE} stopped by SIGTERM: the launcher stops every process when one of them fails (see the "
-          "failing rank's error and torchrun's summary) or when the job is cancelled", file=sys.stderr, flush=True)
+    print(
+        f"{_WHERE} stopped by SIGTERM: the launcher stops every process when one of them fails (see the "
+        "failing rank's error and torchrun's summary) or when the job is cancelled",
+        file=sys.stderr,
+        flush=True,
+    )
     if _MAIN_DONE or sys.is_finalizing():
         return  # exiting already: nothing left to stop
     raise Stopped()

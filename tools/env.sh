@@ -41,9 +41,9 @@ if ! have torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION; then
   pipq torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION
 fi
 
-if ! have setuptools wheel ninja numpy pytest hypothesis mmengine==0.10.7 pycocotools matplotlib scipy onnx onnxruntime onnxscript; then
-  say "installing build tools, mmengine, pycocotools, pytest"
-  pipq "setuptools>=77,<81" wheel ninja numpy pytest hypothesis mmengine==0.10.7 pycocotools matplotlib scipy onnx onnxruntime onnxscript
+if ! have setuptools wheel ninja numpy pytest hypothesis mmengine==0.10.7 pycocotools matplotlib scipy onnx onnxruntime onnxscript ruff==0.14.14 clang-format==19.1.7; then
+  say "installing build tools, mmengine, pycocotools, pytest, ruff, clang-format"
+  pipq "setuptools>=77,<81" wheel ninja numpy pytest hypothesis mmengine==0.10.7 pycocotools matplotlib scipy onnx onnxruntime onnxscript ruff==0.14.14 clang-format==19.1.7
 fi
 
 # mmcv 2.1.0 has no wheel for this torch: build it from the sdist, with its CPU ops, once per torch version.

@@ -5,6 +5,7 @@ correctness check of its own. Exits non-zero on any mismatch.
 
     python tools/gpu_smoke.py [--quick]
 """
+
 import argparse
 import os
 import sys
@@ -58,8 +59,18 @@ def conv_case(dtype, N=2, C=40, H=9, W=11, Cout=8, k=3, groups=2, dg=2, budget=0
 def roi_case(dtype):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 40, 12, 15, generator=g, dtype=torch.float64)
-    rois = torch.tensor([[0, 1, 2, 30, 40], [1, -10, -5, 20, 25], [1, 50, 50, 90, 80], [0, 5, 5, 5, 5],
-                         [float("nan"), 1, 1, 9, 9], [-0.5, 1, 1, 9, 9], [5, 1, 1, 9, 9]], dtype=torch.float64)
+    rois = torch.tensor(
+        [
+            [0, 1, 2, 30, 40],
+            [1, -10, -5, 20, 25],
+            [1, 50, 50, 90, 80],
+            [0, 5, 5, 5, 5],
+            [float("nan"), 1, 1, 9, 9],
+            [-0.5, 1, 1, 9, 9],
+            [5, 1, 1, 9, 9],
+        ],
+        dtype=torch.float64,
+    )
     off = torch.randn(rois.shape[0], 2, 7, 7, generator=g, dtype=torch.float64) * 0.5
     go = torch.randn(rois.shape[0], 40, 7, 7, generator=g, dtype=torch.float64)
     args = (7, 7, 0.25, 0, 0.1)

@@ -1,4 +1,5 @@
 """Writes the embedded synthetic dataset (COCO format): python tools/make_shapes.py [--out data/shapes]."""
+
 import argparse
 
 from mmdcnv2.datasets import make_shapes_dataset

@@ -1,5 +1,6 @@
 """What tools/run_main.py and tools/ablation.py share: `mim train` / `mim test` command lines
 on the embedded dataset, and reading their results (COCO metrics, time per iteration)."""
+
 import glob
 import json
 import os
@@ -13,13 +14,17 @@ MIM = [sys.executable, "-m", "mim"]
 
 def data_options(data, iters=None):
     """--cfg-options that point a shapes config at the dataset in ``data`` (and shorten it)."""
-    options = [f"{loader}.dataset.data_root={data}/" for loader in ("train_dataloader", "val_dataloader",
-                                                                     "test_dataloader")]
+    options = [
+        f"{loader}.dataset.data_root={data}/" for loader in ("train_dataloader", "val_dataloader", "test_dataloader")
+    ]
     options += [f"{ev}.ann_file={data}/annotations/val.json" for ev in ("val_evaluator", "test_evaluator")]
     if iters:
-        options += [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}",
-                    f"default_hooks.checkpoint.interval={iters}",
-                    f"default_hooks.logger.interval={max(1, min(25, iters // 2))}"]
+        options += [
+            f"train_cfg.max_iters={iters}",
+            f"train_cfg.val_interval={iters}",
+            f"default_hooks.checkpoint.interval={iters}",
+            f"default_hooks.logger.interval={max(1, min(25, iters // 2))}",
+        ]
     return options
 
 
@@ -47,8 +52,7 @@ def last_checkpoint(work_dir):
 
 def coco_metrics(test_output):
     """(AP, AP50, AP75) from the output of `mim test` with CocoMetric, or None."""
-    m = re.findall(r"coco/bbox_mAP: ([0-9.]+)\s+coco/bbox_mAP_50: ([0-9.]+)\s+coco/bbox_mAP_75: ([0-9.]+)",
-                   test_output)
+    m = re.findall(r"coco/bbox_mAP: ([0-9.]+)\s+coco/bbox_mAP_50: ([0-9.]+)\s+coco/bbox_mAP_75: ([0-9.]+)", test_output)
     return tuple(float(v) for v in m[-1]) if m else None
 
 

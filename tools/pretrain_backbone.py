@@ -13,6 +13,7 @@ convolution weights.
 Writes the backbone's state dict in mmdet ResNet keys, in float16, with the accuracy and the
 command line under ``meta``. An existing --out is never overwritten.
 """
+
 import argparse
 import math
 import os
@@ -72,8 +73,16 @@ class Classifier(nn.Module):
         from mmdcnv2.models.backbones.resnet import DCNResNet
 
         # the shapes configs' backbone (configs/shapes/_base_shapes.py), every stage plain
-        self.backbone = DCNResNet(depth=18, base_channels=32, num_stages=4, out_indices=(3,), frozen_stages=-1,
-                                  norm_cfg=dict(type="BN", requires_grad=True), norm_eval=False, style="pytorch")
+        self.backbone = DCNResNet(
+            depth=18,
+            base_channels=32,
+            num_stages=4,
+            out_indices=(3,),
+            frozen_stages=-1,
+            norm_cfg=dict(type="BN", requires_grad=True),
+            norm_eval=False,
+            style="pytorch",
+        )
         self.head = nn.Linear(self.backbone.feat_dim, num_classes)
 
     def forward(self, x):
@@ -83,10 +92,11 @@ class Classifier(nn.Module):
 @torch.no_grad()
 def evaluate(model, xs, ys, batch=200):
     model.eval()
-    pred = torch.cat([model(xs[i:i + batch]).argmax(1) for i in range(0, len(xs), batch)])
+    pred = torch.cat([model(xs[i : i + batch]).argmax(1) for i in range(0, len(xs), batch)])
     model.train()
-    return (pred == ys).float().mean().item(), [(pred[ys == c] == c).float().mean().item()
-                                                 for c in range(int(ys.max()) + 1)]
+    return (pred == ys).float().mean().item(), [
+        (pred[ys == c] == c).float().mean().item() for c in range(int(ys.max()) + 1)
+    ]
 
 
 def main(argv=None):
@@ -95,8 +105,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--size", type=int, default=64, help="crop side in pixels")
-    p.add_argument("--scene", type=int, default=128,
-                   help="objects are drawn at the scale they have in a SCENE-pixel detection image")
+    p.add_argument(
+        "--scene",
+        type=int,
+        default=128,
+        help="objects are drawn at the scale they have in a SCENE-pixel detection image",
+    )
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW, cosine schedule after a linear warm-up")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--val", type=int, default=1200, help="validation crops (a seed of their own)")
@@ -128,11 +142,20 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     warmup = max(1, a.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (a.steps - warmup))))
-    loader = torch.utils.data.DataLoader(Crops(a.seed, a.size, a.scene), batch_size=a.batch_size, num_workers=a.workers,
-                                         persistent_workers=a.workers > 0, prefetch_factor=4 if a.workers else None)
-    print(f"training {a.steps} steps of {a.batch_size} crops ({len(CROP_CLASSES)} classes: "
-          f"{', '.join(CROP_CLASSES)})", flush=True)
+        opt,
+        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (a.steps - warmup))),
+    )
+    loader = torch.utils.data.DataLoader(
+        Crops(a.seed, a.size, a.scene),
+        batch_size=a.batch_size,
+        num_workers=a.workers,
+        persistent_workers=a.workers > 0,
+        prefetch_factor=4 if a.workers else None,
+    )
+    print(
+        f"training {a.steps} steps of {a.batch_size} crops ({len(CROP_CLASSES)} classes: {', '.join(CROP_CLASSES)})",
+        flush=True,
+    )
     model.train()
     t_train, seen, run_loss, run_acc = time.time(), 0, 0.0, 0.0
     for step, (x, y) in enumerate(loader):
@@ -151,25 +174,41 @@ def main(argv=None):
             n = a.log_every if (step + 1) % a.log_every == 0 else (step + 1) % a.log_every
             rate = seen / (time.time() - t_train)
             eta = (a.steps - step - 1) * a.batch_size / rate
-            print(f"step {step + 1}/{a.steps}  loss {run_loss / n:.3f}  train acc {run_acc / n:.3f}  "
-                  f"lr {sched.get_last_lr()[0]:.2e}  {rate:.0f} crops/s  eta {eta / 60:.1f} min", flush=True)
+            print(
+                f"step {step + 1}/{a.steps}  loss {run_loss / n:.3f}  train acc {run_acc / n:.3f}  "
+                f"lr {sched.get_last_lr()[0]:.2e}  {rate:.0f} crops/s  eta {eta / 60:.1f} min",
+                flush=True,
+            )
             run_loss = run_acc = 0.0
     acc, per_class = evaluate(model, val_x, val_y)
     minutes = (time.time() - t0) / 60
-    print(f"validation accuracy {acc:.3f} on {a.val} crops; per class: "
-          + ", ".join(f"{n} {v:.3f}" for n, v in zip(CROP_CLASSES, per_class)), flush=True)
-    meta = dict(accuracy=acc, per_class=dict(zip(CROP_CLASSES, per_class)), val_crops=a.val,
-                command="python tools/pretrain_backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                steps=a.steps, batch_size=a.batch_size, crop_size=a.size, scene=a.scene, seed=a.seed, minutes=round(minutes, 1),
-                torch=str(torch.__version__), machine=f"{os.cpu_count()}-core {platform.machine()} CPU",
-                date=time.strftime("%Y-%m-%d"),
-                arch="mmdcnv2.DCNResNet depth=18 base_channels=32 (ResNet-18 at half width), mmdet ResNet keys")
+    print(
+        f"validation accuracy {acc:.3f} on {a.val} crops; per class: "
+        + ", ".join(f"{n} {v:.3f}" for n, v in zip(CROP_CLASSES, per_class)),
+        flush=True,
+    )
+    meta = dict(
+        accuracy=acc,
+        per_class=dict(zip(CROP_CLASSES, per_class)),
+        val_crops=a.val,
+        command="python tools/pretrain_backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        steps=a.steps,
+        batch_size=a.batch_size,
+        crop_size=a.size,
+        scene=a.scene,
+        seed=a.seed,
+        minutes=round(minutes, 1),
+        torch=str(torch.__version__),
+        machine=f"{os.cpu_count()}-core {platform.machine()} CPU",
+        date=time.strftime("%Y-%m-%d"),
+        arch="mmdcnv2.DCNResNet depth=18 base_channels=32 (ResNet-18 at half width), mmdet ResNet keys",
+    )
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.backbone.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     tmp = a.out + ".tmp"
     torch.save(dict(state_dict=state, meta=meta), tmp)
     os.replace(tmp, a.out)
-    print(f"wrote {a.out} ({os.path.getsize(a.out) / 2 ** 20:.1f} MiB, float16) in {minutes:.1f} min", flush=True)
+    print(f"wrote {a.out} ({os.path.getsize(a.out) / 2**20:.1f} MiB, float16) in {minutes:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

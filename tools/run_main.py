@@ -9,6 +9,7 @@
    (never one that exists), the logs, the checkpoint, the predictions (results.pkl) and
    detections.png: 4 validation images, ground truth beside detections, at twice the size.
 """
+
 import argparse
 import os
 import subprocess
@@ -43,8 +44,12 @@ def main():
     p.add_argument("--data", default="data/shapes")
     p.add_argument("--work-dir", default=None, help="must not exist yet (default: work_dirs/main-<time>)")
     p.add_argument("--num-train", type=int, default=None, help="training images (default: the generator's, 1000)")
-    p.add_argument("--picture-images", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2, 3],
-                   help="validation image ids drawn in detections.png (default 0,1,2,3)")
+    p.add_argument(
+        "--picture-images",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[0, 1, 2, 3],
+        help="validation image ids drawn in detections.png (default 0,1,2,3)",
+    )
     a = p.parse_args()
     os.chdir(ROOT)
     sys.path.insert(0, ROOT)
@@ -66,23 +71,33 @@ def main():
     print(f"[3/4] COCO evaluation of {ckpt}", flush=True)
     show_dir = "detections"
     results = os.path.join(work_dir, "results.pkl")
-    out = run(test_cmd(a.config, ckpt, work_dir, options, show_dir) + ["--out", results],
-              os.path.join(work_dir, "test_output.txt"))
+    out = run(
+        test_cmd(a.config, ckpt, work_dir, options, show_dir) + ["--out", results],
+        os.path.join(work_dir, "test_output.txt"),
+    )
     metrics = coco_metrics(out)
     print("[4/4] picture", flush=True)
     from mmdcnv2.visualization import draw_detection_grid
 
-    picture = draw_detection_grid(results, os.path.join(a.data, "annotations", "val.json"), a.data,
-                                  os.path.join(work_dir, "detections.png"), image_ids=a.picture_images, scale=2,
-                                  score_thr=0.5)
+    picture = draw_detection_grid(
+        results,
+        os.path.join(a.data, "annotations", "val.json"),
+        a.data,
+        os.path.join(work_dir, "detections.png"),
+        image_ids=a.picture_images,
+        scale=2,
+        score_thr=0.5,
+    )
     print("\n==== main job done in %.1f min ====" % ((time.time() - t0) / 60))
     if metrics:
         ap, ap50, ap75 = metrics
         print(f"COCO box mAP {ap:.3f}  (AP50 {ap50:.3f}, AP75 {ap75:.3f}) on {a.data}/annotations/val.json")
     else:
         print("no COCO mAP found in the test output:", os.path.join(work_dir, "test_output.txt"))
-    print(f"work dir: {work_dir}  (logs, {os.path.basename(ckpt)}, results.pkl, {os.path.basename(picture)}; "
-          f"every validation image drawn in {work_dir}/<time>/{show_dir}/)")
+    print(
+        f"work dir: {work_dir}  (logs, {os.path.basename(ckpt)}, results.pkl, {os.path.basename(picture)}; "
+        f"every validation image drawn in {work_dir}/<time>/{show_dir}/)"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python tools/test.py CONFIG CHECKPOINT [mmdet's test.py options]
     mim test mmdcnv2 CONFIG --checkpoint CHECKPOINT [options]   # from a wheel install
 """
+
 import os
 import sys
 

@@ -5,6 +5,7 @@
     python tools/train.py CONFIG [mmdet's train.py options]
     mim train mmdcnv2 CONFIG [options]     # from a wheel install (this file is mmdcnv2/.mim/tools/train.py)
 """
+
 import os
 import runpy
 import sys

@@ -13,6 +13,7 @@ For each model (one row, side by side in the layout of the DCNv2 paper's figure)
 Units are pixel positions (y,x in the image) or, with ``auto``, the centres of the
 top detections. Works on any mmdet model built from our layers, on the CPU.
 """
+
 import argparse
 import os
 import sys
@@ -43,16 +44,23 @@ def analyse(model, image_path, stage, units, top_k=3):
     from mmengine.dataset import pseudo_collate
 
     from mmdcnv2.ops import DeformConv2dPack, DeformRoIPoolPack, ModulatedDeformConv2dPack
-    from mmdcnv2.visualization import (DCNRecorder, LayerGeometry, effective_receptive_field,
-                                       effective_sampling_points, roi_bin_centres)
+    from mmdcnv2.visualization import (
+        DCNRecorder,
+        LayerGeometry,
+        effective_receptive_field,
+        effective_sampling_points,
+        roi_bin_centres,
+    )
 
     pipeline = Compose(get_test_pipeline_cfg(model.cfg))
     batch = model.data_preprocessor(pseudo_collate([pipeline(dict(img_path=image_path, img_id=0))]), False)
     inputs, samples = batch["inputs"], batch["data_samples"]
     convs = stage_convs(model, stage)
     sizes = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: sizes.__setitem__(n, (i[0].shape[-2:], o.shape[-2:])))
-             for n, m in convs]
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, n=n: sizes.__setitem__(n, (i[0].shape[-2:], o.shape[-2:])))
+        for n, m in convs
+    ]
     rec = DCNRecorder(model)
     with torch.no_grad():
         result = model.predict(inputs, samples)[0]
@@ -64,8 +72,9 @@ def analyse(model, image_path, stage, units, top_k=3):
             geoms += rec.geometry([n])
         else:  # a regular conv: zero offsets, no modulation
             k = m.kernel_size
-            geoms.append(LayerGeometry(torch.zeros(2 * k[0] * k[1], *sizes[n][1]), None, k, m.stride, m.padding,
-                                       m.dilation))
+            geoms.append(
+                LayerGeometry(torch.zeros(2 * k[0] * k[1], *sizes[n][1]), None, k, m.stride, m.padding, m.dilation)
+            )
     in_grid, out_grid = sizes[convs[0][0]][0], sizes[convs[-1][0]][1]
     H, W = inputs.shape[-2:]
     s_in, s_out = H / in_grid[0], H / out_grid[0]
@@ -85,8 +94,9 @@ def analyse(model, image_path, stage, units, top_k=3):
         img_pts = ((pts.numpy() + 0.5) * s_in - 0.5) / scale
         out["points"].append(img_pts)
         out["weights"].append(w.numpy())
-    gy, gx = [min(max(round((v * sc + 0.5) / s_out - 0.5), 0), n - 1)
-              for v, sc, n in zip(units_img[0], scale, out_grid)]
+    gy, gx = [
+        min(max(round((v * sc + 0.5) / s_out - 0.5), 0), n - 1) for v, sc, n in zip(units_img[0], scale, out_grid)
+    ]
     feat_fn = lambda x: model.backbone(x)[stage - 1]  # noqa: E731
     erf = effective_receptive_field(feat_fn, inputs, (gy, gx)).numpy()
     out["erf"] = erf[: int(round(H / scale[0])) if scale[0] >= 1 else None]
@@ -105,12 +115,16 @@ def analyse(model, image_path, stage, units, top_k=3):
             levels = extractor.map_roi_levels(rois, len(feats))
             for i in range(len(det)):
                 pool = layers[int(levels[i])]
-                pooled = DeformRoIPool.forward(pool, feats[int(levels[i])], rois[i:i + 1])
+                pooled = DeformRoIPool.forward(pool, feats[int(levels[i])], rois[i : i + 1])
                 offset = pool._offset(pooled)[0]
-                mask = (pool.mask_fc(pooled.flatten(1)).view(*pool.output_size)
-                        if isinstance(pool, ModulatedDeformRoIPoolPack) else None)
-                moved, base = roi_bin_centres(rois[i, 1:] / torch.tensor([scale[1], scale[0]] * 2), offset,
-                                              pool.output_size, pool.gamma)
+                mask = (
+                    pool.mask_fc(pooled.flatten(1)).view(*pool.output_size)
+                    if isinstance(pool, ModulatedDeformRoIPoolPack)
+                    else None
+                )
+                moved, base = roi_bin_centres(
+                    rois[i, 1:] / torch.tensor([scale[1], scale[0]] * 2), offset, pool.output_size, pool.gamma
+                )
                 out["bins"].append((moved.numpy(), base.numpy(), None if mask is None else mask.numpy()))
     rec.remove()
     return out
@@ -131,16 +145,31 @@ def draw(rows, image_path, out_path, stage):
         sc = None
         for pts, w, (uy, ux) in zip(r["points"], r["weights"], r["units"]):
             order = np.argsort(w)
-            sc = ax[0].scatter(pts[order, 1], pts[order, 0], c=w[order], s=10 + 40 * w[order] / max(w.max(), 1e-9),
-                               cmap="viridis", vmin=0, vmax=max(1e-9, max(x.max() for x in r["weights"])),
-                               edgecolors="white", linewidths=0.4, alpha=0.9)
+            sc = ax[0].scatter(
+                pts[order, 1],
+                pts[order, 0],
+                c=w[order],
+                s=10 + 40 * w[order] / max(w.max(), 1e-9),
+                cmap="viridis",
+                vmin=0,
+                vmax=max(1e-9, max(x.max() for x in r["weights"])),
+                edgecolors="white",
+                linewidths=0.4,
+                alpha=0.9,
+            )
             ax[0].plot(ux, uy, marker="*", color="red", markersize=14, markeredgecolor="white")
         if sc is not None:
             fig.colorbar(sc, ax=ax[0], fraction=0.046, pad=0.02, label="modulation (product along the path)")
-        inside = np.mean([((p[:, 0] >= 0) & (p[:, 0] < img.shape[0]) & (p[:, 1] >= 0) & (p[:, 1] < img.shape[1])).mean()
-                          for p in r["points"]])
-        ax[0].set_title(f"{name}: sampling locations, stage c{stage + 1}\n"
-                        f"{len(r['points'][0])} points per unit (red star), {100 * inside:.0f}% on the image")
+        inside = np.mean(
+            [
+                ((p[:, 0] >= 0) & (p[:, 0] < img.shape[0]) & (p[:, 1] >= 0) & (p[:, 1] < img.shape[1])).mean()
+                for p in r["points"]
+            ]
+        )
+        ax[0].set_title(
+            f"{name}: sampling locations, stage c{stage + 1}\n"
+            f"{len(r['points'][0])} points per unit (red star), {100 * inside:.0f}% on the image"
+        )
         ax[1].imshow(img)
         erf = r["erf"][: img.shape[0], : img.shape[1]]
         ax[1].imshow(erf / max(erf.max(), 1e-12), cmap="inferno", alpha=0.65, extent=(0, erf.shape[1], erf.shape[0], 0))
@@ -155,14 +184,34 @@ def draw(rows, image_path, out_path, stage):
             if k < len(r["bins"]):
                 moved, base, mask = r["bins"][k]
                 c = mask.reshape(-1) if mask is not None else "yellow"
-                ax[2].quiver(base[..., 0].ravel(), base[..., 1].ravel(), (moved - base)[..., 0].ravel(),
-                             (moved - base)[..., 1].ravel(), angles="xy", scale_units="xy", scale=1, width=0.003,
-                             color="white", alpha=0.7)
-                ax[2].scatter(moved[..., 0].ravel(), moved[..., 1].ravel(), c=c, cmap="viridis", vmin=0, vmax=1,
-                              s=12, edgecolors="black", linewidths=0.3)
-        ax[2].set_title(f"{name}: RoI-pooling bins of the top detections\n"
-                        "(arrow: regular centre -> learned; colour: modulation)" if r["bins"] else
-                        f"{name}: top detections (no deformable RoI pooling)")
+                ax[2].quiver(
+                    base[..., 0].ravel(),
+                    base[..., 1].ravel(),
+                    (moved - base)[..., 0].ravel(),
+                    (moved - base)[..., 1].ravel(),
+                    angles="xy",
+                    scale_units="xy",
+                    scale=1,
+                    width=0.003,
+                    color="white",
+                    alpha=0.7,
+                )
+                ax[2].scatter(
+                    moved[..., 0].ravel(),
+                    moved[..., 1].ravel(),
+                    c=c,
+                    cmap="viridis",
+                    vmin=0,
+                    vmax=1,
+                    s=12,
+                    edgecolors="black",
+                    linewidths=0.3,
+                )
+        ax[2].set_title(
+            f"{name}: RoI-pooling bins of the top detections\n(arrow: regular centre -> learned; colour: modulation)"
+            if r["bins"]
+            else f"{name}: top detections (no deformable RoI pooling)"
+        )
         for a in ax:
             a.set_xlim(0, img.shape[1])
             a.set_ylim(img.shape[0], 0)

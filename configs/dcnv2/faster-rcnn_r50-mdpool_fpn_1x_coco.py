@@ -4,4 +4,7 @@ custom_imports = dict(imports=["mmdcnv2"], allow_failed_imports=False)
 model = dict(
     roi_head=dict(
         bbox_roi_extractor=dict(
-            type="mmdcnv2.DeformRoIExtractor", roi_layer=dict(type="mmdcnv2.ModulatedDeformRoIPoolPack"))))
+            type="mmdcnv2.DeformRoIExtractor", roi_layer=dict(type="mmdcnv2.ModulatedDeformRoIPoolPack")
+        )
+    )
+)

@@ -5,4 +5,8 @@ model = dict(
         bbox_roi_extractor=dict(
             type="mmdcnv2.DeformRoIExtractor",
             roi_layer=dict(
-                _delete_=True, type="mmdcnv2.ModulatedDeformRoIPoolPack", output_size=7, output_channels=256))))
+                _delete_=True, type="mmdcnv2.ModulatedDeformRoIPoolPack", output_size=7, output_channels=256
+            ),
+        )
+    )
+)

@@ -1,4 +1,5 @@
 """Fixes for the stack we run on; applied on ``import mmdcnv2`` when mmdet is installed."""
+
 from .checkpoint import allow_mmengine_checkpoints
 from .config_package import register_config_package
 

@@ -7,6 +7,7 @@ arrays, numpy scalars in the runtime info). So ``mim test`` and ``resume`` after
 ``mim train`` fail. Instead of switching weights_only off globally, we allow exactly
 those types with ``torch.serialization.add_safe_globals``; everything else stays refused.
 """
+
 import pickle
 
 import numpy as np
@@ -18,8 +19,9 @@ def _numpy_globals():
         from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # numpy 1.x
         from numpy.core.multiarray import _reconstruct, scalar
-    dtype_classes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int8,
-                                                 np.uint8, np.bool_)]
+    dtype_classes = [
+        type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_)
+    ]
     return [_reconstruct, scalar, np.ndarray, np.dtype, *dtype_classes]
 
 
@@ -33,7 +35,8 @@ def _history_buffer_statistic(obj, name):
     if obj is HistoryBuffer and isinstance(name, str) and name in allowed:
         return getattr(obj, name)
     raise pickle.UnpicklingError(
-        f"refused getattr({obj!r}, {name!r}): only HistoryBuffer's statistics methods are allowed")
+        f"refused getattr({obj!r}, {name!r}): only HistoryBuffer's statistics methods are allowed"
+    )
 
 
 def mmengine_checkpoint_globals():

@@ -13,6 +13,7 @@ that importing mmdcnv2 lifts for mmdcnv2 only:
 mmengine reads ``_base_`` before it imports a config's ``custom_imports``, so the process that reads the
 config must have imported mmdcnv2 first (see the README: "Inheriting our configs").
 """
+
 import os
 
 _PACKAGE = "mmdcnv2"

@@ -10,6 +10,7 @@ visible part of its object: polygons (``segmentation``), box and area.
 
 writes ``train/*.png``, ``val/*.png`` and ``annotations/{train,val}.json``.
 """
+
 import json
 import math
 import os
@@ -31,18 +32,33 @@ def _base_outline(name: str) -> np.ndarray:
     if name == "triangle":
         pts = [(math.cos(a), math.sin(a)) for a in np.deg2rad([90, 210, 330])]
     elif name == "star":
-        pts = [((1.0 if i % 2 == 0 else 0.42) * math.cos(a), (1.0 if i % 2 == 0 else 0.42) * math.sin(a))
-               for i, a in enumerate(np.deg2rad(90 + 36 * np.arange(10)))]
+        pts = [
+            ((1.0 if i % 2 == 0 else 0.42) * math.cos(a), (1.0 if i % 2 == 0 else 0.42) * math.sin(a))
+            for i, a in enumerate(np.deg2rad(90 + 36 * np.arange(10)))
+        ]
     elif name == "cross":
         a, b = 1.0, 0.33
-        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b),
-               (-b, -b)]
+        pts = [
+            (-b, -a),
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+            (b, b),
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+            (-a, -b),
+            (-b, -b),
+        ]
     elif name == "arrow":
         pts = [(-1.0, -0.28), (0.15, -0.28), (0.15, -0.7), (1.0, 0.0), (0.15, 0.7), (0.15, 0.28), (-1.0, 0.28)]
     elif name == "crescent":
         outer = Polygon([(math.cos(t), math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)])
-        inner = Polygon([(0.45 + 0.85 * math.cos(t), 0.85 * math.sin(t))
-                         for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)])
+        inner = Polygon(
+            [(0.45 + 0.85 * math.cos(t), 0.85 * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)]
+        )
         shape = outer.difference(inner)
         if isinstance(shape, MultiPolygon):
             shape = max(shape.geoms, key=lambda g: g.area)
@@ -119,7 +135,7 @@ def make_image(rng: np.random.RandomState, size: int, max_objects: int = 5):
                 continue
             # keep at least 60% of every earlier object visible
             ok = all(
-                (p.difference(unary_union([q for _, q in placed[i + 1:]] + [poly]))).area >= 0.6 * p.area
+                (p.difference(unary_union([q for _, q in placed[i + 1 :]] + [poly]))).area >= 0.6 * p.area
                 for i, (_, p) in enumerate(placed)
             )
             if ok:
@@ -132,7 +148,7 @@ def make_image(rng: np.random.RandomState, size: int, max_objects: int = 5):
         geoms = [poly] if isinstance(poly, Polygon) else list(poly.geoms)
         for g in geoms:
             draw.polygon([tuple(p) for p in np.asarray(g.exterior.coords)], fill=color, outline=outline)
-        later = [q for _, q in placed[i + 1:]]
+        later = [q for _, q in placed[i + 1 :]]
         visible = poly.difference(unary_union(later)) if later else poly
         visible = visible.intersection(Polygon([(0, 0), (size, 0), (size, size), (0, size)]))
         objects.append((cls, _visible_parts(visible), visible))
@@ -154,19 +170,36 @@ def _write_split(root: str, split: str, num: int, size: int, seed: int, progress
             if not parts:
                 continue
             x0, y0, x1, y1 = visible.bounds
-            annotations.append(dict(
-                id=len(annotations) + 1, image_id=idx, category_id=cls + 1, iscrowd=0,
-                bbox=[round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)], area=round(visible.area, 2),
-                segmentation=[[round(float(v), 2) for xy in np.asarray(p.exterior.coords)[:-1] for v in xy]
-                              for p in parts]))
+            annotations.append(
+                dict(
+                    id=len(annotations) + 1,
+                    image_id=idx,
+                    category_id=cls + 1,
+                    iscrowd=0,
+                    bbox=[round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    area=round(visible.area, 2),
+                    segmentation=[
+                        [round(float(v), 2) for xy in np.asarray(p.exterior.coords)[:-1] for v in xy] for p in parts
+                    ],
+                )
+            )
         if progress and ((idx + 1) % max(1, num // 10) == 0 or idx + 1 == num):
             progress(f"{split}: {idx + 1}/{num} images")
-    return dict(images=images, annotations=annotations,
-                categories=[dict(id=i + 1, name=n) for i, n in enumerate(SHAPES_CLASSES)])
+    return dict(
+        images=images,
+        annotations=annotations,
+        categories=[dict(id=i + 1, name=n) for i, n in enumerate(SHAPES_CLASSES)],
+    )
 
 
-def make_shapes_dataset(root: str, num_train: int = NUM_TRAIN, num_val: int = 60, size: int = 192, seed: int = 0,
-                        progress: Optional[callable] = print) -> Dict[str, str]:
+def make_shapes_dataset(
+    root: str,
+    num_train: int = NUM_TRAIN,
+    num_val: int = 60,
+    size: int = 192,
+    seed: int = 0,
+    progress: Optional[callable] = print,
+) -> Dict[str, str]:
     """Writes the dataset under ``root`` and returns the paths of the two annotation files.
 
     The same arguments always give the same files. An existing dataset with the same
@@ -217,8 +250,11 @@ def make_crop(rng: np.random.RandomState, size: int = 96, scene: int = 192):
         return pts - pts.mean(axis=0) + at
 
     def paint(pts):
-        draw.polygon([tuple(p) for p in pts], fill=tuple(int(c) for c in rng.randint(0, 256, size=3)),
-                     outline=tuple(int(c) for c in rng.randint(0, 256, size=3)))
+        draw.polygon(
+            [tuple(p) for p in pts],
+            fill=tuple(int(c) for c in rng.randint(0, 256, size=3)),
+            outline=tuple(int(c) for c in rng.randint(0, 256, size=3)),
+        )
 
     if label < len(SHAPES_CLASSES):
         main = place(label, centre + rng.uniform(-0.08, 0.08, size=2) * size)
@@ -229,8 +265,10 @@ def make_crop(rng: np.random.RandomState, size: int = 96, scene: int = 192):
             for _ in range(rng.randint(1, 3)):
                 direction = rng.uniform(0, 2 * math.pi)
                 dist = rng.uniform(0.35, 0.6) * size
-                other = place(int(rng.randint(len(SHAPES_CLASSES))),
-                              centre + dist * np.array([math.cos(direction), math.sin(direction)]))
+                other = place(
+                    int(rng.randint(len(SHAPES_CLASSES))),
+                    centre + dist * np.array([math.cos(direction), math.sin(direction)]),
+                )
                 poly = Polygon(other).buffer(0)
                 union = poly if cover is None else cover.union(poly)
                 if main_poly.difference(union).area >= 0.6 * main_poly.area:
@@ -239,8 +277,12 @@ def make_crop(rng: np.random.RandomState, size: int = 96, scene: int = 192):
     else:
         for _ in range(rng.randint(0, 3)):
             direction = rng.uniform(0, 2 * math.pi)
-            paint(place(int(rng.randint(len(SHAPES_CLASSES))),
-                        centre + rng.uniform(0.75, 1.0) * size * np.array([math.cos(direction), math.sin(direction)])))
+            paint(
+                place(
+                    int(rng.randint(len(SHAPES_CLASSES))),
+                    centre + rng.uniform(0.75, 1.0) * size * np.array([math.cos(direction), math.sin(direction)]),
+                )
+            )
     arr = np.asarray(im).astype(np.float32)
     arr += rng.normal(0, 4, size=arr.shape)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), label

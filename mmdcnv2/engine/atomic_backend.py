@@ -16,6 +16,7 @@ chooses a backend)::
 mmengine's ``CheckpointHook`` writes ``last_checkpoint`` only after ``save_checkpoint``
 returns, so it never names a checkpoint that is not complete.
 """
+
 import contextlib
 import os
 import os.path as osp

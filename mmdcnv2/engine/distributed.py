@@ -12,6 +12,7 @@ Runner skips its own ``init_dist`` when a process group already exists, and the 
 
 ``tools/dist_train.py`` is that launcher.
 """
+
 import datetime
 import os
 import re
@@ -47,8 +48,10 @@ def launch_env(environ=None) -> dict:
     env = os.environ if environ is None else environ
     missing = [k for k in LAUNCH_VARS if k not in env]
     if missing:
-        raise LaunchError(f"environment variable(s) {', '.join(missing)} not set: start this script with torchrun, "
-                          "e.g. `torchrun --nproc-per-node 2 tools/dist_train.py CONFIG`")
+        raise LaunchError(
+            f"environment variable(s) {', '.join(missing)} not set: start this script with torchrun, "
+            "e.g. `torchrun --nproc-per-node 2 tools/dist_train.py CONFIG`"
+        )
     rank, world_size = _int_var("RANK", env["RANK"]), _int_var("WORLD_SIZE", env["WORLD_SIZE"])
     if world_size < 1:
         raise LaunchError(f"WORLD_SIZE must be >= 1, got {world_size}")
@@ -57,13 +60,21 @@ def launch_env(environ=None) -> dict:
     local_world_size = _int_var("LOCAL_WORLD_SIZE", env.get("LOCAL_WORLD_SIZE", str(world_size)))
     local_rank = _int_var("LOCAL_RANK", env.get("LOCAL_RANK", str(rank)))
     if not 0 <= local_rank < local_world_size <= world_size:
-        raise LaunchError(f"need 0 <= LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE, got LOCAL_RANK={local_rank}, "
-                          f"LOCAL_WORLD_SIZE={local_world_size}, WORLD_SIZE={world_size}")
+        raise LaunchError(
+            f"need 0 <= LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE, got LOCAL_RANK={local_rank}, "
+            f"LOCAL_WORLD_SIZE={local_world_size}, WORLD_SIZE={world_size}"
+        )
     port = _int_var("MASTER_PORT", env["MASTER_PORT"])
     if not 0 < port < 65536:
         raise LaunchError(f"MASTER_PORT must be in [1, 65535], got {port}")
-    return dict(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size,
-                master_addr=env["MASTER_ADDR"], master_port=port)
+    return dict(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        master_addr=env["MASTER_ADDR"],
+        master_port=port,
+    )
 
 
 def init_gloo(timeout_s: float, environ=None) -> dict:
@@ -88,20 +99,30 @@ def init_gloo(timeout_s: float, environ=None) -> dict:
         msg = str(e)
         joined = re.search(r"(\d+)/(\d+) clients joined", msg)
         if joined:
-            raise LaunchError(f"only {joined.group(1)} of WORLD_SIZE={info['world_size']} processes joined at {where} "
-                              f"within {timeout_s:g} s: start WORLD_SIZE processes in all (torchrun "
-                              "--nproc-per-node/--nnodes) or fix WORLD_SIZE") from e
+            raise LaunchError(
+                f"only {joined.group(1)} of WORLD_SIZE={info['world_size']} processes joined at {where} "
+                f"within {timeout_s:g} s: start WORLD_SIZE processes in all (torchrun "
+                "--nproc-per-node/--nnodes) or fix WORLD_SIZE"
+            ) from e
         if "EADDRINUSE" in msg or "address already in use" in msg:
-            raise LaunchError(f"{where}: the port is in use by another program; choose a free port "
-                              "(torchrun --master-port / --rdzv-endpoint)") from e
+            raise LaunchError(
+                f"{where}: the port is in use by another program; choose a free port "
+                "(torchrun --master-port / --rdzv-endpoint)"
+            ) from e
         if "timed out" in msg and "connect" in msg:
-            raise LaunchError(f"rank {info['rank']} could not reach rank 0 at {where} within {timeout_s:g} s: "
-                              "is rank 0 running, and is the address reachable from this machine?") from e
-        raise LaunchError(f"rank {info['rank']} of {info['world_size']} could not join the process group at "
-                          f"{where}: {msg.splitlines()[0] if msg else type(e).__name__}") from e
+            raise LaunchError(
+                f"rank {info['rank']} could not reach rank 0 at {where} within {timeout_s:g} s: "
+                "is rank 0 running, and is the address reachable from this machine?"
+            ) from e
+        raise LaunchError(
+            f"rank {info['rank']} of {info['world_size']} could not join the process group at "
+            f"{where}: {msg.splitlines()[0] if msg else type(e).__name__}"
+        ) from e
     if dist.get_world_size() != info["world_size"] or dist.get_rank() != info["rank"]:
-        raise LaunchError(f"the process group has rank {dist.get_rank()} of {dist.get_world_size()}, the "
-                          f"environment says RANK={info['rank']} of WORLD_SIZE={info['world_size']}")
+        raise LaunchError(
+            f"the process group has rank {dist.get_rank()} of {dist.get_world_size()}, the "
+            f"environment says RANK={info['rank']} of WORLD_SIZE={info['world_size']}"
+        )
     return info
 
 
@@ -127,15 +148,18 @@ def configure_cpu_ddp(cfg: Config, timeout_s: Optional[float] = None) -> Config:
     sync_bn = sorted(set(_sync_bn_types(cfg.get("model"))))
     if cfg.get("sync_bn") or sync_bn:
         what = f"sync_bn={cfg.get('sync_bn')!r}" if cfg.get("sync_bn") else f"norm_cfg type {', '.join(sync_bn)}"
-        raise ValueError(f"the config asks for synchronised BN ({what}), which runs on GPUs only (torch's "
-                         "SyncBatchNorm refuses CPU tensors): use type='BN' for CPU training (the BN statistics are "
-                         "averaged over the processes after every iteration)")
+        raise ValueError(
+            f"the config asks for synchronised BN ({what}), which runs on GPUs only (torch's "
+            "SyncBatchNorm refuses CPU tensors): use type='BN' for CPU training (the BN statistics are "
+            "averaged over the processes after every iteration)"
+        )
     cfg.launcher = "pytorch"
     wrapper = dict(cfg.get("model_wrapper_cfg") or {})
     wrapper_type = wrapper.setdefault("type", "MMDistributedDataParallel")
     if wrapper_type not in ("MMDistributedDataParallel", "mmengine.MMDistributedDataParallel"):
-        raise ValueError(f"model_wrapper_cfg.type must be MMDistributedDataParallel for CPU training, got "
-                         f"{wrapper_type!r}")
+        raise ValueError(
+            f"model_wrapper_cfg.type must be MMDistributedDataParallel for CPU training, got {wrapper_type!r}"
+        )
     wrapper["device_ids"] = None
     wrapper["output_device"] = None
     wrapper.setdefault("broadcast_buffers", False)  # as mmengine's own default wrapper

@@ -1,4 +1,5 @@
 """The torch-level API of mmdcnv2: functional ops and nn.Modules. Needs no mmdet."""
+
 from ._ext import column_budget, cpu_route, has_cuda_kernels, has_ops
 from .deform_conv import (
     DeformConv2d,

@@ -1,4 +1,5 @@
 """Loads the compiled ops (``torch.ops.mmdcnv2``) and says clearly when they are missing."""
+
 import torch
 
 _BUILD_HINT = (
@@ -72,10 +73,12 @@ def check_like_input(op: str, input: torch.Tensor, **tensors) -> None:
     for name, t in tensors.items():
         if t is None:
             continue
-        torch._check_value(t.device == input.device,
-                           lambda: f"{op}: {name} is on {t.device} but input is on {input.device}")
-        torch._check_value(t.dtype == input.dtype,
-                           lambda: f"{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}")
+        torch._check_value(
+            t.device == input.device, lambda: f"{op}: {name} is on {t.device} but input is on {input.device}"
+        )
+        torch._check_value(
+            t.dtype == input.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}"
+        )
 
 
 class column_budget:

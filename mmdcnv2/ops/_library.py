@@ -15,6 +15,7 @@ them depends on the release:
 Which features the installed torch has is decided by what ``torch.library`` offers, not by its version
 string; the version in messages is the release that introduced the API.
 """
+
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -58,9 +59,11 @@ def require(feature: str, need: str = FAKE_KERNELS_NEED) -> None:
     """Raises a RuntimeError naming ``feature`` and the torch release it needs when the installed torch
     is older (judged by the torch.library API the feature rests on)."""
     if not HAS_FAKE_KERNELS:
-        raise RuntimeError(f"mmdcnv2: {feature} needs torch >= {need} (fake kernels through "
-                           f"torch.library.register_fake); this is torch {torch.__version__}. "
-                           "Eager mode (autograd, autocast, float16/bfloat16) works on this torch.")
+        raise RuntimeError(
+            f"mmdcnv2: {feature} needs torch >= {need} (fake kernels through "
+            f"torch.library.register_fake); this is torch {torch.__version__}. "
+            "Eager mode (autograd, autocast, float16/bfloat16) works on this torch."
+        )
 
 
 def register_fake(qualname: str) -> Callable[[Callable], Callable]:
@@ -73,8 +76,9 @@ def register_fake(qualname: str) -> Callable[[Callable], Callable]:
         name = qualname.split("::", 1)[1]
 
         def needs_newer_torch(*args, **kwargs):
-            require(f"{qualname} on fake or meta tensors (torch.compile, torch.export, opcheck, the dynamo "
-                    "ONNX exporter)")
+            require(
+                f"{qualname} on fake or meta tensors (torch.compile, torch.export, opcheck, the dynamo ONNX exporter)"
+            )
 
         _lib().impl(name, needs_newer_torch, "Meta")
         return fn

@@ -5,6 +5,7 @@ autograd, a fake (meta) kernel for torch.compile and export, autocast, a
 functional form with torchvision's arguments and ``nn.Module`` classes with
 mmcv 2.x's names, arguments, initialisation and state-dict keys.
 """
+
 import functools
 import math
 import warnings
@@ -189,27 +190,43 @@ if has_ops():
         for name, t in (("input", input), ("weight", weight), ("offset", offset)):
             torch._check_value(t.dim() == 4, lambda: f"deform_conv2d: {name} must be 4-D, got shape {tuple(t.shape)}")
         check_like_input("deform_conv2d", input, weight=weight, offset=offset, mask=mask, bias=bias)
-        torch._check_value(input.dtype.is_floating_point,
-                           lambda: f"deform_conv2d: input must be a floating-point tensor, got {input.dtype}")
-        torch._check_value(groups >= 1 and deform_groups >= 1,
-                           lambda: f"deform_conv2d: groups ({groups}) and deform_groups ({deform_groups}) must be >= 1")
-        torch._check_value(weight.shape[1] * groups == input.shape[1], lambda: (
-            f"deform_conv2d: weight must have shape (C_out, C_in / groups, kH, kW) for {input.shape[1]} input "
-            f"channels and groups={groups}, got {tuple(weight.shape)}"))
+        torch._check_value(
+            input.dtype.is_floating_point,
+            lambda: f"deform_conv2d: input must be a floating-point tensor, got {input.dtype}",
+        )
+        torch._check_value(
+            groups >= 1 and deform_groups >= 1,
+            lambda: f"deform_conv2d: groups ({groups}) and deform_groups ({deform_groups}) must be >= 1",
+        )
+        torch._check_value(
+            weight.shape[1] * groups == input.shape[1],
+            lambda: (
+                f"deform_conv2d: weight must have shape (C_out, C_in / groups, kH, kW) for {input.shape[1]} input "
+                f"channels and groups={groups}, got {tuple(weight.shape)}"
+            ),
+        )
         Ho = _conv_out(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
         Wo = _conv_out(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-        torch._check_value(Ho > 0 and Wo > 0, lambda: "deform_conv2d: the padded input is smaller than the dilated kernel")
+        torch._check_value(
+            Ho > 0 and Wo > 0, lambda: "deform_conv2d: the padded input is smaller than the dilated kernel"
+        )
         K = weight.shape[2] * weight.shape[3]
         want = (input.shape[0], 2 * deform_groups * K, Ho, Wo)
-        torch._check_value(tuple(offset.shape) == want,
-                           lambda: f"deform_conv2d: offset must have shape {want}, got {tuple(offset.shape)}")
+        torch._check_value(
+            tuple(offset.shape) == want,
+            lambda: f"deform_conv2d: offset must have shape {want}, got {tuple(offset.shape)}",
+        )
         if mask is not None:
             want = (input.shape[0], deform_groups * K, Ho, Wo)
-            torch._check_value(tuple(mask.shape) == want,
-                               lambda: f"deform_conv2d: mask must have shape {want}, got {tuple(mask.shape)}")
+            torch._check_value(
+                tuple(mask.shape) == want,
+                lambda: f"deform_conv2d: mask must have shape {want}, got {tuple(mask.shape)}",
+            )
         if bias is not None:
-            torch._check_value(tuple(bias.shape) == (weight.shape[0],), lambda: (
-                f"deform_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"))
+            torch._check_value(
+                tuple(bias.shape) == (weight.shape[0],),
+                lambda: (f"deform_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"),
+            )
         return Ho, Wo
 
     def _result_format(input):
@@ -223,7 +240,8 @@ if has_ops():
     def _deform_conv2d_fake(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups):
         Ho, Wo = _fake_checks(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups)
         return input.new_empty((input.shape[0], weight.shape[0], Ho, Wo)).contiguous(
-            memory_format=_result_format(input))
+            memory_format=_result_format(input)
+        )
 
     @register_fake("mmdcnv2::deform_conv2d_backward")
     def _deform_conv2d_backward_fake(
@@ -231,9 +249,13 @@ if has_ops():
     ):
         Ho, Wo = _fake_checks(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups)
         want = (input.shape[0], weight.shape[0], Ho, Wo)
-        torch._check_value(tuple(grad_output.shape) == want and grad_output.device == input.device, lambda: (
-            f"deform_conv2d_backward: grad_output must have shape {want} on {input.device}, "
-            f"got {tuple(grad_output.shape)} on {grad_output.device}"))
+        torch._check_value(
+            tuple(grad_output.shape) == want and grad_output.device == input.device,
+            lambda: (
+                f"deform_conv2d_backward: grad_output must have shape {want} on {input.device}, "
+                f"got {tuple(grad_output.shape)} on {grad_output.device}"
+            ),
+        )
         grad_mask = input.new_empty(mask.shape) if mask is not None else input.new_empty((0,))
         grad_bias = input.new_empty(bias.shape) if bias is not None else input.new_empty((0,))
         return (
@@ -287,10 +309,14 @@ def _accepts_deformable_groups(cls_name: str):
         def new_init(self, *args, **kwargs):
             if "deformable_groups" in kwargs:
                 if "deform_groups" in kwargs:
-                    raise TypeError(f"{cls_name}.__init__: give deform_groups or its deprecated name "
-                                    "deformable_groups, not both")
-                warnings.warn(f'"deformable_groups" is deprecated in `{cls_name}.__init__`, please use '
-                              '"deform_groups" instead', DeprecationWarning, stacklevel=2)
+                    raise TypeError(
+                        f"{cls_name}.__init__: give deform_groups or its deprecated name deformable_groups, not both"
+                    )
+                warnings.warn(
+                    f'"deformable_groups" is deprecated in `{cls_name}.__init__`, please use "deform_groups" instead',
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
                 kwargs["deform_groups"] = kwargs.pop("deformable_groups")
             init(self, *args, **kwargs)
 
@@ -381,8 +407,7 @@ class _ChannelsLastCopy(torch.autograd.Function):
 class _DeformConvNd(nn.Module):
     """Arguments, weight and bias shared by the two convolution modules."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups,
-                 bias):
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups, bias):
         super().__init__()
         _check_channels(in_channels, out_channels, groups, deform_groups)
         self.in_channels = in_channels
@@ -404,9 +429,15 @@ class _DeformConvNd(nn.Module):
 
     def _make_conv_offset(self, per_tap: int) -> nn.Conv2d:
         """The zero-initialised conv that predicts ``per_tap`` channels per kernel tap and deform group."""
-        conv = nn.Conv2d(self.in_channels, self.deform_groups * per_tap * self.kernel_size[0] * self.kernel_size[1],
-                         kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                         dilation=self.dilation, bias=True)
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.deform_groups * per_tap * self.kernel_size[0] * self.kernel_size[1],
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
+        )
         nn.init.zeros_(conv.weight)
         nn.init.zeros_(conv.bias)
         return conv
@@ -470,8 +501,9 @@ class DeformConv2d(_DeformConvNd):
     ) -> None:
         if bias:
             raise ValueError(f"bias={bias} is not supported in DeformConv2d")
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups,
-                         False)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups, False
+        )
         self.im2col_step = im2col_step
         self.reset_parameters()
 
@@ -568,8 +600,9 @@ class ModulatedDeformConv2d(_DeformConvNd):
         deform_groups: int = 1,
         bias: Union[bool, str] = True,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups,
-                         bool(bias))
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups, bool(bias)
+        )
         self.init_weights()
 
     def init_weights(self) -> None:

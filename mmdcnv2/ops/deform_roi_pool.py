@@ -5,6 +5,7 @@ autograd, a fake kernel, autocast, the functional form and ``nn.Module`` classes
 with mmcv 2.x's names, arguments and state-dict keys. Unlike mmcv's, it runs on
 the CPU as well as on CUDA.
 """
+
 from typing import Optional, Tuple, Union
 
 import torch
@@ -98,8 +99,9 @@ def deform_roi_pool(
     if rois.dim() != 2 or rois.shape[1] != 5:
         raise ValueError(f"deform_roi_pool: rois must have shape (K, 5), got {tuple(rois.shape)}")
     if not 0 <= int(sampling_ratio) <= MAX_ROI_SAMPLES:
-        raise ValueError(f"deform_roi_pool: sampling_ratio must lie in [0, {MAX_ROI_SAMPLES}] (0: adaptive), "
-                         f"got {sampling_ratio}")
+        raise ValueError(
+            f"deform_roi_pool: sampling_ratio must lie in [0, {MAX_ROI_SAMPLES}] (0: adaptive), got {sampling_ratio}"
+        )
     if offset is not None and tuple(offset.shape) != (rois.shape[0], 2, ph, pw):
         raise ValueError(
             f"deform_roi_pool: offset must have shape {(rois.shape[0], 2, ph, pw)}, got {tuple(offset.shape)}"
@@ -120,17 +122,24 @@ if has_ops():
         """What the compiled op checks, for fake and meta tensors (and for calls that mix a meta tensor
         with real ones, which the dispatcher sends here): the argument's name in every message."""
         torch._check_value(input.dim() == 4, lambda: f"deform_roi_pool: input must be 4-D, got {tuple(input.shape)}")
-        torch._check_value(input.dtype.is_floating_point,
-                           lambda: f"deform_roi_pool: input must be floating point, got {input.dtype}")
-        torch._check_value(rois.dim() == 2 and rois.shape[1] == 5,
-                           lambda: f"deform_roi_pool: rois must have shape (K, 5), got {tuple(rois.shape)}")
-        torch._check_value(pooled_height >= 1 and pooled_width >= 1, lambda: (
-            f"deform_roi_pool: output_size must be >= 1, got ({pooled_height}, {pooled_width})"))
+        torch._check_value(
+            input.dtype.is_floating_point, lambda: f"deform_roi_pool: input must be floating point, got {input.dtype}"
+        )
+        torch._check_value(
+            rois.dim() == 2 and rois.shape[1] == 5,
+            lambda: f"deform_roi_pool: rois must have shape (K, 5), got {tuple(rois.shape)}",
+        )
+        torch._check_value(
+            pooled_height >= 1 and pooled_width >= 1,
+            lambda: (f"deform_roi_pool: output_size must be >= 1, got ({pooled_height}, {pooled_width})"),
+        )
         check_like_input("deform_roi_pool", input, rois=rois, offset=offset)
         if offset is not None:
             want = (rois.shape[0], 2, pooled_height, pooled_width)
-            torch._check_value(tuple(offset.shape) == want,
-                               lambda: f"deform_roi_pool: offset must have shape {want}, got {tuple(offset.shape)}")
+            torch._check_value(
+                tuple(offset.shape) == want,
+                lambda: f"deform_roi_pool: offset must have shape {want}, got {tuple(offset.shape)}",
+            )
 
     @register_fake("mmdcnv2::deform_roi_pool")
     def _deform_roi_pool_fake(input, rois, offset, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma):
@@ -141,9 +150,13 @@ if has_ops():
     def _deform_roi_pool_backward_fake(grad_output, input, rois, offset, *args):
         _fake_checks(input, rois, offset, args[0], args[1])
         want = (rois.shape[0], input.shape[1], args[0], args[1])
-        torch._check_value(tuple(grad_output.shape) == want and grad_output.device == input.device, lambda: (
-            f"deform_roi_pool_backward: grad_output must have shape {want} on {input.device}, "
-            f"got {tuple(grad_output.shape)} on {grad_output.device}"))
+        torch._check_value(
+            tuple(grad_output.shape) == want and grad_output.device == input.device,
+            lambda: (
+                f"deform_roi_pool_backward: grad_output must have shape {want} on {input.device}, "
+                f"got {tuple(grad_output.shape)} on {grad_output.device}"
+            ),
+        )
         goff = input.new_empty(offset.shape) if offset is not None else input.new_empty((0,))
         return input.new_empty(input.shape), goff
 
@@ -197,12 +210,15 @@ class DeformRoIPool(nn.Module):
         # Under autocast the op computes in float32; the modules hand back the input's dtype
         # (as mmcv's RoI layers do: mmdet's RoI extractors write the result into a buffer of
         # the features' dtype).
-        return deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
-                               self.gamma).to(input.dtype)
+        return deform_roi_pool(
+            input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma
+        ).to(input.dtype)
 
     def extra_repr(self) -> str:
-        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}")
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}"
+        )
 
 
 def _fc_branch(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Sequential:
@@ -244,8 +260,15 @@ class DeformRoIPoolPack(DeformRoIPool):
         ValueError: in ``forward``, an input that is not of shape (N, output_channels, H, W) (mmcv asserts).
     """
 
-    def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024,
-                 spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1):
+    def __init__(
+        self,
+        output_size,
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ):
         super().__init__(output_size, spatial_scale, sampling_ratio, gamma)
         self.output_channels = output_channels
         self.deform_fc_channels = deform_fc_channels
@@ -254,8 +277,10 @@ class DeformRoIPoolPack(DeformRoIPool):
 
     def _check_channels(self, input: Tensor) -> None:
         if input.dim() != 4 or input.shape[1] != self.output_channels:
-            raise ValueError(f"{type(self).__name__}: input must have shape (N, {self.output_channels}, H, W) "
-                             f"(output_channels), got {tuple(input.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: input must have shape (N, {self.output_channels}, H, W) "
+                f"(output_channels), got {tuple(input.shape)}"
+            )
 
     def _offset(self, pooled: Tensor) -> Tensor:
         return self.offset_fc(pooled.flatten(1)).view(pooled.shape[0], 2, *self.output_size)
@@ -287,8 +312,15 @@ class ModulatedDeformRoIPoolPack(DeformRoIPoolPack):
         ValueError: in ``forward``, an input that is not of shape (N, output_channels, H, W) (mmcv asserts).
     """
 
-    def __init__(self, output_size, output_channels: int, deform_fc_channels: int = 1024,
-                 spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1):
+    def __init__(
+        self,
+        output_size,
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ):
         super().__init__(output_size, output_channels, deform_fc_channels, spatial_scale, sampling_ratio, gamma)
         bins = self.output_size[0] * self.output_size[1]
         self.mask_fc = _fc_branch(bins * output_channels, deform_fc_channels, bins, layers=2)

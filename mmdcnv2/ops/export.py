@@ -27,6 +27,7 @@ importing mmdcnv2 adds our translations to the registries the exporters consult 
 be passed as ``custom_translation_table`` (dynamo) and :func:`register_onnx_symbolics` registers the
 TorchScript symbolics for another opset.
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -114,8 +115,9 @@ def _deform_conv2d_translation(op):
 
 
 def _deform_conv2d_below_min_opset(*args, **kwargs):
-    raise ValueError(f"mmdcnv2.deform_conv2d becomes the ONNX operator DeformConv, which needs "
-                     f"opset_version >= {MIN_OPSET}")
+    raise ValueError(
+        f"mmdcnv2.deform_conv2d becomes the ONNX operator DeformConv, which needs opset_version >= {MIN_OPSET}"
+    )
 
 
 def _deform_roi_pool_translation(*args, **kwargs):
@@ -234,7 +236,9 @@ def _warn_not_registered(exporter: str, e: BaseException) -> None:
         f"mmdcnv2 could not register its ONNX translations with the {exporter} exporter's default registry "
         f"({type(e).__name__}: {e}); plain torch.onnx.export will not export mmdcnv2.deform_conv2d. Use "
         "mmdcnv2.ops.export_onnx, or pass custom_translation_table=mmdcnv2.ops.onnx_translation_table()",
-        RuntimeWarning, stacklevel=2)
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def _register_torchlib() -> None:
@@ -295,15 +299,24 @@ def _deform_conv2d_symbolic(g, input, weight, offset, mask, bias, stride, paddin
     inputs = [input, weight, offset]
     if has_mask and not has_bias:
         # DeformConv's inputs are positional (X, W, offset, B, mask): a zero bias of weight's dtype
-        cout = g.op("Slice", g.op("Shape", weight), g.op("Constant", value_t=torch.tensor([0])),
-                    g.op("Constant", value_t=torch.tensor([1])))
+        cout = g.op(
+            "Slice",
+            g.op("Shape", weight),
+            g.op("Constant", value_t=torch.tensor([0])),
+            g.op("Constant", value_t=torch.tensor([1])),
+        )
         bias = g.op("CastLike", g.op("ConstantOfShape", cout), weight)
     if has_mask or has_bias:
         inputs.append(bias)
     if has_mask:
         inputs.append(mask)
-    attrs = dict(dilations_i=list(dilation), group_i=groups, offset_group_i=deform_groups,
-                 pads_i=list(padding) * 2, strides_i=list(stride))
+    attrs = dict(
+        dilations_i=list(dilation),
+        group_i=groups,
+        offset_group_i=deform_groups,
+        pads_i=list(padding) * 2,
+        strides_i=list(stride),
+    )
     sizes = sh._get_tensor_sizes(weight)
     if sizes is not None and len(sizes) == 4 and all(isinstance(k, int) for k in sizes[2:]):
         attrs["kernel_shape_i"] = list(sizes[2:])
@@ -403,8 +416,10 @@ def export_onnx(
         model.eval()
         proto = export_onnx(model, (x,), "model.onnx", opset=19, exporter="dynamo")
     """
-    require("mmdcnv2.ops.export_onnx (both exporters trace through the ops' fake kernels or need torch.onnx "
-            "options of newer releases)")
+    require(
+        "mmdcnv2.ops.export_onnx (both exporters trace through the ops' fake kernels or need torch.onnx "
+        "options of newer releases)"
+    )
     import onnx
 
     _check_opset(opset)
@@ -418,25 +433,48 @@ def export_onnx(
             if dynamic_axes is not None:
                 raise ValueError("export_onnx: dynamic_axes is for exporter='torchscript'; use dynamic_shapes")
             table = onnx_translation_table(opset)
-            program = model if isinstance(model, torch.export.ExportedProgram) else torch.export.export(
-                model, args, dynamic_shapes=dynamic_shapes)
+            program = (
+                model
+                if isinstance(model, torch.export.ExportedProgram)
+                else torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+            )
             _check_no_roi_pool(program)
-            torch.onnx.export(program, args, path, dynamo=True, opset_version=opset,
-                              custom_translation_table=table, input_names=input_names,
-                              output_names=output_names, external_data=False, verbose=False, report=False)
+            torch.onnx.export(
+                program,
+                args,
+                path,
+                dynamo=True,
+                opset_version=opset,
+                custom_translation_table=table,
+                input_names=input_names,
+                output_names=output_names,
+                external_data=False,
+                verbose=False,
+                report=False,
+            )
         else:
             if dynamic_shapes is not None:
                 raise ValueError("export_onnx: dynamic_shapes is for exporter='dynamo'; use dynamic_axes")
             if opset > MAX_TORCHSCRIPT_OPSET:
-                raise ValueError(f"export_onnx: the torchscript exporter supports opset <= {MAX_TORCHSCRIPT_OPSET}, "
-                                 f"got opset={opset}; use exporter='dynamo'")
+                raise ValueError(
+                    f"export_onnx: the torchscript exporter supports opset <= {MAX_TORCHSCRIPT_OPSET}, "
+                    f"got opset={opset}; use exporter='dynamo'"
+                )
             register_onnx_symbolics(opset)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # our shape checks
-                torch.onnx.export(model, args, path, dynamo=False, opset_version=opset,
-                                  input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
+                torch.onnx.export(
+                    model,
+                    args,
+                    path,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=input_names,
+                    output_names=output_names,
+                    dynamic_axes=dynamic_axes,
+                )
     except UnsupportedONNXOperatorError:
         raise
     except Exception as e:  # the exporters wrap errors raised by translations and symbolics

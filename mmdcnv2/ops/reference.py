@@ -4,6 +4,7 @@ They follow the definitions directly (gather the four corners, weight them,
 sum), differentiate through plain autograd, and serve as the oracle of the
 tests. They also run wherever the compiled extension is not built.
 """
+
 from typing import Optional, Tuple, Union
 
 import torch
@@ -141,7 +142,12 @@ def clamped_gather(x: Tensor, y: Tensor, xq: Tensor) -> Tensor:
     lx, x0, x1 = axis(xq, W)
     flat = x.reshape(C, H * W)
     out = 0
-    for yy, xx, wgt in ((y0, x0, (1 - ly) * (1 - lx)), (y0, x1, (1 - ly) * lx), (y1, x0, ly * (1 - lx)), (y1, x1, ly * lx)):
+    for yy, xx, wgt in (
+        (y0, x0, (1 - ly) * (1 - lx)),
+        (y0, x1, (1 - ly) * lx),
+        (y1, x0, ly * (1 - lx)),
+        (y1, x1, ly * lx),
+    ):
         vals = flat[:, (yy * W + xx).reshape(-1)].reshape(C, *y.shape)
         out = out + vals * torch.where(inside, wgt, zero)
     return out

@@ -7,6 +7,7 @@
 image: ``img_id`` and ``pred_instances`` with ``bboxes`` (x1, y1, x2, y2 in original image
 pixels), ``scores`` and ``labels``).
 """
+
 import json
 import os
 import pickle
@@ -43,9 +44,17 @@ def _draw_boxes(im, boxes, labels, names, scale, scores=None):
         draw.text((x1 + 2, ty), text, fill=(255, 255, 255) if sum(color) < 500 else (0, 0, 0), font=font)
 
 
-def draw_detection_grid(results_pkl: str, ann_file: str, img_root: str, out_path: str,
-                        image_ids: Optional[Sequence[int]] = None, num_images: int = 4, scale: int = 2,
-                        score_thr: float = 0.3, columns: int = 2) -> str:
+def draw_detection_grid(
+    results_pkl: str,
+    ann_file: str,
+    img_root: str,
+    out_path: str,
+    image_ids: Optional[Sequence[int]] = None,
+    num_images: int = 4,
+    scale: int = 2,
+    score_thr: float = 0.3,
+    columns: int = 2,
+) -> str:
     """Writes one picture: for each image, its ground truth (left) beside the detections with a
     score of at least ``score_thr`` (right), every image enlarged ``scale`` times, in a grid of
     ``columns`` pairs per row. Returns ``out_path``. ``image_ids`` default: the first
@@ -73,15 +82,19 @@ def draw_detection_grid(results_pkl: str, ann_file: str, img_root: str, out_path
         base = base.resize((base.width * scale, base.height * scale), Image.BICUBIC)
         gt = base.copy()
         anns = [a for a in coco["annotations"] if a["image_id"] == img_id]
-        _draw_boxes(gt, [(a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3])
-                         for a in anns], [cat_index[a["category_id"]] for a in anns], names, scale)
+        _draw_boxes(
+            gt,
+            [(a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]) for a in anns],
+            [cat_index[a["category_id"]] for a in anns],
+            names,
+            scale,
+        )
         det = base.copy()
         if img_id in preds:
             p = preds[img_id]
             scores = _as_numpy(p["scores"])
             keep = scores >= score_thr
-            _draw_boxes(det, _as_numpy(p["bboxes"])[keep], _as_numpy(p["labels"])[keep], names, scale,
-                        scores[keep])
+            _draw_boxes(det, _as_numpy(p["bboxes"])[keep], _as_numpy(p["labels"])[keep], names, scale, scores[keep])
         pair = Image.new("RGB", (base.width * 2 + 4 * scale, base.height + 12 * scale), (255, 255, 255))
         pair.paste(gt, (0, 12 * scale))
         pair.paste(det, (base.width + 4 * scale, 12 * scale))

@@ -8,6 +8,7 @@ convs in between, which keep positions), where that layer's offsets and masks ar
 read by bilinear interpolation, so three stacked 3x3 layers give up to 9^3 = 729
 points, each weighted by the product of the masks along its path.
 """
+
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -39,8 +40,7 @@ def _interp(field: Tensor, y: Tensor, x: Tensor) -> Tensor:
     y1, x1 = (y0 + 1).clamp(max=H - 1), (x0 + 1).clamp(max=W - 1)
     ly, lx = (y - y0).unsqueeze(1), (x - x0).unsqueeze(1)
     f = field.permute(1, 2, 0)
-    return (f[y0, x0] * (1 - ly) * (1 - lx) + f[y0, x1] * (1 - ly) * lx + f[y1, x0] * ly * (1 - lx)
-            + f[y1, x1] * ly * lx)
+    return f[y0, x0] * (1 - ly) * (1 - lx) + f[y0, x1] * (1 - ly) * lx + f[y1, x0] * ly * (1 - lx) + f[y1, x1] * ly * lx
 
 
 @torch.no_grad()
@@ -76,7 +76,8 @@ class DCNRecorder:
 
     def __init__(self, model: nn.Module):
         self.convs: List[Tuple[str, nn.Module]] = [
-            (n, m) for n, m in model.named_modules() if isinstance(m, (DeformConv2dPack, ModulatedDeformConv2dPack))]
+            (n, m) for n, m in model.named_modules() if isinstance(m, (DeformConv2dPack, ModulatedDeformConv2dPack))
+        ]
         self.records = {}
         self._handles = []
         for name, m in self.convs:
@@ -89,6 +90,7 @@ class DCNRecorder:
                 self.records[name] = module.split_offset_mask(out)
             else:
                 self.records[name] = (out, None)
+
         return hook
 
     def geometry(self, names: Sequence[str], image_index: int = 0) -> List[LayerGeometry]:
@@ -98,8 +100,16 @@ class DCNRecorder:
         for n in names:
             off, mask = self.records[n]
             m = mods[n]
-            out.append(LayerGeometry(off[image_index], None if mask is None else mask[image_index],
-                                     m.kernel_size, m.stride, m.padding, m.dilation))
+            out.append(
+                LayerGeometry(
+                    off[image_index],
+                    None if mask is None else mask[image_index],
+                    m.kernel_size,
+                    m.stride,
+                    m.padding,
+                    m.dilation,
+                )
+            )
         return out
 
     def remove(self):

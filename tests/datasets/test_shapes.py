@@ -1,4 +1,5 @@
 """The synthetic dataset generator: deterministic, valid COCO, geometry in the annotations."""
+
 import json
 import os
 

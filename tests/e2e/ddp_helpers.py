@@ -1,6 +1,7 @@
 """Hooks that tests/e2e/test_distributed.py puts into training runs (through the config's
 custom_imports; the workers find this module on PYTHONPATH). They observe and steer real runs:
 no part of mmengine, mmdet or torch is replaced."""
+
 import json
 import os
 import random
@@ -95,8 +96,11 @@ class DieHook(Hook):
         self.rank, self.iter, self.at = rank, iter, at
         if at == "commit" and get_rank() == rank:
             target = f"iter_{iter}.pth"
-            sys.addaudithook(lambda event, args: self._kill() if event == "os.rename" and str(args[1]).endswith(
-                os.sep + target) else None)
+            sys.addaudithook(
+                lambda event, args: self._kill()
+                if event == "os.rename" and str(args[1]).endswith(os.sep + target)
+                else None
+            )
 
     @staticmethod
     def _kill():

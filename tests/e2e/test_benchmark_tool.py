@@ -1,5 +1,6 @@
 """tools/benchmark.py's detector iteration compares like with like: the three detectors (plain, DCNv2 with
 mmcv's layers, DCNv2 with ours) get the plain detector's weights and compute the same function."""
+
 import os
 import sys
 

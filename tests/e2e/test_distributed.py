@@ -6,6 +6,7 @@ left without gradient on any rank fails the run), each process at one thread. Th
 ddp_helpers.py only observe (batches, logged values, files written, final parameters),
 seed every iteration, or kill a process.
 """
+
 import json
 import os
 import re
@@ -54,8 +55,15 @@ def torchrun(*args, nproc=2, launcher=None, timeout=RUN_TIMEOUT):
     """Runs ``torchrun <launcher options> tools/dist_train.py <args>``; returns (returncode, output)."""
     launcher = launcher if launcher is not None else ["--standalone", "--nproc-per-node", str(nproc)]
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, DIST_TRAIN, *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
     return proc.returncode, proc.stdout
 
 
@@ -64,8 +72,12 @@ def write_cfg(path, data, out_dir, *, iters=ITERS, accumulate=1, extra_hooks=(),
     tiny images, one image per process and iteration, BN in eval mode (its statistics frozen:
     then the per-rank gradients average to exactly the gradient of the two batches), a constant
     learning rate, a checkpoint after every iteration."""
-    hooks = [dict(type="mmdcnv2.MimicHook"), dict(type="SeedEveryIterHook"),
-             dict(type="RecordHook", out_dir=out_dir, save_initial=save_initial), *extra_hooks]
+    hooks = [
+        dict(type="mmdcnv2.MimicHook"),
+        dict(type="SeedEveryIterHook"),
+        dict(type="RecordHook", out_dir=out_dir, save_initial=save_initial),
+        *extra_hooks,
+    ]
     text = f"""
 _base_ = {MIMIC_CONFIG!r}
 custom_imports = dict(imports=["mmdcnv2", "ddp_helpers"], allow_failed_imports=False)
@@ -73,7 +85,7 @@ train_dataloader = dict(
     batch_size=1, num_workers=0, persistent_workers=False,
     sampler=dict(type="InfiniteSampler", shuffle=False),
     dataset=dict(
-        data_root={data + '/'!r},
+        data_root={data + "/"!r},
         filter_cfg=dict(filter_empty_gt=False, min_size=4),
         pipeline=[dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", with_bbox=True),
                   dict(type="Resize", scale=(64, 64), keep_ratio=True), dict(type="PackDetInputs")]))
@@ -138,8 +150,9 @@ def runs(data, tmp_path_factory):
     iterations from the same initial weights."""
     tmp = tmp_path_factory.mktemp("ddp")
     ref_out, ddp_out = str(tmp / "ref_out"), str(tmp / "ddp_out")
-    ref_cfg = Config.fromfile(write_cfg(str(tmp / "ref.py"), data, ref_out, iters=2 * ITERS, accumulate=2,
-                                        save_initial=True))
+    ref_cfg = Config.fromfile(
+        write_cfg(str(tmp / "ref.py"), data, ref_out, iters=2 * ITERS, accumulate=2, save_initial=True)
+    )
     for hook in ref_cfg.custom_hooks:
         if hook["type"] == "RecordHook":
             hook["audit_writes"] = False  # no audit hook in the pytest process
@@ -170,12 +183,13 @@ def test_ddp_ranks_end_bit_identical(runs):
     initial = torch.load(os.path.join(runs["ref_out"], "initial.pth"), map_location="cpu")["state_dict"]
     final = params(runs["ddp_out"], 0)
     frozen = re.compile(r"backbone\.(conv1\.|bn1\.|layer1\.|layer\d\.\d+\.(bn\d|downsample\.1)\.)")
-    still = [k for k, v in initial.items()
-             if v.is_floating_point() and "running_" not in k and torch.equal(v, final[k])]
-    assert all(re.match(r"roi_head\.bbox_roi_extractor\.roi_layers\.[123]\.", k) or frozen.match(k)
-               for k in still), still
-    frozen_keys = [k for k, v in initial.items()
-                   if v.is_floating_point() and "running_" not in k and frozen.match(k)]
+    still = [
+        k for k, v in initial.items() if v.is_floating_point() and "running_" not in k and torch.equal(v, final[k])
+    ]
+    assert all(re.match(r"roi_head\.bbox_roi_extractor\.roi_layers\.[123]\.", k) or frozen.match(k) for k in still), (
+        still
+    )
+    frozen_keys = [k for k, v in initial.items() if v.is_floating_point() and "running_" not in k and frozen.match(k)]
     assert frozen_keys and set(frozen_keys) <= set(still)
     assert any(k.startswith("backbone.layer4") and "conv_offset" in k for k in final)
     assert not any(k.startswith("backbone.layer4") and "conv_offset" in k for k in still)
@@ -245,16 +259,30 @@ def test_ddp_checkpoints_rank0_only(runs):
 FAILURES = {
     # rank 1 SIGKILLed before the 3rd iteration: torchrun stops rank 0, or (on a loaded machine, where
     # torchrun's SIGTERM can come late) rank 0 finds its peer gone in the next collective first
-    "rank1_killed": (dict(rank=1, iter=2, at="iter"), 1, "-9",
-                     r"\[dist_train rank 0/2\] (stopped by SIGTERM|training failed: another process of this job died)",
-                     2),
+    "rank1_killed": (
+        dict(rank=1, iter=2, at="iter"),
+        1,
+        "-9",
+        r"\[dist_train rank 0/2\] (stopped by SIGTERM|training failed: another process of this job died)",
+        2,
+    ),
     # rank 0 SIGKILLed while saving iter_2.pth, its data written but not renamed into place:
     # rank 1 is stopped by torchrun or finds its peer gone in the next collective
-    "rank0_killed_saving": (dict(rank=0, iter=2, at="commit"), 0, "-9",
-                            r"\[dist_train rank 1/2\] (stopped by SIGTERM|training failed: another process)", 1),
+    "rank0_killed_saving": (
+        dict(rank=0, iter=2, at="commit"),
+        0,
+        "-9",
+        r"\[dist_train rank 1/2\] (stopped by SIGTERM|training failed: another process)",
+        1,
+    ),
     # rank 1 hangs (alive, never reaches the next collective): rank 0 gives up after --timeout
-    "rank1_hangs": (dict(rank=1, iter=2, at="hang"), 0, "1",
-                    r"\[dist_train rank 0/2\] training failed: another process did not answer within --timeout", 2),
+    "rank1_hangs": (
+        dict(rank=1, iter=2, at="hang"),
+        0,
+        "1",
+        r"\[dist_train rank 0/2\] training failed: another process did not answer within --timeout",
+        2,
+    ),
 }
 
 
@@ -275,15 +303,17 @@ def test_distributed_rank_dies(runs, data, case):
     rc, out = torchrun(cfg, "--work-dir", work, "--timeout", 20 if case == "rank1_hangs" else 60)
     assert rc != 0
     assert time.time() - t0 < RUN_TIMEOUT
-    root_cause = out[out.index("Root Cause"):]
-    assert re.search(rf"rank\s*:\s*{failed} \(local_rank: {failed}\)\s*\n\s*exitcode\s*:\s*{exitcode}\b", root_cause), \
+    root_cause = out[out.index("Root Cause") :]
+    assert re.search(rf"rank\s*:\s*{failed} \(local_rank: {failed}\)\s*\n\s*exitcode\s*:\s*{exitcode}\b", root_cause), (
         out[-3000:]
+    )
     assert re.search(last_words, out), out[-3000:]
     # the last complete checkpoint is the one last_checkpoint names; nothing later exists
     with open(os.path.join(work, "last_checkpoint")) as f:
         assert f.read().strip() == os.path.join(work, f"iter_{done}.pth")
-    assert sorted(n for n in os.listdir(work) if n.startswith("iter_") and n.endswith(".pth")) == \
-        [f"iter_{i}.pth" for i in range(1, done + 1)]
+    assert sorted(n for n in os.listdir(work) if n.startswith("iter_") and n.endswith(".pth")) == [
+        f"iter_{i}.pth" for i in range(1, done + 1)
+    ]
     assert torch.load(os.path.join(work, f"iter_{done}.pth"), map_location="cpu")["meta"]["iter"] == done
     if case == "rank0_killed_saving":  # killed with the file written but not renamed into place
         assert os.path.exists(os.path.join(work, "iter_2.pth.partial"))
@@ -293,8 +323,11 @@ def test_distributed_rank_dies(runs, data, case):
     # resuming with another number of processes is refused (the batch of a step would change)
     rc, out = torchrun(cfg, "--work-dir", work, "--resume", "--timeout", 60, nproc=1)
     assert rc != 0
-    assert re.search(r"\[dist_train rank 0/1\] WorldSizeError: the checkpoint was written by a run of 2 processes "
-                     r"\(WORLD_SIZE=2\), this run has 1", out), out[-3000:]
+    assert re.search(
+        r"\[dist_train rank 0/1\] WorldSizeError: the checkpoint was written by a run of 2 processes "
+        r"\(WORLD_SIZE=2\), this run has 1",
+        out,
+    ), out[-3000:]
     assert not [n for n in os.listdir(work) if n.startswith("iter_3")]
     with open(os.path.join(work, "last_checkpoint")) as f:
         assert f.read().strip() == os.path.join(work, "iter_2.pth")
@@ -312,17 +345,41 @@ def test_distributed_two_nodes_c10d(runs, data):
     tmp = runs["tmp"] / "nodes"
     tmp.mkdir()
     out_dir, work = str(tmp / "out"), str(tmp / "work")
-    cfg = write_cfg(str(tmp / "cfg.py"), data, out_dir, iters=2,
-                    load_from=os.path.join(runs["ref_out"], "initial.pth"))
+    cfg = write_cfg(str(tmp / "cfg.py"), data, out_dir, iters=2, load_from=os.path.join(runs["ref_out"], "initial.pth"))
     port = free_port()
     procs = []
     for node in (0, 1):
-        launcher = ["--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                    "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mmdcnv2-test"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, DIST_TRAIN, cfg, "--work-dir", work,
-               "--timeout", "120"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        launcher = [
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--nproc-per-node",
+            "1",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv-id",
+            "mmdcnv2-test",
+        ]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            *launcher,
+            DIST_TRAIN,
+            cfg,
+            "--work-dir",
+            work,
+            "--timeout",
+            "120",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outs = []
     try:
         for p in procs:
@@ -380,9 +437,15 @@ def test_distributed_main_job_config_with_coco_evaluation(tmp_path):
     # the same checkpoint tested in one process with mmdet's CocoMetric
     cfg = Config.fromfile(MAIN_CONFIG)
     cfg.merge_from_dict(dict(o.split("=", 1) for o in data_options(data)))
-    cfg.merge_from_dict({"model.test_cfg.rcnn.score_thr": 0.0, "test_dataloader.batch_size": 1,
-                         "test_dataloader.num_workers": 0, "test_dataloader.persistent_workers": False,
-                         "test_evaluator.outfile_prefix": f"{test_work}/dets"})
+    cfg.merge_from_dict(
+        {
+            "model.test_cfg.rcnn.score_thr": 0.0,
+            "test_dataloader.batch_size": 1,
+            "test_dataloader.num_workers": 0,
+            "test_dataloader.persistent_workers": False,
+            "test_evaluator.outfile_prefix": f"{test_work}/dets",
+        }
+    )
     cfg.work_dir = test_work
     cfg.load_from = os.path.join(work, f"iter_{iters}.pth")
     threads = torch.get_num_threads()
@@ -406,18 +469,30 @@ def test_distributed_bad_launch(tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cases = [
-        ({}, r"\[dist_train\] LaunchError: environment variable\(s\) RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not "
-             r"set: start this script with torchrun"),
-        (dict(RANK="0", WORLD_SIZE="2"), r"\[dist_train rank 0/2\] LaunchError: only 1 of WORLD_SIZE=2 processes "
-                                         r"joined at MASTER_ADDR:MASTER_PORT=127\.0\.0\.1:\d+ within 5 s"),
+        (
+            {},
+            r"\[dist_train\] LaunchError: environment variable\(s\) RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not "
+            r"set: start this script with torchrun",
+        ),
+        (
+            dict(RANK="0", WORLD_SIZE="2"),
+            r"\[dist_train rank 0/2\] LaunchError: only 1 of WORLD_SIZE=2 processes "
+            r"joined at MASTER_ADDR:MASTER_PORT=127\.0\.0\.1:\d+ within 5 s",
+        ),
     ]
     for extra, message in cases:
         case_env = dict(env, **extra)
         if extra:
             case_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         t0 = time.time()
-        proc = subprocess.run([sys.executable, DIST_TRAIN, MAIN_CONFIG, "--work-dir", str(tmp_path / "work"),
-                               "--timeout", "5"], cwd=ROOT, env=case_env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, DIST_TRAIN, MAIN_CONFIG, "--work-dir", str(tmp_path / "work"), "--timeout", "5"],
+            cwd=ROOT,
+            env=case_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2, (extra, proc.stdout[-2000:], proc.stderr[-2000:])
         assert re.search(message, proc.stderr), (extra, proc.stderr[-2000:])
         assert time.time() - t0 < 60
@@ -433,8 +508,13 @@ def test_distributed_port_in_use(tmp_path):
         port = s.getsockname()[1]
         work = str(tmp_path / "work")
         t0 = time.time()
-        rc, out = torchrun(MAIN_CONFIG, "--work-dir", work, timeout=120, launcher=[
-            "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)])
+        rc, out = torchrun(
+            MAIN_CONFIG,
+            "--work-dir",
+            work,
+            timeout=120,
+            launcher=["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)],
+        )
     assert rc != 0 and time.time() - t0 < 120
     assert re.search(rf"port: {port}.*EADDRINUSE.*address already in use", out), out[-3000:]
     assert "[dist_train" not in out  # no training process was started

@@ -8,6 +8,7 @@ ships its own), so another project inherits them with ``_base_ = "mmdcnv2::<path
   from a folder outside the repository, a user config inherits ours, builds and predicts, and gives the
   detections of the same model built here from the repository.
 """
+
 import glob
 import os
 import shutil
@@ -38,14 +39,28 @@ _base_ = "mmdcnv2::{BASE}"
 model = dict(roi_head=dict(bbox_head=dict(num_classes=3)))
 """
 # what the copy of the repository leaves out (.gitignore's build outputs and the environment)
-NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "*.so", "__pycache__",
-                                     ".pytest_cache", ".hypothesis", "work_dirs", "data", "results")
+NOT_SOURCES = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "*.so",
+    "__pycache__",
+    ".pytest_cache",
+    ".hypothesis",
+    "work_dirs",
+    "data",
+    "results",
+)
 
 
 def _repo_configs():
-    return sorted(os.path.relpath(p, os.path.join(ROOT, "configs"))
-                  for p in glob.glob(os.path.join(ROOT, "configs", "**", "*"), recursive=True)
-                  if p.endswith((".py", ".yml")))
+    return sorted(
+        os.path.relpath(p, os.path.join(ROOT, "configs"))
+        for p in glob.glob(os.path.join(ROOT, "configs", "**", "*"), recursive=True)
+        if p.endswith((".py", ".yml"))
+    )
 
 
 # --- the editable install ---------------------------------------------------------------------------
@@ -97,9 +112,24 @@ def wheel(tmp_path_factory):
     shutil.copytree(ROOT, src, symlinks=True, ignore=NOT_SOURCES)
     out = tmp_path_factory.mktemp("wheel")
     env = dict(os.environ, FORCE_CUDA="0", CUDA_VISIBLE_DEVICES="", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
-    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
-                          "--disable-pip-version-check", "-w", str(out), str(src)],
-                         env=env, capture_output=True, text=True, timeout=3600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-build-isolation",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (whl,) = glob.glob(str(out / "mmdcnv2-*.whl"))
     return whl
@@ -112,19 +142,26 @@ def venv(tmp_path_factory, wheel):
     root = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, timeout=600)
     python = str(root / "bin" / "python")
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     with open(os.path.join(purelib, "zz_reuse_parent_env.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check",
-                    "-q", wheel], check=True, timeout=600)
+    subprocess.run(
+        [python, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check", "-q", wheel],
+        check=True,
+        timeout=600,
+    )
     return python, purelib
 
 
 @pytest.mark.slow
 def test_wheel_ships_the_configs(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = sorted(n[len("mmdcnv2/.mim/configs/"):] for n in names if n.startswith("mmdcnv2/.mim/configs/"))
+    shipped = sorted(n[len("mmdcnv2/.mim/configs/") :] for n in names if n.startswith("mmdcnv2/.mim/configs/"))
     assert shipped == _repo_configs()
     assert "mmdcnv2/.mim/model-index.yml" in names
     assert any(n.startswith("mmdcnv2/_C") and n.endswith(".so") for n in names)
@@ -182,8 +219,9 @@ def test_wheel_user_config_builds_and_predicts(venv, tmp_path):
     (user / "user_config.py").write_text(USER_CONFIG)
     (user / "run.py").write_text(CHILD.format(purelib=purelib, base=BASE))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([python, "run.py"], cwd=user, env=dict(env, OMP_NUM_THREADS="1"),
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [python, "run.py"], cwd=user, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     out = torch.load(user / "out.pth", weights_only=False)
 
@@ -233,8 +271,9 @@ def test_wheel_mim_train_and_test(venv, tmp_path):
     env = dict({k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, OMP_NUM_THREADS="1")
 
     def mim(*args):
-        run = subprocess.run([python, "-m", "mim", *args], cwd=user, env=env, capture_output=True, text=True,
-                             timeout=900)
+        run = subprocess.run(
+            [python, "-m", "mim", *args], cwd=user, env=env, capture_output=True, text=True, timeout=900
+        )
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
         return run.stdout + run.stderr
 
@@ -242,6 +281,7 @@ def test_wheel_mim_train_and_test(venv, tmp_path):
     assert os.path.join(purelib, "mmdcnv2", ".mim", "tools", "train.py") in log  # mim ran the wheel's script
     assert (user / "work" / "iter_2.pth").is_file()
     assert "Failed to search registry" not in log and "Failed to import" not in log  # the scopes build cleanly
-    log = mim("test", "mmdcnv2", "my_detector.py", "--checkpoint", "work/iter_2.pth", "--gpus", "0",
-              "--work-dir", "test")
+    log = mim(
+        "test", "mmdcnv2", "my_detector.py", "--checkpoint", "work/iter_2.pth", "--gpus", "0", "--work-dir", "test"
+    )
     assert "coco/bbox_mAP" in log

@@ -1,4 +1,5 @@
 """A short real run on a tiny copy of the embedded dataset: train, COCO test, resume."""
+
 import os
 
 import pytest

@@ -1,5 +1,6 @@
 """DeformStatsHook: the logged offset and modulation statistics against values computed here from the
 geometry, and real mmengine training runs whose offsets run away or turn NaN."""
+
 import glob
 import json
 import math
@@ -42,7 +43,8 @@ class Tiny(BaseModel):
         self.backbone = nn.Module()
         self.backbone.layer3 = nn.Sequential(
             ModulatedDeformConv2dPack(4, 4, 3, padding=1),
-            DeformConv2dPack(4, 4, 3, stride=2, padding=2, dilation=2, deform_groups=2))
+            DeformConv2dPack(4, 4, 3, stride=2, padding=2, dilation=2, deform_groups=2),
+        )
         self.head = ModulatedDeformConv2d(4, 4, 3, padding=1)
         g = torch.Generator().manual_seed(1)
         ho = (SIZE + 4 - 4 - 1) // 2 + 1
@@ -52,9 +54,11 @@ class Tiny(BaseModel):
         self.hooked = []
 
     def forward(self, inputs, data_samples=None, mode="tensor"):
-        self.hooked.append(len(self.backbone.layer3[0].conv_offset._forward_hooks)
-                           + len(self.backbone.layer3[1].conv_offset._forward_hooks)
-                           + len(self.head._forward_pre_hooks))
+        self.hooked.append(
+            len(self.backbone.layer3[0].conv_offset._forward_hooks)
+            + len(self.backbone.layer3[1].conv_offset._forward_hooks)
+            + len(self.head._forward_pre_hooks)
+        )
         x = self.backbone.layer3(self.stem(inputs))
         x = self.head(x, offset=self.offset, mask=self.mask)
         if mode == "loss":
@@ -90,8 +94,13 @@ def train(model, work_dir, hooks, iters, lr=0.0, log_interval=1):
     runner = Runner(
         model=model,
         work_dir=str(work_dir),
-        train_dataloader=dict(dataset=Images(), sampler=dict(type="InfiniteSampler", shuffle=False),
-                              batch_size=BATCH, num_workers=0, collate_fn=dict(type="default_collate")),
+        train_dataloader=dict(
+            dataset=Images(),
+            sampler=dict(type="InfiniteSampler", shuffle=False),
+            batch_size=BATCH,
+            num_workers=0,
+            collate_fn=dict(type="default_collate"),
+        ),
         train_cfg=dict(by_epoch=False, max_iters=iters),
         optim_wrapper=dict(optimizer=dict(type="SGD", lr=lr)),
         default_hooks=dict(logger=dict(type="LoggerHook", interval=log_interval), checkpoint=None),
@@ -170,12 +179,21 @@ def test_stage_keys():
     assert stage_of("0.conv") == "0"
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(interval=0), "interval"), (dict(interval=-3), "interval"), (dict(interval=2.5), "interval"),
-    (dict(interval=True), "interval"), (dict(max_offset=-1.0), "max_offset"), (dict(max_offset="big"), "max_offset"),
-    (dict(max_offset=float("nan")), "max_offset"), (dict(max_outside_ratio=-0.1), "max_outside_ratio"),
-    (dict(max_outside_ratio=1.5), "max_outside_ratio"), (dict(group_by="block"), "group_by"),
-])
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(interval=0), "interval"),
+        (dict(interval=-3), "interval"),
+        (dict(interval=2.5), "interval"),
+        (dict(interval=True), "interval"),
+        (dict(max_offset=-1.0), "max_offset"),
+        (dict(max_offset="big"), "max_offset"),
+        (dict(max_offset=float("nan")), "max_offset"),
+        (dict(max_outside_ratio=-0.1), "max_outside_ratio"),
+        (dict(max_outside_ratio=1.5), "max_outside_ratio"),
+        (dict(group_by="block"), "group_by"),
+    ],
+)
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"^{name} must be"):
         DeformStatsHook(**kwargs)
@@ -216,8 +234,9 @@ def test_known_offsets_reach_the_message_hub(tmp_path):
     # the caller-given layer: what was passed to forward (keywords), random offsets and mask
     H = (SIZE + 4 - 4 - 1) // 2 + 1
     assert logged("head", "offset_abs_mean") == pytest.approx(model.offset.abs().double().mean().item(), rel=1e-9)
-    assert logged("head", "outside_ratio") == pytest.approx(outside_share_tensor(model.head, model.offset, H, H),
-                                                            abs=1e-12)
+    assert logged("head", "outside_ratio") == pytest.approx(
+        outside_share_tensor(model.head, model.offset, H, H), abs=1e-12
+    )
     assert logged("head", "mask_mean") == pytest.approx(model.mask.double().mean().item(), rel=1e-9)
     assert logged("head", "mask_std") == pytest.approx(model.mask.double().std(unbiased=False).item(), rel=1e-7)
     # no warnings: nothing ran away
@@ -244,10 +263,12 @@ def test_stage_grouping_pools_the_layers(tmp_path):
     expect_abs = (1.5 * 2 * n0 + (2.25 + 0.5) * n1) / (2 * n0 + 2 * n1)
     assert hub.get_scalar("train/deform/backbone.layer3/offset_abs_mean").current() == pytest.approx(expect_abs)
     assert hub.get_scalar("train/deform/backbone.layer3/outside_ratio").current() == pytest.approx(
-        (s0 * n0 + s1 * n1) / (n0 + n1))
+        (s0 * n0 + s1 * n1) / (n0 + n1)
+    )
     # the stage's mask statistics are those of its modulated layer
     assert hub.get_scalar("train/deform/backbone.layer3/mask_mean").current() == pytest.approx(
-        1 / (1 + math.exp(0.4)), abs=1e-6)
+        1 / (1 + math.exp(0.4)), abs=1e-6
+    )
     assert "train/deform/head/offset_abs_mean" in hub.log_scalars
     assert not any(k.startswith("train/deform/backbone.layer3.") for k in hub.log_scalars)
 
@@ -268,8 +289,13 @@ def test_runaway_offsets_warn_once_naming_the_layer(tmp_path):
     model = Tiny()
     set_offsets(model.backbone.layer3[0], 1.0, 1.0)
     # |offset| 1, 4, 16, 64, 256, ...: above max_offset=32 from iteration 4 on, finite throughout
-    train(model, tmp_path, [dict(type="mmdcnv2.DeformStatsHook", interval=1, max_offset=32), GrowOffsets(4.0)],
-          iters=7, lr=0.01)
+    train(
+        model,
+        tmp_path,
+        [dict(type="mmdcnv2.DeformStatsHook", interval=1, max_offset=32), GrowOffsets(4.0)],
+        iters=7,
+        lr=0.01,
+    )
     text, rows = run_files(tmp_path)
     warned = warnings_in(text)
     assert len(warned) == 1, warned
@@ -298,8 +324,10 @@ def test_nan_offsets_warn_naming_the_layer(tmp_path):
     text, rows = run_files(tmp_path)
     warned = warnings_in(text)
     assert warned, text[-3000:]
-    assert ("non-finite offsets or mask in the ModulatedDeformConv2dPack layer backbone.layer3.0 at iteration 3"
-            in warned[0])
+    assert (
+        "non-finite offsets or mask in the ModulatedDeformConv2dPack layer backbone.layer3.0 at iteration 3"
+        in warned[0]
+    )
     assert "0 of 5184 offset values and 288 of 2592 mask values are NaN or inf" in warned[0]
     # the NaN spreads through the backward to every parameter: the other layers warn too, each layer once
     named = [line.split(" layer ")[1].split(" ")[0] for line in warned]

@@ -1,5 +1,6 @@
 """Every config builds its model and runs training and inference forward passes;
 and our configs are interchangeable with mmdet's own dcn/dcnv2 configs (model zoo)."""
+
 import copy
 import glob
 import os
@@ -20,8 +21,11 @@ from mmdcnv2.ops import DeformRoIPoolPack  # noqa: E402
 
 register_all_modules()
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
-                 if not os.path.basename(p).startswith("_"))
+CONFIGS = sorted(
+    p
+    for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
+    if not os.path.basename(p).startswith("_")
+)
 
 
 def build(cfg_path):
@@ -46,13 +50,15 @@ def test_config_builds_trains_and_predicts(path):
     with_mask = "mask" in os.path.basename(path)
     num_classes = cfg.model.roi_head.bbox_head.num_classes
     side = 96 if "shapes" in path else 128
-    packed = demo_mm_inputs(2, [[3, side, side + 32]] * 2, num_items=[3, 2], num_classes=num_classes,
-                            with_mask=with_mask)
+    packed = demo_mm_inputs(
+        2, [[3, side, side + 32]] * 2, num_items=[3, 2], num_classes=num_classes, with_mask=with_mask
+    )
     data = model.data_preprocessor(packed, True)
     model.train()
     losses = model(**data, mode="loss")
     total = sum(v.sum() for k, v in losses.items() if "loss" in k and isinstance(v, torch.Tensor)) + sum(
-        sum(x.sum() for x in v) for k, v in losses.items() if "loss" in k and isinstance(v, list))
+        sum(x.sum() for x in v) for k, v in losses.items() if "loss" in k and isinstance(v, list)
+    )
     assert torch.isfinite(total)
     total.backward()
     model.eval()
@@ -64,8 +70,10 @@ def test_config_builds_trains_and_predicts(path):
 # (mmdet's own config, ours): same keys, shapes, checkpoints and detections.
 PAIRS = [
     ("dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py", "dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py"),
-    ("dcnv2/faster-rcnn_r50-mdconv-group4-c3-c5_fpn_1x_coco.py",
-     "dcnv2/faster-rcnn_r50-mdconv-group4-c3-c5_fpn_1x_coco.py"),
+    (
+        "dcnv2/faster-rcnn_r50-mdconv-group4-c3-c5_fpn_1x_coco.py",
+        "dcnv2/faster-rcnn_r50-mdconv-group4-c3-c5_fpn_1x_coco.py",
+    ),
     ("dcn/faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py", "dcn/faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py"),
     ("dcnv2/mask-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py", "dcnv2/mask-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py"),
     ("dcnv2/faster-rcnn_r50_fpn_mdpool_1x_coco.py", "dcnv2/faster-rcnn_r50-mdpool_fpn_1x_coco.py"),

@@ -1,4 +1,5 @@
 """Registration, conv layers and the per-stage DCN backbones."""
+
 import pytest
 import torch
 
@@ -38,9 +39,16 @@ def test_build_conv_layer_and_conv_module():
 
 
 def test_stock_mmdet_resnet_takes_our_layers():
-    bb = MMDET_MODELS.build(dict(type="ResNet", depth=50, num_stages=4, out_indices=(0, 1, 2, 3),
-                                 dcn=dict(type="mmdcnv2.DCNv2", deform_groups=1, fallback_on_stride=False),
-                                 stage_with_dcn=(False, True, True, True)))
+    bb = MMDET_MODELS.build(
+        dict(
+            type="ResNet",
+            depth=50,
+            num_stages=4,
+            out_indices=(0, 1, 2, 3),
+            dcn=dict(type="mmdcnv2.DCNv2", deform_groups=1, fallback_on_stride=False),
+            stage_with_dcn=(False, True, True, True),
+        )
+    )
     assert isinstance(bb.layer2[0].conv2, DCNv2) and not isinstance(bb.layer1[0].conv2, DCNv2)
     outs = bb(torch.randn(1, 3, 64, 64))
     assert [o.shape[1] for o in outs] == [256, 512, 1024, 2048]
@@ -55,11 +63,14 @@ def _features(model, x):
     return outs
 
 
-@pytest.mark.parametrize("depth,stage_dcn", [
-    (18, (None, "DCNv2", "DCNv2", "DCNv2")),
-    (34, ("DCN", None, dict(type="DCNv2", deform_groups=2), "DCN")),
-    (50, (None, "DCNv2", "DCNv2", dict(type="mmdcnv2.DCNv2", deform_groups=4))),
-])
+@pytest.mark.parametrize(
+    "depth,stage_dcn",
+    [
+        (18, (None, "DCNv2", "DCNv2", "DCNv2")),
+        (34, ("DCN", None, dict(type="DCNv2", deform_groups=2), "DCN")),
+        (50, (None, "DCNv2", "DCNv2", dict(type="mmdcnv2.DCNv2", deform_groups=4))),
+    ],
+)
 def test_loads_torchvision_resnet_and_starts_as_it(depth, stage_dcn):
     tv = pytest.importorskip("torchvision")
     ref = getattr(tv.models, f"resnet{depth}")(weights=None).eval()
@@ -111,8 +122,9 @@ def test_dcnv2_checkpoint_with_offsets_loads_unchanged():
 
 
 def test_resnext_with_stage_dcn():
-    bb = MODELS.build(dict(type="mmdcnv2.DCNResNeXt", depth=50, groups=32, base_width=4,
-                           stage_dcn=(None, "DCNv2", "DCNv2", "DCNv2")))
+    bb = MODELS.build(
+        dict(type="mmdcnv2.DCNResNeXt", depth=50, groups=32, base_width=4, stage_dcn=(None, "DCNv2", "DCNv2", "DCNv2"))
+    )
     plain = MMDET_MODELS.build(dict(type="ResNeXt", depth=50, groups=32, base_width=4))
     bb.eval()
     plain.eval()
@@ -123,11 +135,14 @@ def test_resnext_with_stage_dcn():
         torch.testing.assert_close(bb(x)[3], plain(x)[3], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(stage_dcn=("DCNv2",)), "one entry per stage"),
-    (dict(stage_dcn=(None, "DCNv3", None, None)), "stage_dcn entries"),
-    (dict(stage_dcn=(None, None, None, "DCN"), dcn=dict(type="DCN"), stage_with_dcn=(False,) * 4), "not both"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(stage_dcn=("DCNv2",)), "one entry per stage"),
+        (dict(stage_dcn=(None, "DCNv3", None, None)), "stage_dcn entries"),
+        (dict(stage_dcn=(None, None, None, "DCN"), dcn=dict(type="DCN"), stage_with_dcn=(False,) * 4), "not both"),
+    ],
+)
 def test_bad_stage_dcn(bad, match):
     with pytest.raises(ValueError, match=match):
         MODELS.build(dict(type="mmdcnv2.DCNResNet", depth=18, **bad))

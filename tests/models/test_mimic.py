@@ -1,6 +1,7 @@
 """R-CNN feature mimicking: the loss against a hand computation, positive-only sampling,
 crops, gradients through both branches, nothing of it at inference, the hook, AMP, and
 a short real training run on the embedded dataset."""
+
 import os
 
 import pytest
@@ -85,8 +86,7 @@ def assigner():
 
 def sample_with(gt_boxes, gt_labels, proposals):
     ds = DetDataSample()
-    ds.gt_instances = InstanceData(bboxes=torch.tensor(gt_boxes, dtype=torch.float32),
-                                   labels=torch.tensor(gt_labels))
+    ds.gt_instances = InstanceData(bboxes=torch.tensor(gt_boxes, dtype=torch.float32), labels=torch.tensor(gt_labels))
     return ds, InstanceData(bboxes=torch.tensor(proposals, dtype=torch.float32))
 
 
@@ -98,12 +98,14 @@ def iou(a, b):
 
 def test_only_positive_rois_are_mimicked():
     gts = [[10, 10, 50, 50], [60, 20, 90, 80]]
-    props = [[12, 11, 52, 49],   # IoU 0.86 with gt 0: positive
-             [10, 30, 50, 70],   # IoU 0.33: negative
-             [100, 100, 120, 120],  # no overlap: negative
-             [58, 25, 92, 78],   # IoU 0.80 with gt 1: positive
-             [30, 10, 70, 50],   # IoU 0.33 with gt 0: negative
-             [0, 0, 128, 128]]   # covers both, IoU < 0.2: negative
+    props = [
+        [12, 11, 52, 49],  # IoU 0.86 with gt 0: positive
+        [10, 30, 50, 70],  # IoU 0.33: negative
+        [100, 100, 120, 120],  # no overlap: negative
+        [58, 25, 92, 78],  # IoU 0.80 with gt 1: positive
+        [30, 10, 70, 50],  # IoU 0.33 with gt 0: negative
+        [0, 0, 128, 128],
+    ]  # covers both, IoU < 0.2: negative
     ds, p = sample_with(gts, [3, 1], props)
     rois, labels = branch(add_gt_as_proposals=False).sample_positives([p], [ds], assigner())
     torch.testing.assert_close(rois[:, 1:], torch.tensor([props[0], props[3]], dtype=torch.float32))
@@ -138,10 +140,15 @@ def test_crop_is_a_bilinear_resize_of_the_roi():
     # the whole image of batch item 1, and a sub-window of item 0 (both halve per axis... and 40->16)
     crops = b.crop(img, torch.tensor([[1, 0, 0, 48, 40], [0, 8, 4, 40, 36]], dtype=torch.float32))
     assert crops.shape == (2, 3, 16, 16)
-    torch.testing.assert_close(crops[0], F.interpolate(img[1:2], size=(16, 16), mode="bilinear",
-                                                       align_corners=False)[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(crops[1], F.interpolate(img[0:1, :, 4:36, 8:40], size=(16, 16), mode="bilinear",
-                                                       align_corners=False)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        crops[0], F.interpolate(img[1:2], size=(16, 16), mode="bilinear", align_corners=False)[0], rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        crops[1],
+        F.interpolate(img[0:1, :, 4:36, 8:40], size=(16, 16), mode="bilinear", align_corners=False)[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_branch_arguments_are_checked():
@@ -351,9 +358,14 @@ def test_short_training_run_on_the_embedded_dataset(tmp_path):
 @pytest.mark.parametrize("layer", ["mmdcnv2.DeformRoIPoolPack", "mmdcnv2.ModulatedDeformRoIPoolPack"])
 def test_deformable_roi_extractor_under_autocast(layer):
     """mmdet's extractor writes RoI features into a buffer of the features' dtype."""
-    extractor = MODELS.build(dict(type="mmdcnv2.DeformRoIExtractor", out_channels=8, featmap_strides=[4, 8],
-                                  roi_layer=dict(type=layer, output_size=7, output_channels=8,
-                                                 deform_fc_channels=16)))
+    extractor = MODELS.build(
+        dict(
+            type="mmdcnv2.DeformRoIExtractor",
+            out_channels=8,
+            featmap_strides=[4, 8],
+            roi_layer=dict(type=layer, output_size=7, output_channels=8, deform_fc_channels=16),
+        )
+    )
     feats = (torch.randn(1, 8, 24, 24), torch.randn(1, 8, 12, 12))
     rois = torch.tensor([[0, 4, 4, 40, 40], [0, 10, 2, 90, 80]], dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,5 +1,6 @@
 """mmdcnv2.mmcv_ops (mmcv's deformable ops on our kernels), mmcv's spellings (deformable_groups, pre-2.0
 checkpoint keys) and the mmdcnv2 scope's registries."""
+
 import os
 import subprocess
 import sys
@@ -47,16 +48,19 @@ def mmcv_original():
 
 def _child_python(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
 
 
 def test_nothing_changes_unless_imported_then_custom_imports_redirects(tmp_path):
     """In a fresh process: `import mmdcnv2` leaves mmcv alone; a config's custom_imports with
     mmdcnv2.mmcv_ops redirects mmcv.ops, its submodules, mmdet's modules and the registry, logging once."""
     cfg = tmp_path / "cfg.py"
-    cfg.write_text('custom_imports = dict(imports=["mmdcnv2", "mmdcnv2.mmcv_ops"], allow_failed_imports=False)\n'
-                   'conv = dict(type="DCNv2", deform_groups=1)\n')
+    cfg.write_text(
+        'custom_imports = dict(imports=["mmdcnv2", "mmdcnv2.mmcv_ops"], allow_failed_imports=False)\n'
+        'conv = dict(type="DCNv2", deform_groups=1)\n'
+    )
     out = _child_python(f"""
         import sys
         import mmcv.ops, mmcv.ops.saconv as saconv
@@ -101,11 +105,16 @@ def test_redirect_reports_and_restore_undoes(switch, mmcv_original):
     assert mmcv.ops.DeformConv2d is mmcv_original["DeformConv2d"]
     old_layer = mmcv.ops.DeformConv2dPack(4, 4, 3, padding=1)  # built before the switch
     replaced = switch.redirect()
-    for where in ["mmcv.ops.DeformConv2d", "mmcv.ops.deform_conv.deform_conv2d", "mmcv.ops.saconv.deform_conv2d",
-                  "mmcv.ops.modulated_deform_conv.ModulatedDeformConv2dPack", "mmcv.ops.deform_roi_pool.DeformRoIPool",
-                  "mmdet.models.dense_heads.reppoints_head.DeformConv2d",
-                  "mmdet.models.dense_heads.tood_head.deform_conv2d",
-                  "mmdet.models.necks.dyhead.ModulatedDeformConv2d"]:
+    for where in [
+        "mmcv.ops.DeformConv2d",
+        "mmcv.ops.deform_conv.deform_conv2d",
+        "mmcv.ops.saconv.deform_conv2d",
+        "mmcv.ops.modulated_deform_conv.ModulatedDeformConv2dPack",
+        "mmcv.ops.deform_roi_pool.DeformRoIPool",
+        "mmdet.models.dense_heads.reppoints_head.DeformConv2d",
+        "mmdet.models.dense_heads.tood_head.deform_conv2d",
+        "mmdet.models.necks.dyhead.ModulatedDeformConv2d",
+    ]:
         assert where in replaced["modules"], where
     assert {"mmengine::model.DCN", "mmengine::model.DCNv2"} <= set(replaced["registry"])
     assert switch.redirect() == {"modules": [], "registry": []}  # idempotent
@@ -145,8 +154,9 @@ def _offset(n, dg, k, h, w, scale=1.5, seed=0):
     return (torch.rand(n, 2 * dg * k, h, w, generator=g) - 0.5) * 2 * scale
 
 
-@pytest.mark.parametrize("groups,deform_groups,stride,padding,dilation", [
-    (1, 1, 1, 1, 1), (2, 2, 2, 1, 1), (4, 1, 1, 2, 2), (1, 4, 1, 0, 1)])
+@pytest.mark.parametrize(
+    "groups,deform_groups,stride,padding,dilation", [(1, 1, 1, 1, 1), (2, 2, 2, 1, 1), (4, 1, 1, 2, 2), (1, 4, 1, 0, 1)]
+)
 def test_functions_have_mmcv_signatures_and_values(mmcv_original, groups, deform_groups, stride, padding, dilation):
     from mmdcnv2 import mmcv_ops
 
@@ -193,8 +203,10 @@ def test_modulated_offset_larger_than_output_read_as_mmcv(mmcv_original):
         out.square().sum().backward()
         return out, b.grad
 
-    (ref, ref_grad), (got, got_grad) = run(mmcv_original["modulated_deform_conv2d"]), run(
-        mmcv_ops.modulated_deform_conv2d)
+    (ref, ref_grad), (got, got_grad) = (
+        run(mmcv_original["modulated_deform_conv2d"]),
+        run(mmcv_ops.modulated_deform_conv2d),
+    )
     assert got.shape == (2, 6, 4, 5)
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(got_grad, ref_grad)
@@ -226,12 +238,15 @@ def test_deform_roi_pool_function_mmcv_signature():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,args,kwargs", [
-    ("DeformConv2d", (8, 6, 3), dict(stride=1, padding=1, deform_groups=2)),
-    ("DeformConv2dPack", (8, 6, 3), dict(stride=2, padding=1, deform_groups=2)),
-    ("ModulatedDeformConv2d", (8, 6, 3), dict(padding=2, dilation=2, groups=2)),
-    ("ModulatedDeformConv2dPack", (8, 6, (3, 1)), dict(padding=(1, 0), deform_groups=4)),
-])
+@pytest.mark.parametrize(
+    "name,args,kwargs",
+    [
+        ("DeformConv2d", (8, 6, 3), dict(stride=1, padding=1, deform_groups=2)),
+        ("DeformConv2dPack", (8, 6, 3), dict(stride=2, padding=1, deform_groups=2)),
+        ("ModulatedDeformConv2d", (8, 6, 3), dict(padding=2, dilation=2, groups=2)),
+        ("ModulatedDeformConv2dPack", (8, 6, (3, 1)), dict(padding=(1, 0), deform_groups=4)),
+    ],
+)
 def test_classes_match_mmcv(mmcv_original, name, args, kwargs):
     """State dicts key for key, strict loading both ways, same outputs and gradients on mmcv's CPU kernel."""
     from mmdcnv2 import mmcv_ops
@@ -251,8 +266,13 @@ def test_classes_match_mmcv(mmcv_original, name, args, kwargs):
     extra = []
     if "Pack" not in name:
         k = theirs.kernel_size[0] * theirs.kernel_size[1] * theirs.deform_groups
-        probe = torch.nn.functional.conv2d(x, torch.zeros(1, 8, *theirs.kernel_size), stride=theirs.stride,
-                                           padding=theirs.padding, dilation=theirs.dilation)
+        probe = torch.nn.functional.conv2d(
+            x,
+            torch.zeros(1, 8, *theirs.kernel_size),
+            stride=theirs.stride,
+            padding=theirs.padding,
+            dilation=theirs.dilation,
+        )
         ho, wo = probe.shape[2:]
         extra.append(_offset(2, theirs.deform_groups, theirs.kernel_size[0] * theirs.kernel_size[1], ho, wo))
         if "Modulated" in name:
@@ -295,8 +315,9 @@ def test_roi_pool_classes_state_dicts_as_mmcv(mmcv_original, name):
 # --- mmcv's spellings ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [ops.DeformConv2d, ops.DeformConv2dPack, ops.ModulatedDeformConv2d,
-                                 ops.ModulatedDeformConv2dPack])
+@pytest.mark.parametrize(
+    "cls", [ops.DeformConv2d, ops.DeformConv2dPack, ops.ModulatedDeformConv2d, ops.ModulatedDeformConv2dPack]
+)
 def test_deformable_groups_accepted_with_mmcv_warning(mmcv_original, cls):
     with pytest.warns(DeprecationWarning) as ours_warned:
         layer = cls(8, 8, 3, padding=1, deformable_groups=2)
@@ -322,7 +343,7 @@ def _old_style(state_dict, packs):
     for key, value in state_dict.items():
         for pack in packs:
             if key.startswith(pack + ".conv_offset."):
-                key = pack + "_offset." + key[len(pack + ".conv_offset."):]
+                key = pack + "_offset." + key[len(pack + ".conv_offset.") :]
                 break
         old[key] = value
     for pack in packs:
@@ -337,8 +358,14 @@ def test_old_checkpoint_keys_renamed(tmp_path, dcn, request):
     if dcn == "mmcv_ops":
         request.getfixturevalue("switch")
         dcn = "DCNv2"
-    cfg = dict(type="ResNet", depth=50, num_stages=4, out_indices=(3,), dcn=dict(type=dcn, deform_groups=1),
-               stage_with_dcn=(False, True, True, True))
+    cfg = dict(
+        type="ResNet",
+        depth=50,
+        num_stages=4,
+        out_indices=(3,),
+        dcn=dict(type=dcn, deform_groups=1),
+        stage_with_dcn=(False, True, True, True),
+    )
     torch.manual_seed(0)
     src = MODELS.build(cfg)
     with torch.no_grad():
@@ -378,19 +405,25 @@ def test_old_checkpoint_keys_renamed(tmp_path, dcn, request):
 
 def test_scoped_name_we_do_not_have_raises_naming_type_and_scope():
     """`mmdcnv2.<Name>` means ours: a name we do not have raises (never mmcv's or mmdet's class of that name)."""
-    for build in (lambda: build_conv_layer(dict(type="mmdcnv2.SAC"), 4, 4, 3),       # mmcv has SAC
-                  lambda: MODELS.build(dict(type="mmdcnv2.ResNet", depth=50)),         # mmdet has ResNet
-                  lambda: build_conv_layer(dict(type="mmdcnv2.DCNv3"), 4, 4, 3)):
+    for build in (
+        lambda: build_conv_layer(dict(type="mmdcnv2.SAC"), 4, 4, 3),  # mmcv has SAC
+        lambda: MODELS.build(dict(type="mmdcnv2.ResNet", depth=50)),  # mmdet has ResNet
+        lambda: build_conv_layer(dict(type="mmdcnv2.DCNv3"), 4, 4, 3),
+    ):
         with pytest.raises(KeyError) as err:
             build()
         assert "mmdcnv2" in str(err.value)
     with pytest.raises(KeyError, match="'SAC' is not a type of the scope 'mmdcnv2'"):
         build_conv_layer(dict(type="mmdcnv2.SAC"), 4, 4, 3)
     # in a whole model, deep inside the backbone
-    cfg = dict(type="RetinaNet", backbone=dict(type="ResNet", depth=50, dcn=dict(type="mmdcnv2.DCNv3"),
-                                               stage_with_dcn=(False, True, True, True)),
-               neck=dict(type="FPN", in_channels=[256, 512, 1024, 2048], out_channels=32, num_outs=5),
-               bbox_head=dict(type="RetinaHead", num_classes=3, in_channels=32))
+    cfg = dict(
+        type="RetinaNet",
+        backbone=dict(
+            type="ResNet", depth=50, dcn=dict(type="mmdcnv2.DCNv3"), stage_with_dcn=(False, True, True, True)
+        ),
+        neck=dict(type="FPN", in_channels=[256, 512, 1024, 2048], out_channels=32, num_outs=5),
+        bbox_head=dict(type="RetinaHead", num_classes=3, in_channels=32),
+    )
     with pytest.raises(KeyError, match="'DCNv3' is not a type of the scope 'mmdcnv2'"):
         MODELS.build(cfg)
     # ours resolve, and unscoped names in our scope fall back to mmdet's and mmcv's as usual
@@ -425,8 +458,13 @@ def test_glip_deformable_fusion_on_our_ops():
 
     def make():
         torch.manual_seed(0)
-        return glip.DyConv(lambda i, o, s: glip.Conv3x3Norm(i, o, s, use_dcn=True, norm_type=["gn", 16]),
-                           32, 32, use_dyfuse=True, use_dcn=True).eval()
+        return glip.DyConv(
+            lambda i, o, s: glip.Conv3x3Norm(i, o, s, use_dcn=True, norm_type=["gn", 16]),
+            32,
+            32,
+            use_dyfuse=True,
+            use_dcn=True,
+        ).eval()
 
     mmcv_ops.restore()
     try:

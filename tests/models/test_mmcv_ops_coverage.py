@@ -20,6 +20,7 @@ mmcv's own ops (A) and one with ``mmdcnv2.mmcv_ops`` switched on (B), and:
 Configs sharing one model (schedules, datasets, or depths we shrink to 50) are checked once. What we change
 to run them on a CPU in seconds is in ``shrink`` (depth 101 -> 50, pretrained weights off, ...).
 """
+
 import contextlib
 import copy
 import glob
@@ -56,12 +57,12 @@ CONFIGS = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs")
 
 @dataclass
 class Case:
-    config: str                 # relative to mmdet's configs/
+    config: str  # relative to mmdet's configs/
     family: str
-    needs_redirect: bool        # some deformable op is out of reach of any config (needs mmdcnv2.mmcv_ops)
+    needs_redirect: bool  # some deformable op is out of reach of any config (needs mmdcnv2.mmcv_ops)
     tweak: Optional[Callable] = None  # a change without which it cannot run here (said in the README)
     why: str = ""
-    no_predict: str = ""        # why it cannot predict on a CPU (the comparisons then use the training pass)
+    no_predict: str = ""  # why it cannot predict on a CPU (the comparisons then use the training pass)
 
 
 def _yolox_dcn(model):
@@ -81,77 +82,152 @@ def _one_hourglass(model):
 
 
 R, D = True, False  # needs the redirect, or not
-GA_NO_PREDICT = ("its prediction runs mmcv's MaskedConv2d, which has no CPU kernel in mmcv 2.1.0 "
-                 "(masked_im2col_forward_impl: implementation for device cpu not found)")
+GA_NO_PREDICT = (
+    "its prediction runs mmcv's MaskedConv2d, which has no CPU kernel in mmcv 2.1.0 "
+    "(masked_im2col_forward_impl: implementation for device cpu not found)"
+)
 CASES = [
     # backbone dcn= (config-swappable), RoI pooling (mmdet takes the class from mmcv.ops: redirect)
-    *[Case(f"dcn/{c}", "DCN (ResNet/ResNeXt)", D) for c in [
-        "cascade-mask-rcnn_r101-dconv-c3-c5_fpn_1x_coco.py", "cascade-mask-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py",
-        "cascade-mask-rcnn_x101-32x4d-dconv-c3-c5_fpn_1x_coco.py", "cascade-rcnn_r101-dconv-c3-c5_fpn_1x_coco.py",
-        "cascade-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py", "faster-rcnn_r101-dconv-c3-c5_fpn_1x_coco.py",
-        "faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py", "faster-rcnn_x101-32x4d-dconv-c3-c5_fpn_1x_coco.py",
-        "mask-rcnn_r101-dconv-c3-c5_fpn_1x_coco.py", "mask-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py",
-        "mask-rcnn_r50-dconv-c3-c5_fpn_amp-1x_coco.py"]],
+    *[
+        Case(f"dcn/{c}", "DCN (ResNet/ResNeXt)", D)
+        for c in [
+            "cascade-mask-rcnn_r101-dconv-c3-c5_fpn_1x_coco.py",
+            "cascade-mask-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py",
+            "cascade-mask-rcnn_x101-32x4d-dconv-c3-c5_fpn_1x_coco.py",
+            "cascade-rcnn_r101-dconv-c3-c5_fpn_1x_coco.py",
+            "cascade-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py",
+            "faster-rcnn_r101-dconv-c3-c5_fpn_1x_coco.py",
+            "faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py",
+            "faster-rcnn_x101-32x4d-dconv-c3-c5_fpn_1x_coco.py",
+            "mask-rcnn_r101-dconv-c3-c5_fpn_1x_coco.py",
+            "mask-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py",
+            "mask-rcnn_r50-dconv-c3-c5_fpn_amp-1x_coco.py",
+        ]
+    ],
     Case("dcn/faster-rcnn_r50_fpn_dpool_1x_coco.py", "DCN (RoI pooling)", R),
-    *[Case(f"dcnv2/{c}", "DCNv2 (ResNet)", D) for c in [
-        "faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py", "faster-rcnn_r50-mdconv-group4-c3-c5_fpn_1x_coco.py",
-        "mask-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py", "mask-rcnn_r50-mdconv-c3-c5_fpn_amp-1x_coco.py"]],
+    *[
+        Case(f"dcnv2/{c}", "DCNv2 (ResNet)", D)
+        for c in [
+            "faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py",
+            "faster-rcnn_r50-mdconv-group4-c3-c5_fpn_1x_coco.py",
+            "mask-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py",
+            "mask-rcnn_r50-mdconv-c3-c5_fpn_amp-1x_coco.py",
+        ]
+    ],
     Case("dcnv2/faster-rcnn_r50_fpn_mdpool_1x_coco.py", "DCNv2 (RoI pooling)", R),
-    *[Case(f"empirical_attention/{c}", "Empirical attention", D) for c in [
-        "faster-rcnn_r50-attn0010-dcn_fpn_1x_coco.py", "faster-rcnn_r50-attn1111-dcn_fpn_1x_coco.py"]],
-    *[Case(f"gcnet/{c}", "GCNet", D) for c in [
-        "cascade-mask-rcnn_x101-32x4d-syncbn-dconv-c3-c5-r16-gcb-c3-c5_fpn_1x_coco.py",
-        "cascade-mask-rcnn_x101-32x4d-syncbn-dconv-c3-c5-r4-gcb-c3-c5_fpn_1x_coco.py",
-        "cascade-mask-rcnn_x101-32x4d-syncbn-dconv-c3-c5_fpn_1x_coco.py"]],
-    *[Case(f"gfl/{c}", "GFL", D) for c in [
-        "gfl_r101-dconv-c3-c5_fpn_ms-2x_coco.py", "gfl_x101-32x4d-dconv-c4-c5_fpn_ms-2x_coco.py"]],
+    *[
+        Case(f"empirical_attention/{c}", "Empirical attention", D)
+        for c in ["faster-rcnn_r50-attn0010-dcn_fpn_1x_coco.py", "faster-rcnn_r50-attn1111-dcn_fpn_1x_coco.py"]
+    ],
+    *[
+        Case(f"gcnet/{c}", "GCNet", D)
+        for c in [
+            "cascade-mask-rcnn_x101-32x4d-syncbn-dconv-c3-c5-r16-gcb-c3-c5_fpn_1x_coco.py",
+            "cascade-mask-rcnn_x101-32x4d-syncbn-dconv-c3-c5-r4-gcb-c3-c5_fpn_1x_coco.py",
+            "cascade-mask-rcnn_x101-32x4d-syncbn-dconv-c3-c5_fpn_1x_coco.py",
+        ]
+    ],
+    *[
+        Case(f"gfl/{c}", "GFL", D)
+        for c in ["gfl_r101-dconv-c3-c5_fpn_ms-2x_coco.py", "gfl_x101-32x4d-dconv-c4-c5_fpn_ms-2x_coco.py"]
+    ],
     Case("htc/htc_x101-64x4d-dconv-c3-c5_fpn_ms-400-1400-16xb1-20e_coco.py", "HTC", D),
     Case("regnet/mask-rcnn_regnetx-3.2GF-mdconv-c3-c5_fpn_1x_coco.py", "RegNet", D),
-    Case("ld/ld_r101-gflv1-r101-dcn_fpn_2x_coco.py", "LD (DCN teacher)", D, _ld_teacher,
-         "teacher config path made absolute, no teacher checkpoint"),
-    *[Case(f"solov2/{c}", "SOLOv2", D) for c in [
-        "solov2-light_r50-dcn_fpn_ms-3x_coco.py", "solov2_r101-dcn_fpn_ms-3x_coco.py",
-        "solov2_x101-dcn_fpn_ms-3x_coco.py"]],
+    Case(
+        "ld/ld_r101-gflv1-r101-dcn_fpn_2x_coco.py",
+        "LD (DCN teacher)",
+        D,
+        _ld_teacher,
+        "teacher config path made absolute, no teacher checkpoint",
+    ),
+    *[
+        Case(f"solov2/{c}", "SOLOv2", D)
+        for c in [
+            "solov2-light_r50-dcn_fpn_ms-3x_coco.py",
+            "solov2_r101-dcn_fpn_ms-3x_coco.py",
+            "solov2_x101-dcn_fpn_ms-3x_coco.py",
+        ]
+    ],
     # heads/necks that hard-code 'DCN'/'DCNv2' (reached by _scope_ or the redirect)
     Case("fcos/fcos_r50-dcn-caffe_fpn_gn-head-center-normbbox-centeronreg-giou_1x_coco.py", "FCOS", D),
     Case("centernet/centernet_r18-dcnv2_8xb16-crop512-140e_coco.py", "CenterNet", D),
-    *[Case(f"nas_fcos/{c}", "NAS-FCOS", D) for c in [
-        "nas-fcos_r50-caffe_fpn_fcoshead-gn-head_4xb4-1x_coco.py",
-        "nas-fcos_r50-caffe_fpn_nashead-gn-head_4xb4-1x_coco.py"]],
+    *[
+        Case(f"nas_fcos/{c}", "NAS-FCOS", D)
+        for c in [
+            "nas-fcos_r50-caffe_fpn_fcoshead-gn-head_4xb4-1x_coco.py",
+            "nas-fcos_r50-caffe_fpn_nashead-gn-head_4xb4-1x_coco.py",
+        ]
+    ],
     Case("ddod/ddod_r50_fpn_1x_coco.py", "DDOD", D),
     Case("yolox/yolox_tiny_8xb8-300e_coco.py", "YOLOX", D, _yolox_dcn, "dcn_on_last_conv=True"),
     # heads/necks/backbones that import mmcv's ops directly (only the redirect reaches them)
-    *[Case(f"reppoints/{c}", "RepPoints", R) for c in [
-        "reppoints-moment_r50_fpn-gn_head-gn_1x_coco.py",
-        "reppoints-moment_r101-dconv-c3-c5_fpn-gn_head-gn_2x_coco.py",
-        "reppoints-moment_x101-dconv-c3-c5_fpn-gn_head-gn_2x_coco.py"]],
-    *[Case(f"vfnet/{c}", "VFNet", R) for c in [
-        "vfnet_r50_fpn_1x_coco.py", "vfnet_r101-mdconv-c3-c5_fpn_ms-2x_coco.py",
-        "vfnet_r50-mdconv-c3-c5_fpn_ms-2x_coco.py",
-        "vfnet_res2net101-mdconv-c3-c5_fpn_ms-2x_coco.py", "vfnet_x101-32x4d-mdconv-c3-c5_fpn_ms-2x_coco.py",
-        "vfnet_x101-64x4d-mdconv-c3-c5_fpn_ms-2x_coco.py"]],
-    *[Case(f"guided_anchoring/{c}", "Guided Anchoring", R, no_predict=GA_NO_PREDICT) for c in [
-        "ga-retinanet_r50-caffe_fpn_1x_coco.py", "ga-faster-rcnn_r50-caffe_fpn_1x_coco.py"]],
-    *[Case(f"foveabox/{c}", "FoveaBox", R) for c in [
-        "fovea_r50_fpn_gn-head-align_4xb4-2x_coco.py", "fovea_r50_fpn_gn-head-align_ms-640-800-4xb4-2x_coco.py",
-        "fovea_r101_fpn_gn-head-align_4xb4-2x_coco.py", "fovea_r101_fpn_gn-head-align_ms-640-800-4xb4-2x_coco.py"]],
+    *[
+        Case(f"reppoints/{c}", "RepPoints", R)
+        for c in [
+            "reppoints-moment_r50_fpn-gn_head-gn_1x_coco.py",
+            "reppoints-moment_r101-dconv-c3-c5_fpn-gn_head-gn_2x_coco.py",
+            "reppoints-moment_x101-dconv-c3-c5_fpn-gn_head-gn_2x_coco.py",
+        ]
+    ],
+    *[
+        Case(f"vfnet/{c}", "VFNet", R)
+        for c in [
+            "vfnet_r50_fpn_1x_coco.py",
+            "vfnet_r101-mdconv-c3-c5_fpn_ms-2x_coco.py",
+            "vfnet_r50-mdconv-c3-c5_fpn_ms-2x_coco.py",
+            "vfnet_res2net101-mdconv-c3-c5_fpn_ms-2x_coco.py",
+            "vfnet_x101-32x4d-mdconv-c3-c5_fpn_ms-2x_coco.py",
+            "vfnet_x101-64x4d-mdconv-c3-c5_fpn_ms-2x_coco.py",
+        ]
+    ],
+    *[
+        Case(f"guided_anchoring/{c}", "Guided Anchoring", R, no_predict=GA_NO_PREDICT)
+        for c in ["ga-retinanet_r50-caffe_fpn_1x_coco.py", "ga-faster-rcnn_r50-caffe_fpn_1x_coco.py"]
+    ],
+    *[
+        Case(f"foveabox/{c}", "FoveaBox", R)
+        for c in [
+            "fovea_r50_fpn_gn-head-align_4xb4-2x_coco.py",
+            "fovea_r50_fpn_gn-head-align_ms-640-800-4xb4-2x_coco.py",
+            "fovea_r101_fpn_gn-head-align_4xb4-2x_coco.py",
+            "fovea_r101_fpn_gn-head-align_ms-640-800-4xb4-2x_coco.py",
+        ]
+    ],
     Case("cascade_rpn/cascade-rpn_faster-rcnn_r50-caffe_fpn_1x_coco.py", "Cascade RPN", R),
-    Case("centripetalnet/centripetalnet_hourglass104_16xb6-crop511-210e-mstest_coco.py", "CentripetalNet", R,
-         _one_hourglass, "one hourglass stack instead of two"),
-    *[Case(f"dyhead/{c}", "DyHead", R) for c in [
-        "atss_r50-caffe_fpn_dyhead_1x_coco.py", "atss_r50_fpn_dyhead_1x_coco.py"]],
-    *[Case(f"tood/{c}", "TOOD", R) for c in [
-        "tood_r50_fpn_1x_coco.py", "tood_r101-dconv-c3-c5_fpn_ms-2x_coco.py",
-        "tood_x101-64x4d-dconv-c4-c5_fpn_ms-2x_coco.py"]],
-    *[Case(f"detectors/{c}", "DetectoRS", R) for c in [
-        "cascade-rcnn_r50-sac_1x_coco.py", "detectors_cascade-rcnn_r50_1x_coco.py", "detectors_htc-r50_1x_coco.py",
-        "detectors_htc-r101_20e_coco.py", "htc_r50-sac_1x_coco.py"]],
+    Case(
+        "centripetalnet/centripetalnet_hourglass104_16xb6-crop511-210e-mstest_coco.py",
+        "CentripetalNet",
+        R,
+        _one_hourglass,
+        "one hourglass stack instead of two",
+    ),
+    *[
+        Case(f"dyhead/{c}", "DyHead", R)
+        for c in ["atss_r50-caffe_fpn_dyhead_1x_coco.py", "atss_r50_fpn_dyhead_1x_coco.py"]
+    ],
+    *[
+        Case(f"tood/{c}", "TOOD", R)
+        for c in [
+            "tood_r50_fpn_1x_coco.py",
+            "tood_r101-dconv-c3-c5_fpn_ms-2x_coco.py",
+            "tood_x101-64x4d-dconv-c4-c5_fpn_ms-2x_coco.py",
+        ]
+    ],
+    *[
+        Case(f"detectors/{c}", "DetectoRS", R)
+        for c in [
+            "cascade-rcnn_r50-sac_1x_coco.py",
+            "detectors_cascade-rcnn_r50_1x_coco.py",
+            "detectors_htc-r50_1x_coco.py",
+            "detectors_htc-r101_20e_coco.py",
+            "htc_r50-sac_1x_coco.py",
+        ]
+    ],
 ]
 # Configs that cannot be built here for reasons that are not ours.
 SKIPPED = {
-    "glip/glip_atss_swin-t_a_fpn_dyhead_pretrain_obj365.py":
-        "GLIP builds its language model from HuggingFace (BertModel 'bert-base-uncased'): needs the "
-        "transformers package and a download",
+    "glip/glip_atss_swin-t_a_fpn_dyhead_pretrain_obj365.py": "GLIP builds its language model from HuggingFace (BertModel 'bert-base-uncased'): needs the "
+    "transformers package and a download",
 }
 
 DEPTH_SHRINK = {"ResNet", "ResNetV1d", "ResNeXt", "Res2Net", "DetectoRS_ResNet", "DetectoRS_ResNeXt"}
@@ -225,12 +301,20 @@ def model_cfg(case: Case) -> ConfigDict:
 
 # --- what runs where ---------------------------------------------------------------------------------------
 
-MMCV_EXT_FUNCTIONS = ("deform_conv_forward", "deform_conv_backward_input", "deform_conv_backward_parameters",
-                      "modulated_deform_conv_forward", "modulated_deform_conv_backward",
-                      "deform_roi_pool_forward", "deform_roi_pool_backward")
+MMCV_EXT_FUNCTIONS = (
+    "deform_conv_forward",
+    "deform_conv_backward_input",
+    "deform_conv_backward_parameters",
+    "modulated_deform_conv_forward",
+    "modulated_deform_conv_backward",
+    "deform_roi_pool_forward",
+    "deform_roi_pool_backward",
+)
 # (by module name: the attribute mmcv.ops.deform_roi_pool is the function, not the submodule)
-MMCV_EXTS = tuple(importlib.import_module(f"mmcv.ops.{m}").ext_module
-                  for m in ("deform_conv", "modulated_deform_conv", "deform_roi_pool"))
+MMCV_EXTS = tuple(
+    importlib.import_module(f"mmcv.ops.{m}").ext_module
+    for m in ("deform_conv", "modulated_deform_conv", "deform_roi_pool")
+)
 
 
 @contextlib.contextmanager
@@ -241,6 +325,7 @@ def mmcv_kernels_raise():
     def refuse(name):
         def kernel(*args, **kwargs):
             raise AssertionError(f"mmcv's kernel {name} ran")
+
         return kernel
 
     for ext in {id(e): e for e in MMCV_EXTS}.values():
@@ -299,8 +384,11 @@ def functional_users(model) -> Dict[str, str]:
     from mmcv.ops.saconv import SAConv2d
     from mmdet.models.dense_heads import TOODHead
 
-    return {n: type(m).__name__ for n, m in named_modules(model)
-            if isinstance(m, TOODHead) or (isinstance(m, SAConv2d) and m.use_deform)}
+    return {
+        n: type(m).__name__
+        for n, m in named_modules(model)
+        if isinstance(m, TOODHead) or (isinstance(m, SAConv2d) and m.use_deform)
+    }
 
 
 def has_roi_pool(model) -> bool:
@@ -323,8 +411,14 @@ def inputs(cfg, batch):
             num_classes = cfg[head]["num_classes"]
     with_mask = "mask_head" in cfg or "mask_head" in cfg.get("roi_head", {})
     with_semantic = "semantic_head" in cfg.get("roi_head", {})
-    return demo_mm_inputs(batch, [(3, SIDE, SIDE)] * batch, num_items=[3, 2][:batch], num_classes=num_classes,
-                          with_mask=with_mask, with_semantic=with_semantic)
+    return demo_mm_inputs(
+        batch,
+        [(3, SIDE, SIDE)] * batch,
+        num_items=[3, 2][:batch],
+        num_classes=num_classes,
+        with_mask=with_mask,
+        with_semantic=with_semantic,
+    )
 
 
 def train_step(model, packed):
@@ -352,7 +446,8 @@ def features(model, packed):
     with torch.no_grad():
         data = model.data_preprocessor(copy.deepcopy(packed), False)
         return [model.extract_feat(data["inputs"])] + [
-            part.extract_feat(data["inputs"]) for prefix, part in parts(model) if prefix]
+            part.extract_feat(data["inputs"]) for prefix, part in parts(model) if prefix
+        ]
 
 
 def flatten(out):
@@ -375,9 +470,14 @@ def record_calls(model, names):
     modules = dict(named_modules(model))
     calls, handles = [], []
     for name in sorted(names):
-        handles.append(modules[name].register_forward_hook(
-            lambda m, args, kwargs, out, name=name: calls.append((name, _detached(args), _detached(kwargs),
-                                                                  _detached(out))), with_kwargs=True))
+        handles.append(
+            modules[name].register_forward_hook(
+                lambda m, args, kwargs, out, name=name: calls.append(
+                    (name, _detached(args), _detached(kwargs), _detached(out))
+                ),
+                with_kwargs=True,
+            )
+        )
     try:
         yield calls
     finally:
@@ -410,8 +510,9 @@ def conv_rounding_bound(conv, x):
     with torch.no_grad():
         x = x.double().abs()
         n = conv.weight[0].numel()
-        mag = torch.nn.functional.conv2d(x, conv.weight.double().abs(), None, conv.stride, conv.padding,
-                                         conv.dilation, conv.groups)
+        mag = torch.nn.functional.conv2d(
+            x, conv.weight.double().abs(), None, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
         if conv.bias is not None:
             mag = mag + conv.bias.double().abs().view(1, -1, 1, 1)
         return (n + 1) * torch.finfo(conv.weight.dtype).eps / 2 * mag
@@ -494,7 +595,7 @@ def perturb_offsets(model):
 
     def small(p):
         fan_in = p[0].numel() if p.dim() > 1 else 1
-        p.copy_(torch.randn(p.shape, generator=g) * (0.3 / fan_in ** 0.5))
+        p.copy_(torch.randn(p.shape, generator=g) * (0.3 / fan_in**0.5))
 
     with torch.no_grad():
         for _, part in parts(model):
@@ -621,11 +722,18 @@ def check(case: Case, cfg, switch):
         model_s = build(cfg, switch, on=False, scope="mmdcnv2")
     assert not warnings_seen, warnings_seen
     left = any(isinstance(m, mmcv_deform_classes()) for _, m in named_modules(model_s)) or bool(
-        functional_users(model_s))
+        functional_users(model_s)
+    )
     assert left == case.needs_redirect, f"needs the redirect: {left}, the table says {case.needs_redirect}"
     assert {p: list(sd) for p, sd in state_dicts(model_s).items()} == {p: list(sd) for p, sd in sds_a.items()}
-    return dict(seconds=time.perf_counter() - t0, compared=compared, impossible=impossible, end_to_end=end_to_end,
-                layers=len(layers_b), ops=dict(counter.counts))
+    return dict(
+        seconds=time.perf_counter() - t0,
+        compared=compared,
+        impossible=impossible,
+        end_to_end=end_to_end,
+        layers=len(layers_b),
+        ops=dict(counter.counts),
+    )
 
 
 _done: Dict[str, object] = {}
@@ -679,12 +787,18 @@ def test_the_list_holds_every_config_that_turns_deformable_ops_on():
     a config they inherit from mention such a layer."""
     files = sorted(glob.glob(os.path.join(CONFIGS, "**", "*.py"), recursive=True))
     text = {f: open(f).read() for f in files}
-    bases = {f: [os.path.normpath(os.path.join(os.path.dirname(f), b))
-                 for b in re.findall(r"['\"]([^'\"]+\.py)['\"]", text[f])] for f in files}
+    bases = {
+        f: [
+            os.path.normpath(os.path.join(os.path.dirname(f), b))
+            for b in re.findall(r"['\"]([^'\"]+\.py)['\"]", text[f])
+        ]
+        for f in files
+    }
 
     def mentions(f, seen=()):
         return bool(MARKER.search(text[f])) or any(
-            b in text and b not in seen and mentions(b, seen + (f,)) for b in bases[f])
+            b in text and b not in seen and mentions(b, seen + (f,)) for b in bases[f]
+        )
 
     listed = {c.config for c in CASES} | set(SKIPPED)
     found = set()

@@ -1,5 +1,6 @@
 """The shapes configs' pretrained backbone: the shipped checkpoint, how the configs load it (DCN
 layers from the plain conv weights), that its features carry the classes, and the tool that made it."""
+
 import os
 import subprocess
 import sys
@@ -28,12 +29,19 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
 def plain_backbone():
-    return DCNResNet(depth=18, base_channels=32, num_stages=4, out_indices=(3,), frozen_stages=-1,
-                     norm_cfg=dict(type="BN", requires_grad=True), norm_eval=False)
+    return DCNResNet(
+        depth=18,
+        base_channels=32,
+        num_stages=4,
+        out_indices=(3,),
+        frozen_stages=-1,
+        norm_cfg=dict(type="BN", requires_grad=True),
+        norm_eval=False,
+    )
 
 
 def test_checkpoint_is_small_float16_with_its_provenance():
-    assert os.path.getsize(CKPT) < 8 * 2 ** 20
+    assert os.path.getsize(CKPT) < 8 * 2**20
     ckpt = torch.load(CKPT, map_location="cpu", weights_only=False)
     floats = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
@@ -44,9 +52,14 @@ def test_checkpoint_is_small_float16_with_its_provenance():
     plain_backbone().load_state_dict(ckpt["state_dict"], strict=True)
 
 
-@pytest.mark.parametrize("config, dcn_type", [("faster-rcnn_r18_fpn_shapes.py", None),
-                                              ("faster-rcnn_r18-dcnv1-dpool_fpn_shapes.py", DCN),
-                                              ("faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py", DCNv2)])
+@pytest.mark.parametrize(
+    "config, dcn_type",
+    [
+        ("faster-rcnn_r18_fpn_shapes.py", None),
+        ("faster-rcnn_r18-dcnv1-dpool_fpn_shapes.py", DCN),
+        ("faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py", DCNv2),
+    ],
+)
 def test_shapes_configs_start_from_it(config, dcn_type):
     cfg = Config.fromfile(os.path.join(SHAPES, config))
     assert cfg.model.backbone.init_cfg.checkpoint.endswith("checkpoints/resnet18-half_shapes-pretrained.pth")
@@ -112,8 +125,22 @@ def test_its_features_carry_the_classes():
 
 def test_pretrain_tool_trains_saves_and_never_overwrites(tmp_path):
     out = tmp_path / "bb.pth"
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "pretrain_backbone.py"), "--steps", "3", "--batch-size", "6",
-           "--val", "12", "--workers", "0", "--log-every", "1", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "tools", "pretrain_backbone.py"),
+        "--steps",
+        "3",
+        "--batch-size",
+        "6",
+        "--val",
+        "12",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]

@@ -1,4 +1,5 @@
 """Deformable convolution ops against the pure-PyTorch reference, torchvision and mmcv."""
+
 import importlib.util
 
 import pytest
@@ -156,8 +157,9 @@ def test_pack_modules_start_as_plain_convolution():
     with torch.no_grad():
         m.bias.normal_()
     # zero offsets and mask sigmoid(0) = 0.5 at initialisation
-    torch.testing.assert_close(m(x), 0.5 * F.conv2d(x, m.weight, None, 1, 2, 2) + m.bias.view(1, -1, 1, 1),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        m(x), 0.5 * F.conv2d(x, m.weight, None, 1, 2, 2) + m.bias.view(1, -1, 1, 1), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_module_initialisation_matches_mmcv_rules():
@@ -204,8 +206,9 @@ def test_reduced_precision(dtype, tol):
     w = w * 0.1
     low = [t.to(dtype) if t is not None else None for t in (x, off, w, b)]
     out, g = grads(deform_conv2d, low[0], low[1], low[2], low[3], s, p, d, m.to(dtype))
-    ref, g_ref = grads(deform_conv2d_reference, *[t.to(dtype).double() for t in (x, off, w, b)], s, p, d,
-                       m.to(dtype).double())
+    ref, g_ref = grads(
+        deform_conv2d_reference, *[t.to(dtype).double() for t in (x, off, w, b)], s, p, d, m.to(dtype).double()
+    )
     assert out.dtype == dtype and all(t.dtype == dtype for t in g)
     torch.testing.assert_close(out.double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
     for a, c in zip(g, g_ref):
@@ -229,9 +232,18 @@ def test_autocast_cpu():
 
 def _op_args(mask, bias):
     x, off, w, b, s, p, d, m = make_inputs((2, 4, 6, 5, 6, 3, 3, 1, 1, 1, 2, 2), dtype=torch.float32)
-    return (x.requires_grad_(), w.requires_grad_(), off.requires_grad_(),
-            m.requires_grad_() if mask else None, b.requires_grad_() if bias else None,
-            [1, 1], [1, 1], [1, 1], 2, 2)
+    return (
+        x.requires_grad_(),
+        w.requires_grad_(),
+        off.requires_grad_(),
+        m.requires_grad_() if mask else None,
+        b.requires_grad_() if bias else None,
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        2,
+        2,
+    )
 
 
 @pytest.mark.fake_kernels
@@ -349,29 +361,43 @@ def test_bad_input_names_the_argument(name, over):
         deform_conv2d(**_bad(**over))
 
 
-@pytest.mark.parametrize("name,over", [
-    ("offset", dict(offset=torch.randn(1, 18, 5, 6))),
-    ("mask", dict(mask=torch.randn(1, 9, 6, 7))),
-    ("stride", dict(stride=[0, 1])),
-    ("padding", dict(padding=[-1, 0])),
-    ("groups", dict(groups=3)),
-    ("deform_groups", dict(deform_groups=0)),
-    ("input", dict(input=torch.randn(1, 4, 6))),
-    ("bias", dict(bias=torch.randn(3))),
-])
+@pytest.mark.parametrize(
+    "name,over",
+    [
+        ("offset", dict(offset=torch.randn(1, 18, 5, 6))),
+        ("mask", dict(mask=torch.randn(1, 9, 6, 7))),
+        ("stride", dict(stride=[0, 1])),
+        ("padding", dict(padding=[-1, 0])),
+        ("groups", dict(groups=3)),
+        ("deform_groups", dict(deform_groups=0)),
+        ("input", dict(input=torch.randn(1, 4, 6))),
+        ("bias", dict(bias=torch.randn(3))),
+    ],
+)
 def test_compiled_op_checks_its_arguments(name, over):
     """The C++ op validates on its own, for callers that bypass the Python wrapper."""
     x, off, w, b, _, _, _, m = make_inputs((1, 4, 6, 6, 4, 3, 3, 1, 1, 1, 1, 1), dtype=torch.float32)
-    args = dict(input=x, weight=w, offset=off, mask=m, bias=b, stride=[1, 1], padding=[1, 1], dilation=[1, 1],
-                groups=1, deform_groups=1)
+    args = dict(
+        input=x,
+        weight=w,
+        offset=off,
+        mask=m,
+        bias=b,
+        stride=[1, 1],
+        padding=[1, 1],
+        dilation=[1, 1],
+        groups=1,
+        deform_groups=1,
+    )
     args.update(over)
     with pytest.raises(ValueError, match=name):
         torch.ops.mmdcnv2.deform_conv2d(*args.values())
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.float16, 2e-2),
-                                       (torch.bfloat16, 8e-2)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 8e-2)]
+)
 @pytest.mark.parametrize("case", CASES[:5])
 def test_cuda_matches_cpu(case, dtype, tol):
     args = make_inputs(case, dtype=torch.float64, offset_scale=1.0)
@@ -413,7 +439,9 @@ def test_cpu_routes_float32_against_reference(case, budget):
             out2, g2 = grads(deform_conv2d, x, off, w, b, s, p, d, m)
         torch.testing.assert_close(out.double(), out_ref, atol=1e-4, rtol=1e-4)
         for name, a, r in zip(["input", "offset", "weight", "bias", "mask"], g, g_ref):
-            torch.testing.assert_close(a.double(), r, atol=1e-3, rtol=1e-4, msg=lambda e: f"route {route} grad {name}: {e}")
+            torch.testing.assert_close(
+                a.double(), r, atol=1e-3, rtol=1e-4, msg=lambda e: f"route {route} grad {name}: {e}"
+            )
         assert torch.equal(out, out2) and all(torch.equal(a, a2) for a, a2 in zip(g, g2)), "not bit-reproducible"
 
 

@@ -1,4 +1,5 @@
 """Deformable RoI pooling against the pure-PyTorch reference and torchvision's roi_align."""
+
 import pytest
 import torch
 
@@ -146,9 +147,16 @@ def test_pack_modules_initialisation_and_state_dict_keys():
     m = ModulatedDeformRoIPoolPack(7, 6, deform_fc_channels=32, spatial_scale=0.5)
     torch.testing.assert_close(m(x, rois), 0.5 * plain)  # mask starts at sigmoid(0)
     assert list(m.state_dict()) == [
-        "offset_fc.0.weight", "offset_fc.0.bias", "offset_fc.2.weight", "offset_fc.2.bias",
-        "offset_fc.4.weight", "offset_fc.4.bias", "mask_fc.0.weight", "mask_fc.0.bias",
-        "mask_fc.2.weight", "mask_fc.2.bias",
+        "offset_fc.0.weight",
+        "offset_fc.0.bias",
+        "offset_fc.2.weight",
+        "offset_fc.2.bias",
+        "offset_fc.4.weight",
+        "offset_fc.4.bias",
+        "mask_fc.0.weight",
+        "mask_fc.0.bias",
+        "mask_fc.2.weight",
+        "mask_fc.2.bias",
     ]
     # gradients reach both branches once their last layers are non-zero
     with torch.no_grad():
@@ -182,8 +190,9 @@ def _op_args():
 @pytest.mark.parametrize("with_offset", [True, False])
 def test_opcheck(with_offset):
     x, rois, off = _op_args()
-    torch.library.opcheck(torch.ops.mmdcnv2.deform_roi_pool.default,
-                          (x, rois, off if with_offset else None, 3, 3, 1.0, 2, 0.1))
+    torch.library.opcheck(
+        torch.ops.mmdcnv2.deform_roi_pool.default, (x, rois, off if with_offset else None, 3, 3, 1.0, 2, 0.1)
+    )
 
 
 @pytest.mark.fake_kernels
@@ -201,19 +210,22 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(gc, ge, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,call", [
-    ("input", lambda x, r, o: deform_roi_pool(x[0], r, o, 3)),
-    ("rois", lambda x, r, o: deform_roi_pool(x, r[:, :4], o, 3)),
-    ("offset", lambda x, r, o: deform_roi_pool(x, r, o[:, :, :2], 3)),
-    ("offset", lambda x, r, o: deform_roi_pool(x, r, o, 4)),
-    ("rois", lambda x, r, o: deform_roi_pool(x, r.double(), o, 3)),
-    ("batch index", lambda x, r, o: deform_roi_pool(x, r + torch.tensor([5.0, 0, 0, 0, 0]), o, 3)),
-    ("batch index", lambda x, r, o: deform_roi_pool(x, r - torch.tensor([1.0, 0, 0, 0, 0]), o, 3)),
-    ("sampling_ratio", lambda x, r, o: deform_roi_pool(x, r, o, 3, sampling_ratio=-1)),
-    ("spatial_scale", lambda x, r, o: deform_roi_pool(x, r, o, 3, spatial_scale=0.0)),
-    ("output_size", lambda x, r, o: torch.ops.mmdcnv2.deform_roi_pool(x, r, None, 0, 3, 1.0, 0, 0.1)),
-    ("output_channels", lambda x, r, o: DeformRoIPoolPack(3, 5, deform_fc_channels=4)(x, r)),
-])
+@pytest.mark.parametrize(
+    "name,call",
+    [
+        ("input", lambda x, r, o: deform_roi_pool(x[0], r, o, 3)),
+        ("rois", lambda x, r, o: deform_roi_pool(x, r[:, :4], o, 3)),
+        ("offset", lambda x, r, o: deform_roi_pool(x, r, o[:, :, :2], 3)),
+        ("offset", lambda x, r, o: deform_roi_pool(x, r, o, 4)),
+        ("rois", lambda x, r, o: deform_roi_pool(x, r.double(), o, 3)),
+        ("batch index", lambda x, r, o: deform_roi_pool(x, r + torch.tensor([5.0, 0, 0, 0, 0]), o, 3)),
+        ("batch index", lambda x, r, o: deform_roi_pool(x, r - torch.tensor([1.0, 0, 0, 0, 0]), o, 3)),
+        ("sampling_ratio", lambda x, r, o: deform_roi_pool(x, r, o, 3, sampling_ratio=-1)),
+        ("spatial_scale", lambda x, r, o: deform_roi_pool(x, r, o, 3, spatial_scale=0.0)),
+        ("output_size", lambda x, r, o: torch.ops.mmdcnv2.deform_roi_pool(x, r, None, 0, 3, 1.0, 0, 0.1)),
+        ("output_channels", lambda x, r, o: DeformRoIPoolPack(3, 5, deform_fc_channels=4)(x, r)),
+    ],
+)
 def test_bad_input_names_the_argument(name, call):
     x, rois, off = _op_args()
     with pytest.raises((ValueError, RuntimeError, TypeError), match=name):
@@ -221,8 +233,9 @@ def test_bad_input_names_the_argument(name, call):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.float16, 1e-2),
-                                       (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.float16, 1e-2), (torch.bfloat16, 5e-2)]
+)
 def test_cuda_matches_reference(dtype, tol):
     x = torch.randn(2, 40, 12, 12, dtype=torch.float64)
     rois = make_rois(2, 12, 12, 0.5)

@@ -1,5 +1,6 @@
 """CPU backward passes are bit-identical from run to run (also under
 torch.use_deterministic_algorithms), and the ops are safe to call from several threads."""
+
 import threading
 
 import pytest

@@ -6,6 +6,7 @@ at the shuffles), through the same driver, chunking and launch sizes as the CUDA
 test compares them with the pure-PyTorch reference (and, for the defects of the CUDA review,
 with the CPU kernels).
 """
+
 import pathlib
 import re
 import subprocess
@@ -15,7 +16,13 @@ import torch
 from test_deform_conv import CASES, make_inputs
 from test_deform_roi_pool import make_rois
 
-from mmdcnv2.ops import column_budget, deform_conv2d, deform_conv2d_reference, deform_roi_pool, deform_roi_pool_reference
+from mmdcnv2.ops import (
+    column_budget,
+    deform_conv2d,
+    deform_conv2d_reference,
+    deform_roi_pool,
+    deform_roi_pool_reference,
+)
 from mmdcnv2.ops.reference import MAX_ROI_SAMPLES
 
 E = torch.ops.mmdcnv2_emulated
@@ -36,8 +43,10 @@ CPU_HALF_MM = _cpu_half_mm()
 def skip_without_cpu_half_mm(dtype):
     """The host emulation runs the GPU path's GEMMs on the CPU in the input's dtype."""
     if dtype == torch.float16 and not CPU_HALF_MM:
-        pytest.skip(f"the host emulation needs float16 matmul on the CPU, which torch {torch.__version__} lacks "
-                    "(cuBLAS has it on a GPU)")
+        pytest.skip(
+            f"the host emulation needs float16 matmul on the CPU, which torch {torch.__version__} lacks "
+            "(cuBLAS has it on a GPU)"
+        )
 
 
 def _pair(v):
@@ -87,11 +96,13 @@ def check_conv(case_inputs, atol, rtol, ref_dtype=torch.float64, budget=0):
     want = dict(zip(names, torch.autograd.grad(ref, [t for t in leaves if t is not None], go.to(ref_dtype))))
     got = dict(input=gi, offset=goff, weight=gw, bias=gb, mask=gm)
     for name, ref_g in want.items():
-        torch.testing.assert_close(got[name].to(ref_dtype), ref_g, atol=atol, rtol=rtol,
-                                   msg=lambda e: f"grad {name}: {e}")
+        torch.testing.assert_close(
+            got[name].to(ref_dtype), ref_g, atol=atol, rtol=rtol, msg=lambda e: f"grad {name}: {e}"
+        )
 
 
 # --------------------------------------------------------------------------- deformable convolution
+
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("mask", [True, False])
@@ -111,8 +122,9 @@ def test_emulated_deform_conv_reduced_precision(dtype, tol, case):
     on the same rounded inputs."""
     skip_without_cpu_half_mm(dtype)
     x, off, w, b, s, p, d, m = make_inputs(case, dtype=torch.float64, offset_scale=1.0)
-    check_conv([t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (x, off, w, b, s, p, d, m)],
-               atol=tol * 4, rtol=tol)
+    check_conv(
+        [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (x, off, w, b, s, p, d, m)], atol=tol * 4, rtol=tol
+    )
 
 
 @pytest.mark.parametrize("where", ["integer", "border", "outside", "nonfinite"])
@@ -162,8 +174,9 @@ def test_emulated_deform_conv_channels_last(dtype):
     args[0] = args[0].contiguous(memory_format=torch.channels_last)
     out = E.deform_conv2d(args[0], args[2], args[1], args[7], args[3], *conv_args(args[0], args[2], s, p, d, 5))
     go = torch.randn(out.shape, dtype=torch.float64).to(dtype).contiguous(memory_format=torch.channels_last)
-    gi = E.deform_conv2d_backward(go, args[0], args[2], args[1], args[7], args[3],
-                                  *conv_args(args[0], args[2], s, p, d, 5))[0]
+    gi = E.deform_conv2d_backward(
+        go, args[0], args[2], args[1], args[7], args[3], *conv_args(args[0], args[2], s, p, d, 5)
+    )[0]
     for t in (out, gi):
         assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     tol = 1e-10 if dtype == torch.float64 else 8e-2
@@ -253,11 +266,14 @@ def test_emulated_backward_workspace_is_bounded():
     assert bwd_rows >= 1 and fwd_rows >= bwd_rows
 
 
-@pytest.mark.parametrize("dims", [
-    (64, 2048, 200, 200, 512, 7, 7, 4),  # 5.2e9 input elements
-    (1, 3, 60000, 60000, 64, 3, 3, 1),  # 1.1e10 input elements, 3.6e9 output positions
-    (4096, 256, 128, 128, 256, 3, 3, 16),
-])
+@pytest.mark.parametrize(
+    "dims",
+    [
+        (64, 2048, 200, 200, 512, 7, 7, 4),  # 5.2e9 input elements
+        (1, 3, 60000, 60000, 64, 3, 3, 1),  # 1.1e10 input elements, 3.6e9 output positions
+        (4096, 256, 128, 128, 256, 3, 3, 16),
+    ],
+)
 def test_emulated_launch_sizes_within_cuda_limits_for_huge_tensors(dims):
     """Launch sizes as the driver computes them for tensors beyond 2^31 elements (meta tensors,
     nothing allocated): every grid inside CUDA's limits, whole warps per block."""
@@ -286,6 +302,7 @@ def test_emulated_zero_work_launches_nothing():
 
 
 # --------------------------------------------------------------------------- deformable RoI pooling
+
 
 def check_roi(x, rois, off, kw, atol, rtol, ref_dtype=torch.float64):
     ph, pw = _pair(kw["output_size"])
@@ -338,8 +355,9 @@ def test_emulated_roi_batch_index_out_of_range_pools_nothing(bad):
     Now every index outside [0, N) gives zero output and zero gradient there (the CPU raises)."""
     N, C, H, W = 2, 3, 8, 8
     x = torch.randn(N, C, H, W, dtype=torch.float64)
-    rois = torch.tensor([[0, 1.0, 1.0, 6.0, 6.0], [bad, 1.0, 1.0, 6.0, 6.0], [1, 0.0, 2.0, 5.0, 7.0]],
-                        dtype=torch.float64)
+    rois = torch.tensor(
+        [[0, 1.0, 1.0, 6.0, 6.0], [bad, 1.0, 1.0, 6.0, 6.0], [1, 0.0, 2.0, 5.0, 7.0]], dtype=torch.float64
+    )
     off = torch.randn(3, 2, 2, 2, dtype=torch.float64) * 0.2
     args = (2, 2, 1.0, 2, 0.1)
     out = E.deform_roi_pool(x, rois, off, *args)
@@ -382,6 +400,7 @@ def test_emulated_roi_pool_no_rois_and_empty_map():
 
 # --------------------------------------------------------------------------- the device layer itself
 
+
 def test_emulated_every_cuda_kernel_goes_through_the_device_layer():
     """Kernels live in *_kernels.cuh over csrc/common/device.h, and the emulation compiles each of
     those headers: a kernel written straight into a .cu file (or launched with <<<...>>>) would not
@@ -409,10 +428,13 @@ def test_emulated_threads_per_block_must_be_whole_warps(threads, ok, tmp_path):
     """Review defect 6: the warp-per-item kernels need kThreads % 32 == 0; it is a compile-time error."""
     torch_inc = pathlib.Path(torch.__file__).parent / "include"
     src = tmp_path / "probe.cpp"
-    src.write_text(f"#define MMDCNV2_THREADS_PER_BLOCK {threads}\n#include \"common/cuda_launch.h\"\nint main() {{}}\n")
+    src.write_text(f'#define MMDCNV2_THREADS_PER_BLOCK {threads}\n#include "common/cuda_launch.h"\nint main() {{}}\n')
     std = "c++20" if "202002L" in (torch_inc / "ATen" / "ATen.h").read_text() else "c++17"  # as setup.py picks
-    run = subprocess.run(["c++", f"-std={std}", "-fsyntax-only", f"-I{ROOT / 'csrc'}", f"-I{torch_inc}", str(src)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        ["c++", f"-std={std}", "-fsyntax-only", f"-I{ROOT / 'csrc'}", f"-I{torch_inc}", str(src)],
+        capture_output=True,
+        text=True,
+    )
     assert (run.returncode == 0) == ok, run.stderr[-2000:]
     if not ok:
         assert "multiple of the warp size" in run.stderr

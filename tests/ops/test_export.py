@@ -1,6 +1,7 @@
 """torch.export and ONNX export: exported programs match eager mode; our deformable convolution
 becomes the standard ONNX DeformConv and onnxruntime's outputs match PyTorch's; deformable RoI
 pooling refuses to export with an error that names it."""
+
 import numpy as np
 import pytest
 import torch
@@ -46,8 +47,9 @@ def _backbone():
     from mmdcnv2.registry import MODELS
 
     register_all_modules()
-    bb = MODELS.build(dict(type="mmdcnv2.DCNResNet", depth=18, base_channels=16,
-                           stage_dcn=(None, "DCNv2", "DCNv2", "DCNv2")))
+    bb = MODELS.build(
+        dict(type="mmdcnv2.DCNResNet", depth=18, base_channels=16, stage_dcn=(None, "DCNv2", "DCNv2", "DCNv2"))
+    )
     bb.eval()
     return _randomise_offsets(bb, std=0.05)
 
@@ -55,10 +57,13 @@ def _backbone():
 # --- torch.export ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [
-    lambda: ModulatedDeformConv2dPack(8, 12, 3, padding=1, deform_groups=2),
-    lambda: DeformConv2dPack(8, 12, 3, stride=2, padding=2, dilation=2, groups=2),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ModulatedDeformConv2dPack(8, 12, 3, padding=1, deform_groups=2),
+        lambda: DeformConv2dPack(8, 12, 3, stride=2, padding=2, dilation=2, groups=2),
+    ],
+)
 def test_torch_export_modules_match_eager(make):
     model = _randomise_offsets(make().eval())
     x = torch.randn(2, 8, 11, 13)
@@ -106,8 +111,7 @@ class _Functional(nn.Module):
         self.use_mask = mask
 
     def forward(self, x, offset, mask):
-        return deform_conv2d(x, offset, self.weight, self.bias, *self.conf,
-                             mask=mask if self.use_mask else None)
+        return deform_conv2d(x, offset, self.weight, self.bias, *self.conf, mask=mask if self.use_mask else None)
 
 
 def _run_ort(path, feeds):
@@ -171,12 +175,17 @@ def test_onnx_deform_conv_matches_pytorch(tmp_path, exporter, case, mask, bias):
             np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4, err_msg=offsets)
 
 
-@pytest.mark.parametrize("exporter,opset", [("torchscript", 19), ("torchscript", 20)]
-                         + [("dynamo", 19), ("dynamo", 22)] * ("dynamo" in EXPORTERS))
-@pytest.mark.parametrize("make", [
-    lambda: ModulatedDeformConv2dPack(8, 12, 3, padding=1, deform_groups=2),
-    lambda: DeformConv2dPack(8, 12, 3, stride=2, padding=1, groups=2, deform_groups=4),
-])
+@pytest.mark.parametrize(
+    "exporter,opset",
+    [("torchscript", 19), ("torchscript", 20)] + [("dynamo", 19), ("dynamo", 22)] * ("dynamo" in EXPORTERS),
+)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ModulatedDeformConv2dPack(8, 12, 3, padding=1, deform_groups=2),
+        lambda: DeformConv2dPack(8, 12, 3, stride=2, padding=1, groups=2, deform_groups=4),
+    ],
+)
 def test_onnx_pack_modules(tmp_path, exporter, opset, make):
     model = _randomise_offsets(make().eval())
     x = torch.randn(1, 8, 10, 12)
@@ -193,8 +202,15 @@ def test_onnx_pack_modules(tmp_path, exporter, opset, make):
 def test_onnx_dynamic_batch_torchscript(tmp_path):
     model = _randomise_offsets(ModulatedDeformConv2dPack(4, 4, 3, padding=1).eval())
     path = tmp_path / "dyn.onnx"
-    export_onnx(model, (torch.randn(1, 4, 9, 9),), path, exporter="torchscript", input_names=["x"],
-                output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    export_onnx(
+        model,
+        (torch.randn(1, 4, 9, 9),),
+        path,
+        exporter="torchscript",
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+    )
     x = torch.randn(3, 4, 9, 9)
     (got,) = _run_ort(path, {"x": x})
     with torch.no_grad():
@@ -273,13 +289,20 @@ def test_plain_onnx_export_backbone(tmp_path):
         np.testing.assert_allclose(g, w.numpy(), rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("kwargs", [dict(opset_version=19), dict(), dict(opset_version=22)]
-                         * ("dynamo" in EXPORTERS) + [dict(opset_version=19, dynamo=False)],
-                         ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()) or "defaults")
-@pytest.mark.parametrize("make", [
-    lambda: ModulatedDeformConv2dPack(8, 12, 3, padding=1, deform_groups=2),
-    lambda: DeformConv2dPack(8, 12, 3, stride=2, padding=1, groups=2, deform_groups=4),  # no mask, no bias
-], ids=["mdconv", "dconv"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(opset_version=19), dict(), dict(opset_version=22)] * ("dynamo" in EXPORTERS)
+    + [dict(opset_version=19, dynamo=False)],
+    ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()) or "defaults",
+)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ModulatedDeformConv2dPack(8, 12, 3, padding=1, deform_groups=2),
+        lambda: DeformConv2dPack(8, 12, 3, stride=2, padding=1, groups=2, deform_groups=4),  # no mask, no bias
+    ],
+    ids=["mdconv", "dconv"],
+)
 def test_plain_onnx_export_modules(tmp_path, kwargs, make):
     model = _randomise_offsets(make().eval())
     x = torch.randn(2, 8, 10, 12)
@@ -331,8 +354,8 @@ heavy = [m for m in ('torch.onnx', 'onnxscript', 'torch.onnx._internal.exporter.
 assert not heavy, heavy
 model = mmdcnv2.ops.ModulatedDeformConv2dPack(4, 4, 3, padding=1).eval()
 warnings.simplefilter('ignore')
-torch.onnx.export(model, (torch.randn(1, 4, 8, 8),), {str(tmp_path / 'ts.onnx')!r}, opset_version=19, dynamo=False)
-assert [n.op_type for n in onnx.load({str(tmp_path / 'ts.onnx')!r}).graph.node].count('DeformConv') == 1
+torch.onnx.export(model, (torch.randn(1, 4, 8, 8),), {str(tmp_path / "ts.onnx")!r}, opset_version=19, dynamo=False)
+assert [n.op_type for n in onnx.load({str(tmp_path / "ts.onnx")!r}).graph.node].count('DeformConv') == 1
 """
     if "dynamo" in EXPORTERS:
         code += """

@@ -1,4 +1,5 @@
 """A missing extension, or one built without CUDA kernels, gives one clear error that says what to run."""
+
 from types import SimpleNamespace
 
 import pytest

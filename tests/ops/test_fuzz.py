@@ -6,6 +6,7 @@ announced before it runs: a crash (segfault, abort) kills only the child, and th
 which call it was on. Huge sizes use expanded tensors (no memory behind them) or meta tensors, and
 must be refused before anything is allocated.
 """
+
 import json
 import os
 import subprocess
@@ -34,10 +35,22 @@ def _conv_cases():
         args.update(kw)
         return lambda: deform_conv2d(**args)
 
-    def raw(*, input=x, weight=w, offset=off, mask=m, bias=b, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
-            groups=1, deform_groups=1):
-        return lambda: op.deform_conv2d(input, weight, offset, mask, bias, list(stride), list(padding),
-                                        list(dilation), groups, deform_groups)
+    def raw(
+        *,
+        input=x,
+        weight=w,
+        offset=off,
+        mask=m,
+        bias=b,
+        stride=(1, 1),
+        padding=(1, 1),
+        dilation=(1, 1),
+        groups=1,
+        deform_groups=1,
+    ):
+        return lambda: op.deform_conv2d(
+            input, weight, offset, mask, bias, list(stride), list(padding), list(dilation), groups, deform_groups
+        )
 
     meta = lambda t: t.to("meta")  # noqa: E731
     cases = [
@@ -57,7 +70,17 @@ def _conv_cases():
         ("bias shape", "bias", f(bias=torch.randn(5))),
         ("weight channels", "weight", f(weight=torch.randn(4, 3, 3, 3))),
         ("weight output channels vs groups", "weight", f(weight=torch.randn(3, 2, 3, 3), bias=None)),
-        ("input channels vs deform groups", "deform_groups", f(input=torch.randn(1, 3, 6, 6), weight=torch.randn(3, 3, 3, 3), bias=None, offset=torch.randn(1, 36, 6, 6), mask=torch.rand(1, 18, 6, 6))),
+        (
+            "input channels vs deform groups",
+            "deform_groups",
+            f(
+                input=torch.randn(1, 3, 6, 6),
+                weight=torch.randn(3, 3, 3, 3),
+                bias=None,
+                offset=torch.randn(1, 36, 6, 6),
+                mask=torch.rand(1, 18, 6, 6),
+            ),
+        ),
         ("empty channels", "weight", f(input=x[:, :0], weight=w[:, :0])),
         ("empty map", "input", f(input=x[:, :, :0], padding=0)),
         ("integer tensors", "input", f(input=x.long(), offset=off.long(), weight=w.long(), mask=None, bias=None)),
@@ -71,7 +94,11 @@ def _conv_cases():
         ("padding negative", "padding", f(padding=-1)),
         ("dilation 0", "dilation", f(dilation=0)),
         ("stride float", "stride", f(stride=1.5)),
-        ("huge input, wrong offset", "offset", f(input=huge, weight=w[:1, :1], offset=off[:, :, :2], mask=None, bias=None)),
+        (
+            "huge input, wrong offset",
+            "offset",
+            f(input=huge, weight=w[:1, :1], offset=off[:, :, :2], mask=None, bias=None),
+        ),
         ("huge kernel", "offset", f(weight=torch.empty(1).expand(4, 4, 2**40, 3), padding=0, mask=None)),
         ("huge padding", "offset", f(padding=2**62)),
         # the compiled op's own checks (what torch.ops.mmdcnv2 callers hit)
@@ -80,16 +107,27 @@ def _conv_cases():
         ("raw bias shape", "bias", raw(bias=torch.randn(5))),
         ("raw offset on meta", "offset", raw(offset=meta(off))),
         ("raw input on meta", "input", raw(input=meta(x))),
-        ("raw all meta, wrong offset", "offset", raw(input=meta(x), weight=meta(w), offset=meta(off[:, :4]), mask=None, bias=None)),
+        (
+            "raw all meta, wrong offset",
+            "offset",
+            raw(input=meta(x), weight=meta(w), offset=meta(off[:, :4]), mask=None, bias=None),
+        ),
         ("raw padding 2^62", "padding", raw(padding=(2**62, 1))),
         ("raw dilation 2^62", "dilation", raw(dilation=(2**62, 1))),
         ("raw stride 2^62", "stride", raw(stride=(2**62, 1))),
         ("raw groups 2^62", "groups", raw(groups=2**62)),
         ("raw deform_groups 0", "deform_groups", raw(deform_groups=0)),
-        ("raw dilated kernel overflow", "dilation", raw(weight=torch.empty(1).expand(4, 4, 2**40, 3), dilation=(2**31 - 1, 1), mask=None)),
+        (
+            "raw dilated kernel overflow",
+            "dilation",
+            raw(weight=torch.empty(1).expand(4, 4, 2**40, 3), dilation=(2**31 - 1, 1), mask=None),
+        ),
         ("raw integer input", "input", raw(input=x.long(), weight=w.long(), offset=off.long(), mask=None, bias=None)),
-        ("raw backward grad_output", "grad_output", lambda: op.deform_conv2d_backward(
-            torch.randn(1, 4, 5, 6), x, w, off, m, b, [1, 1], [1, 1], [1, 1], 1, 1)),
+        (
+            "raw backward grad_output",
+            "grad_output",
+            lambda: op.deform_conv2d_backward(torch.randn(1, 4, 5, 6), x, w, off, m, b, [1, 1], [1, 1], [1, 1], 1, 1),
+        ),
     ]
     return cases
 
@@ -98,7 +136,11 @@ def _pool_cases():
     from mmdcnv2.ops import deform_roi_pool
 
     op = torch.ops.mmdcnv2
-    feat, rois, off = torch.randn(2, 4, 8, 8), torch.tensor([[0, 1.0, 1, 6, 6], [1, 2, 0, 7, 5]]), torch.randn(2, 2, 3, 3)
+    feat, rois, off = (
+        torch.randn(2, 4, 8, 8),
+        torch.tensor([[0, 1.0, 1, 6, 6], [1, 2, 0, 7, 5]]),
+        torch.randn(2, 2, 3, 3),
+    )
 
     def f(**kw):
         args = dict(input=feat, rois=rois, offset=off, output_size=3, spatial_scale=1.0, sampling_ratio=2, gamma=0.1)
@@ -133,13 +175,20 @@ def _pool_cases():
         ("pool offset on meta", "offset", f(offset=meta(off))),
         ("pool rois on meta", "rois", f(rois=meta(rois))),
         ("pool huge output", "output_size", f(output_size=2**40, offset=None)),
-        ("pool huge input, wrong rois", "rois", f(input=torch.empty(1).expand(1, 2**12, 2**12, 2**12), rois=rois[:, :4], offset=None)),
+        (
+            "pool huge input, wrong rois",
+            "rois",
+            f(input=torch.empty(1).expand(1, 2**12, 2**12, 2**12), rois=rois[:, :4], offset=None),
+        ),
         ("raw pool rois on meta", "rois", raw(rois=meta(rois))),
         ("raw pool offset on meta", "offset", raw(offset=meta(off))),
         ("raw pool huge output", "output_size", raw(ph=2**31, pw=2**31, offset=None)),
         ("raw pool all meta, wrong offset", "offset", raw(input=meta(feat), rois=meta(rois), offset=meta(off[:1]))),
-        ("raw pool backward grad_output", "grad_output", lambda: op.deform_roi_pool_backward(
-            torch.randn(3, 4, 3, 3), feat, rois, off, 3, 3, 1.0, 2, 0.1)),
+        (
+            "raw pool backward grad_output",
+            "grad_output",
+            lambda: op.deform_roi_pool_backward(torch.randn(3, 4, 3, 3), feat, rois, off, 3, 3, 1.0, 2, 0.1),
+        ),
     ]
 
 
@@ -165,7 +214,8 @@ def test_malformed_calls_raise_clear_errors_and_never_crash():
     results = [r for r in lines if "name" in r]
     assert proc.returncode == 0, (
         f"the child died (return code {proc.returncode}) during {started[-1] if started else '?'!r}:\n"
-        f"{proc.stderr[-3000:]}")
+        f"{proc.stderr[-3000:]}"
+    )
     assert len(results) == len(started) > 40
     bad = []
     for r in results:
@@ -190,8 +240,12 @@ def test_meta_tensors_give_64_bit_shapes():
     off = torch.empty(1, 18, 2**17, 2**17, device="meta")
     y = deform_conv2d(x, off, torch.empty(3, 2, 3, 3, device="meta"), padding=1)
     assert y.shape == (1, 3, 2**17, 2**17) and y.numel() > 2**31
-    p = deform_roi_pool(torch.empty(1, 2**16, 64, 64, device="meta"), torch.empty(2**8, 5, device="meta"),
-                        None, output_size=(2**4, 2**4))
+    p = deform_roi_pool(
+        torch.empty(1, 2**16, 64, 64, device="meta"),
+        torch.empty(2**8, 5, device="meta"),
+        None,
+        output_size=(2**4, 2**4),
+    )
     assert p.shape == (2**8, 2**16, 2**4, 2**4) and p.numel() > 2**31
 
 
@@ -242,8 +296,10 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
-                    reason="under AddressSanitizer, freed memory stays in its quarantine (tools/sanitize.sh)")
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="under AddressSanitizer, freed memory stays in its quarantine (tools/sanitize.sh)",
+)
 def test_memory_does_not_grow_over_repeated_calls():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, env=env, timeout=300)

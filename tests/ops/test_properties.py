@@ -6,6 +6,7 @@ The reference runs in the dtype the kernel computes in (float16/bfloat16 kernels
 so both see the same sample positions and the comparison is exact up to summation order (and the
 final rounding of reduced precision). Non-finite offsets must read zero and get zero gradient.
 """
+
 import pytest
 import torch
 
@@ -31,8 +32,13 @@ def _close(got, want, dtype, what):
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
     scale = 1.0 + float(want.abs().max()) if want.numel() else 1.0
     tol = ROUND[dtype]
-    torch.testing.assert_close(got.to(want.dtype), want.to(dtype).to(want.dtype), rtol=4 * tol,
-                               atol=4 * tol * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got.to(want.dtype),
+        want.to(dtype).to(want.dtype),
+        rtol=4 * tol,
+        atol=4 * tol * scale,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 def _offsets(g, shape, H, W, kinds, dtype):
@@ -50,10 +56,12 @@ def _offsets(g, shape, H, W, kinds, dtype):
             v = torch.randint(-H - 4, H + 4, shape, generator=g).double()
         elif kind == "far":
             v = (torch.rand(shape, generator=g, dtype=torch.float64) * 100 + far) * (
-                torch.randint(0, 2, shape, generator=g) * 2 - 1)
+                torch.randint(0, 2, shape, generator=g) * 2 - 1
+            )
         else:  # "nonfinite"
             v = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)[
-                torch.randint(0, 3, shape, generator=g)]
+                torch.randint(0, 3, shape, generator=g)
+            ]
         out = torch.where(pick == i, v, out)
     return out.to(dtype)
 
@@ -71,12 +79,28 @@ def conv_cases(draw):
     H = draw(st.integers(max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]), 7))
     W = draw(st.integers(max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]), 7))
     return dict(
-        N=draw(st.integers(1, 2)), cin=cin, cout=cout, k=(kh, kw), stride=stride, padding=padding,
-        dilation=dilation, groups=groups, dg=dg, H=H, W=W,
+        N=draw(st.integers(1, 2)),
+        cin=cin,
+        cout=cout,
+        k=(kh, kw),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        dg=dg,
+        H=H,
+        W=W,
         dtype=draw(st.sampled_from(DTYPES)),
-        mask=draw(st.booleans()), bias=draw(st.booleans()),
-        kinds=draw(st.lists(st.sampled_from(["fractional", "eighths", "border", "far", "nonfinite"]),
-                            min_size=1, max_size=3, unique=True)),
+        mask=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        kinds=draw(
+            st.lists(
+                st.sampled_from(["fractional", "eighths", "border", "far", "nonfinite"]),
+                min_size=1,
+                max_size=3,
+                unique=True,
+            )
+        ),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -112,8 +136,11 @@ def test_deform_conv2d_matches_reference(c):
     got, got_grads = _conv_run(deform_conv2d, None, c, dt)
     want, want_grads = _conv_run(deform_conv2d_reference, None, c, _compute_dtype(dt))
     _close(got, want, dt, "output")
-    names = [n for n, on in (("input", True), ("offset", True), ("weight", True), ("mask", c["mask"]),
-                             ("bias", c["bias"])) if on]
+    names = [
+        n
+        for n, on in (("input", True), ("offset", True), ("weight", True), ("mask", c["mask"]), ("bias", c["bias"]))
+        if on
+    ]
     for name, gg, wg in zip(names, got_grads, want_grads):
         _close(gg, wg, dt, f"grad_{name}")
 
@@ -131,8 +158,9 @@ def test_deform_conv2d_nonfinite_offset_reads_zero(c, bad):
 
     def run(o):
         leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, o, w, m, b)]
-        out = deform_conv2d(leaves[0], leaves[1], leaves[2], leaves[4], c["stride"], c["padding"],
-                            c["dilation"], mask=leaves[3])
+        out = deform_conv2d(
+            leaves[0], leaves[1], leaves[2], leaves[4], c["stride"], c["padding"], c["dilation"], mask=leaves[3]
+        )
         grads = torch.autograd.grad(out, [t for t in leaves if t is not None], gout)
         return out, grads
 
@@ -151,12 +179,23 @@ def pool_cases(draw):
     H, W = draw(st.integers(1, 8)), draw(st.integers(1, 8))
     scale = draw(st.sampled_from([1.0, 0.5, 0.25]))
     return dict(
-        N=draw(st.integers(1, 2)), C=draw(st.integers(1, 4)), H=H, W=W, K=draw(st.integers(0, 4)),
-        PH=draw(st.integers(1, 3)), PW=draw(st.integers(1, 3)), scale=scale,
-        sampling_ratio=draw(st.integers(0, 3)), gamma=draw(st.sampled_from([0.0, 0.1, 1.0])),
-        offset=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)),
-        kinds=draw(st.lists(st.sampled_from(["fractional", "eighths", "far", "nonfinite"]), min_size=1,
-                            max_size=3, unique=True)),
+        N=draw(st.integers(1, 2)),
+        C=draw(st.integers(1, 4)),
+        H=H,
+        W=W,
+        K=draw(st.integers(0, 4)),
+        PH=draw(st.integers(1, 3)),
+        PW=draw(st.integers(1, 3)),
+        scale=scale,
+        sampling_ratio=draw(st.integers(0, 3)),
+        gamma=draw(st.sampled_from([0.0, 0.1, 1.0])),
+        offset=draw(st.booleans()),
+        dtype=draw(st.sampled_from(DTYPES)),
+        kinds=draw(
+            st.lists(
+                st.sampled_from(["fractional", "eighths", "far", "nonfinite"]), min_size=1, max_size=3, unique=True
+            )
+        ),
         bad_roi=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
     )

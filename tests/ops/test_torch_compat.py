@@ -1,5 +1,6 @@
 """The ops on every supported torch (2.1 to 2.14): eager mode everywhere, and on a torch without the
 fake-kernel API (< 2.4) a clear refusal, naming the release needed, of what rests on fake kernels."""
+
 import pytest
 import torch
 
@@ -44,7 +45,8 @@ def test_gradcheck_through_the_registered_autograd():
     x, off, msk, w, b = [torch.randn(s, dtype=torch.float64, generator=g).requires_grad_() for s in shapes]
     assert torch.autograd.gradcheck(
         lambda x, o, m, w, b: torch.ops.mmdcnv2.deform_conv2d(x, w, o, m, b, [1, 1], [1, 1], [1, 1], 1, 1),
-        (x, off, msk, w, b))
+        (x, off, msk, w, b),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -59,11 +61,13 @@ def test_autocast_runs_the_op_in_float32(dtype):
         out = deform_conv2d(x.to(dtype), off.to(dtype), w, b, padding=1, mask=msk)
         pooled = deform_roi_pool(x.to(dtype), torch.tensor([[0, 0.0, 0.0, 5.0, 5.0]]), None, 2)
     assert out.dtype == torch.float32 and pooled.dtype == torch.float32
-    want = deform_conv2d_reference(x.to(dtype).double(), off.to(dtype).double(), w.double(), b.double(),
-                                   padding=1, mask=msk.double())
+    want = deform_conv2d_reference(
+        x.to(dtype).double(), off.to(dtype).double(), w.double(), b.double(), padding=1, mask=msk.double()
+    )
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-    want_pool = deform_roi_pool_reference(x.to(dtype).double(), torch.tensor([[0, 0.0, 0.0, 5.0, 5.0]]).double(),
-                                          None, 2)
+    want_pool = deform_roi_pool_reference(
+        x.to(dtype).double(), torch.tensor([[0, 0.0, 0.0, 5.0, 5.0]]).double(), None, 2
+    )
     torch.testing.assert_close(pooled.double(), want_pool, rtol=1e-5, atol=1e-5)
 
 
@@ -92,5 +96,9 @@ class TestRefusalsWithoutFakeKernels:
         from mmdcnv2.ops import ModulatedDeformConv2dPack, export_onnx
 
         with pytest.raises(RuntimeError, match=NEEDS):
-            export_onnx(ModulatedDeformConv2dPack(4, 3, 3, padding=1), (torch.randn(1, 4, 6, 6),),
-                        tmp_path / "m.onnx", exporter=exporter)
+            export_onnx(
+                ModulatedDeformConv2dPack(4, 3, 3, padding=1),
+                (torch.randn(1, 4, 6, 6),),
+                tmp_path / "m.onnx",
+                exporter=exporter,
+            )

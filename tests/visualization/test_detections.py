@@ -1,4 +1,5 @@
 """mmdcnv2.visualization.draw_detection_grid: ground truth beside detections, enlarged."""
+
 import json
 import pickle
 
@@ -20,10 +21,17 @@ def data(tmp_path_factory):
 
 
 def _results(path, boxes):
-    res = [dict(img_id=i, pred_instances=dict(bboxes=torch.tensor(b, dtype=torch.float32).view(-1, 4),
-                                              scores=torch.tensor([0.9, 0.1][:len(b)]),
-                                              labels=torch.tensor([1, 2][:len(b)])))
-           for i, b in enumerate(boxes)]
+    res = [
+        dict(
+            img_id=i,
+            pred_instances=dict(
+                bboxes=torch.tensor(b, dtype=torch.float32).view(-1, 4),
+                scores=torch.tensor([0.9, 0.1][: len(b)]),
+                labels=torch.tensor([1, 2][: len(b)]),
+            ),
+        )
+        for i, b in enumerate(boxes)
+    ]
     with open(path, "wb") as f:
         pickle.dump(res, f)
 
@@ -32,8 +40,16 @@ def test_grid_layout_and_boxes_where_they_belong(data, tmp_path):
     pkl = tmp_path / "r.pkl"
     # image 0: a confident box and one under the threshold; image 1: none
     _results(pkl, [[[10, 10, 40, 30], [2, 2, 20, 20]], [], []])
-    out = draw_detection_grid(str(pkl), str(data / "annotations" / "val.json"), str(data), str(tmp_path / "g.png"),
-                              image_ids=[0, 1, 2], scale=2, score_thr=0.3, columns=2)
+    out = draw_detection_grid(
+        str(pkl),
+        str(data / "annotations" / "val.json"),
+        str(data),
+        str(tmp_path / "g.png"),
+        image_ids=[0, 1, 2],
+        scale=2,
+        score_thr=0.3,
+        columns=2,
+    )
     grid = np.asarray(Image.open(out).convert("RGB"))
     pair_w, pair_h = 64 * 2 * 2 + 4 * 2, 64 * 2 + 12 * 2
     gap = 6 * 2
@@ -42,12 +58,12 @@ def test_grid_layout_and_boxes_where_they_belong(data, tmp_path):
     # the kept box (label 1) is drawn at twice its coordinates: its right edge, below the label tag
     assert tuple(grid[top + 2 * 25, det_x0 + 2 * 40]) == PALETTE[1]
     # the box under the threshold is not drawn (label 2's colour nowhere on that panel)
-    panel = grid[top:top + 128, det_x0:det_x0 + 128].reshape(-1, 3)
+    panel = grid[top : top + 128, det_x0 : det_x0 + 128].reshape(-1, 3)
     assert not (panel == np.array(PALETTE[2])).all(1).any()
     # ground truth drawn on the left panel: every box's colour appears there
     with open(data / "annotations" / "val.json") as f:
         coco = json.load(f)
-    left = grid[top:top + 128, :128].reshape(-1, 3)
+    left = grid[top : top + 128, :128].reshape(-1, 3)
     for a in [a for a in coco["annotations"] if a["image_id"] == 0]:
         assert (left == np.array(PALETTE[a["category_id"] - 1])).all(1).any()
 

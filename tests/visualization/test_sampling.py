@@ -1,4 +1,5 @@
 """Geometry of the effective sampling locations on hand-built cases, and the tool's picture."""
+
 import os
 
 import pytest
@@ -95,8 +96,13 @@ def test_tool_writes_a_picture(tmp_path):
     spec = importlib.util.spec_from_file_location("visualize", os.path.join(root, "tools", "visualize.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    out = tool.visualize([("DCNv2", cfg_path, ckpt), ("DCNv2 again", cfg_path, ckpt)], image, stage=4,
-                         units="auto", out=str(tmp_path / "vis.png"))
+    out = tool.visualize(
+        [("DCNv2", cfg_path, ckpt), ("DCNv2 again", cfg_path, ckpt)],
+        image,
+        stage=4,
+        units="auto",
+        out=str(tmp_path / "vis.png"),
+    )
     im = Image.open(out)
     assert im.size[0] > 500 and im.size[1] > 500
     assert data

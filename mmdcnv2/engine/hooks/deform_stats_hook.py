@@ -1,4 +1,5 @@
 """DeformStatsHook: whether the offsets of the deformable convolutions learn or run away."""
+
 import logging
 import math
 import numbers
@@ -27,13 +28,20 @@ def stage_of(name: str) -> str:
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
-            return ".".join(parts[:max(i, 1)])
+            return ".".join(parts[: max(i, 1)])
     return ".".join(parts[:-1]) or name
 
 
 @torch.no_grad()
-def sampling_stats(offset: Tensor, mask: Optional[Tensor], in_size: Tuple[int, int], kernel_size: Tuple[int, int],
-                   stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int]) -> Tensor:
+def sampling_stats(
+    offset: Tensor,
+    mask: Optional[Tensor],
+    in_size: Tuple[int, int],
+    kernel_size: Tuple[int, int],
+    stride: Tuple[int, int],
+    padding: Tuple[int, int],
+    dilation: Tuple[int, int],
+) -> Tensor:
     """The statistics of one call of a deformable conv, as a float64 Tensor[9] on the offset's device
     (no host synchronisation): sum of |offset| over all dy and dx values, their number, the number of
     sampling points outside the ``in_size`` (H, W) input map and of all sampling points, the mask's
@@ -148,8 +156,13 @@ class DeformStatsHook(Hook):
 
     priority = "NORMAL"  # after_train_iter before LoggerHook's (BELOW_NORMAL): this iteration's values
 
-    def __init__(self, interval: int = 50, max_offset: Optional[float] = 32.0,
-                 max_outside_ratio: Optional[float] = None, group_by: Union[str, Callable[[str], str]] = "stage"):
+    def __init__(
+        self,
+        interval: int = 50,
+        max_offset: Optional[float] = 32.0,
+        max_outside_ratio: Optional[float] = None,
+        group_by: Union[str, Callable[[str], str]] = "stage",
+    ):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an int >= 1, got {interval!r}")
         for name, value, top in (("max_offset", max_offset, math.inf), ("max_outside_ratio", max_outside_ratio, 1.0)):
@@ -187,8 +200,12 @@ class DeformStatsHook(Hook):
     def before_train(self, runner) -> None:
         self._remove()
         if not self.deformable_layers(runner.model):
-            print_log("DeformStatsHook: the model has no deformable conv layers (mmdcnv2.ops.DeformConv2d, "
-                      "ModulatedDeformConv2d); nothing to log", logger=self._logger(runner), level=logging.INFO)
+            print_log(
+                "DeformStatsHook: the model has no deformable conv layers (mmdcnv2.ops.DeformConv2d, "
+                "ModulatedDeformConv2d); nothing to log",
+                logger=self._logger(runner),
+                level=logging.INFO,
+            )
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         self._remove()
@@ -222,8 +239,15 @@ class DeformStatsHook(Hook):
     def _record(self, name: str, layer: nn.Module, x, offset, mask) -> None:
         if not isinstance(x, Tensor) or not isinstance(offset, Tensor) or x.dim() != 4 or offset.dim() != 4:
             return
-        stats = sampling_stats(offset, mask if isinstance(mask, Tensor) else None, tuple(x.shape[-2:]),
-                               layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+        stats = sampling_stats(
+            offset,
+            mask if isinstance(mask, Tensor) else None,
+            tuple(x.shape[-2:]),
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+        )
         self._records.setdefault(name, []).append(stats)
 
     def _pack_hook(self, name: str, layer: nn.Module):
@@ -277,8 +301,10 @@ class DeformStatsHook(Hook):
             hub.update_scalar(f"train/deform/{key}/outside_ratio", _ratio(rec[_OUTSIDE], rec[_N_PTS]))
             if rec[_M_N] > 0:
                 hub.update_scalar(f"train/deform/{key}/mask_mean", rec[_M_MEAN])
-                hub.update_scalar(f"train/deform/{key}/mask_std", math.sqrt(max(rec[_M_M2], 0.0) / rec[_M_N])
-                                  if math.isfinite(rec[_M_M2]) else float("nan"))
+                hub.update_scalar(
+                    f"train/deform/{key}/mask_std",
+                    math.sqrt(max(rec[_M_M2], 0.0) / rec[_M_N]) if math.isfinite(rec[_M_M2]) else float("nan"),
+                )
 
     def _check(self, runner, name: str, kind: str, rec: List[float]) -> None:
         mean_abs = _ratio(rec[_ABS_SUM], rec[_N_OFF])
@@ -291,21 +317,33 @@ class DeformStatsHook(Hook):
             what = f"{int(rec[_BAD_OFF])} of {int(rec[_N_OFF])} offset values"
             if rec[_M_N]:
                 what += f" and {int(rec[_BAD_MASK])} of {int(rec[_M_N])} mask values"
-            self._warn(runner, name, "non-finite",
-                       f"DeformStatsHook: non-finite offsets or mask in {where} at iteration {it}: {what} are NaN "
-                       "or inf (a non-finite offset samples zero, a non-finite mask makes the output NaN). Training "
-                       "has probably diverged: lower the learning rate (of its conv_offset: paramwise_cfg lr_mult) "
-                       "or clip gradients.")
+            self._warn(
+                runner,
+                name,
+                "non-finite",
+                f"DeformStatsHook: non-finite offsets or mask in {where} at iteration {it}: {what} are NaN "
+                "or inf (a non-finite offset samples zero, a non-finite mask makes the output NaN). Training "
+                "has probably diverged: lower the learning rate (of its conv_offset: paramwise_cfg lr_mult) "
+                "or clip gradients.",
+            )
         elif self.max_offset is not None and mean_abs > self.max_offset:
-            self._warn(runner, name, "ran away",
-                       f"DeformStatsHook: the offsets of {where} ran away at iteration {it}: mean |offset| "
-                       f"{mean_abs:.4g} px > max_offset={self.max_offset:g} px ({100 * outside:.1f}% of the sampling "
-                       "points outside the feature map). Lower the learning rate of its conv_offset (paramwise_cfg "
-                       "lr_mult, the paper's 0.1) or clip gradients.")
+            self._warn(
+                runner,
+                name,
+                "ran away",
+                f"DeformStatsHook: the offsets of {where} ran away at iteration {it}: mean |offset| "
+                f"{mean_abs:.4g} px > max_offset={self.max_offset:g} px ({100 * outside:.1f}% of the sampling "
+                "points outside the feature map). Lower the learning rate of its conv_offset (paramwise_cfg "
+                "lr_mult, the paper's 0.1) or clip gradients.",
+            )
         if self.max_outside_ratio is not None and outside > self.max_outside_ratio:
-            self._warn(runner, name, "outside",
-                       f"DeformStatsHook: {100 * outside:.1f}% of the sampling points of {where} fall outside the "
-                       f"feature map at iteration {it} (> max_outside_ratio={self.max_outside_ratio:g}).")
+            self._warn(
+                runner,
+                name,
+                "outside",
+                f"DeformStatsHook: {100 * outside:.1f}% of the sampling points of {where} fall outside the "
+                f"feature map at iteration {it} (> max_outside_ratio={self.max_outside_ratio:g}).",
+            )
 
     def _warn(self, runner, name: str, kind: str, message: str) -> None:
         if (name, kind) in self._warned:

@@ -1,4 +1,5 @@
 """MimicHook: schedules the feature-mimicking losses and reports how well the features agree."""
+
 from typing import Optional
 
 from mmengine.hooks import Hook
@@ -43,10 +44,14 @@ class MimicHook(Hook):
 
     priority = "NORMAL"
 
-    def __init__(self, begin_iter: int = 0, warmup_iters: int = 0, end_iter: Optional[int] = None,
-                 summary_window: int = 50):
-        for name, value in (("begin_iter", begin_iter), ("warmup_iters", warmup_iters),
-                            ("summary_window", summary_window)):
+    def __init__(
+        self, begin_iter: int = 0, warmup_iters: int = 0, end_iter: Optional[int] = None, summary_window: int = 50
+    ):
+        for name, value in (
+            ("begin_iter", begin_iter),
+            ("warmup_iters", warmup_iters),
+            ("summary_window", summary_window),
+        ):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         if end_iter is not None and (not isinstance(end_iter, int) or end_iter < begin_iter):
@@ -70,8 +75,10 @@ class MimicHook(Hook):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         branch = getattr(model, "mimic", None)
         if branch is None or not hasattr(branch, "loss_scale"):
-            raise TypeError(f"MimicHook needs a model with a feature-mimicking branch (type='mmdcnv2.MimicRCNN'), "
-                            f"got {type(model).__name__}")
+            raise TypeError(
+                f"MimicHook needs a model with a feature-mimicking branch (type='mmdcnv2.MimicRCNN'), "
+                f"got {type(model).__name__}"
+            )
         return branch
 
     def before_train(self, runner) -> None:
@@ -91,5 +98,7 @@ class MimicHook(Hook):
         if self._cos:
             n = min(self.summary_window, len(self._cos))
             first, last = sum(self._cos[:n]) / n, sum(self._cos[-n:]) / n
-            runner.logger.info(f"feature mimicking: mean cosine similarity {first:.3f} over the first {n} "
-                               f"mimicking iterations, {last:.3f} over the last {n}")
+            runner.logger.info(
+                f"feature mimicking: mean cosine similarity {first:.3f} over the first {n} "
+                f"mimicking iterations, {last:.3f} over the last {n}"
+            )

@@ -1,4 +1,5 @@
 """SyncNormStatsHook: one set of normalisation statistics on every process, after every iteration."""
+
 import torch
 import torch.distributed as dist
 from mmengine.dist import is_distributed
@@ -40,9 +41,13 @@ class SyncNormStatsHook(Hook):
             return
         # only the statistics that training changes: norm layers in training mode (frozen ones, e.g.
         # mmdet's norm_eval=True, are equal everywhere, and repeated averaging could drift them by an ulp)
-        buffers = [b for m in runner.model.modules()
-                   if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-                   for b in m.buffers(recurse=False) if b is not None]
+        buffers = [
+            b
+            for m in runner.model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+            for b in m.buffers(recurse=False)
+            if b is not None
+        ]
         floats = [b for b in buffers if b.is_floating_point()]
         others = [b for b in buffers if not b.is_floating_point()]
         for group, reduce in ((floats, True), (others, False)):

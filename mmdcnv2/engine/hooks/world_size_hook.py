@@ -1,4 +1,5 @@
 """WorldSizeHook: a run is resumed with the number of processes it was trained with."""
+
 from mmengine.dist import get_world_size
 from mmengine.hooks import Hook
 
@@ -52,7 +53,9 @@ class WorldSizeHook(Hook):
         now = get_world_size()
         if not self.resume or saved is None or saved == now:
             return
-        raise WorldSizeError(f"the checkpoint was written by a run of {saved} processes (WORLD_SIZE={saved}), this "
-                             f"run has {now}: the batch of a step and with it the training would change (a resume "
-                             f"restores the old learning rates, even with auto_scale_lr). Resume with {saved} "
-                             "processes, or start a new run from its weights (load_from=CHECKPOINT)")
+        raise WorldSizeError(
+            f"the checkpoint was written by a run of {saved} processes (WORLD_SIZE={saved}), this "
+            f"run has {now}: the batch of a step and with it the training would change (a resume "
+            f"restores the old learning rates, even with auto_scale_lr). Resume with {saved} "
+            "processes, or start a new run from its weights (load_from=CHECKPOINT)"
+        )

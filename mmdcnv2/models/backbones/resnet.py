@@ -8,6 +8,7 @@ arguments still work. State-dict keys are those of mmdet's ResNet, so plain ResN
 checkpoints (mmdet or torchvision layout) load, and with zero-initialised offsets
 the network computes the plain ResNet's function.
 """
+
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmdet.models.backbones.resnext import Bottleneck as XBottleneck
 from mmdet.models.backbones.resnext import ResNeXt
@@ -40,11 +41,35 @@ class DCNBasicBlock(BasicBlock):
     second conv has stride 1). Other arguments and state-dict keys are mmdet's BasicBlock's.
     """
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, style="pytorch", with_cp=False,
-                 conv_cfg=None, norm_cfg=dict(type="BN"), dcn=None, plugins=None, init_cfg=None):
-        super().__init__(inplanes, planes, stride=stride, dilation=dilation, downsample=downsample, style=style,
-                         with_cp=with_cp, conv_cfg=conv_cfg, norm_cfg=norm_cfg, dcn=None, plugins=plugins,
-                         init_cfg=init_cfg)
+    def __init__(
+        self,
+        inplanes,
+        planes,
+        stride=1,
+        dilation=1,
+        downsample=None,
+        style="pytorch",
+        with_cp=False,
+        conv_cfg=None,
+        norm_cfg=dict(type="BN"),
+        dcn=None,
+        plugins=None,
+        init_cfg=None,
+    ):
+        super().__init__(
+            inplanes,
+            planes,
+            stride=stride,
+            dilation=dilation,
+            downsample=downsample,
+            style=style,
+            with_cp=with_cp,
+            conv_cfg=conv_cfg,
+            norm_cfg=norm_cfg,
+            dcn=None,
+            plugins=plugins,
+            init_cfg=init_cfg,
+        )
         if dcn is not None:
             cfg = dict(dcn)
             cfg.pop("fallback_on_stride", None)

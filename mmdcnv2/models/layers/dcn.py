@@ -4,10 +4,16 @@ They are the ops' Pack modules (same state-dict keys as mmcv's ``DCN``/``DCNv2``
 usable wherever mmcv builds a conv layer from a config: the stock mmdet ResNet's
 ``dcn=``, ``ConvModule(conv_cfg=...)``, necks and heads.
 """
+
 import torch
 
-from mmdcnv2.ops import DeformConv2dPack, DeformRoIPool, DeformRoIPoolPack, ModulatedDeformConv2dPack, \
-    ModulatedDeformRoIPoolPack
+from mmdcnv2.ops import (
+    DeformConv2dPack,
+    DeformRoIPool,
+    DeformRoIPoolPack,
+    ModulatedDeformConv2dPack,
+    ModulatedDeformRoIPoolPack,
+)
 from mmdcnv2.registry import MODELS
 
 
@@ -60,11 +66,13 @@ class DCNv2(ModulatedDeformConv2dPack):
         ConvModule(256, 256, 3, padding=1, conv_cfg=dict(type="mmdcnv2.DCNv2"))
     """
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         plain = prefix + "weight" in state_dict and prefix + "conv_offset.weight" not in state_dict
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if plain and not torch.any(self.conv_offset.weight):
             mask_bias = self.conv_offset.bias.chunk(3)[2]
             if torch.all(mask_bias == mask_bias[0]):
@@ -75,6 +83,5 @@ class DCNv2(ModulatedDeformConv2dPack):
 # The ops' classes themselves, for configs that name them (roi_layer=..., conv_cfg=...):
 # mmdcnv2.DeformConv2dPack, mmdcnv2.ModulatedDeformConv2dPack, mmdcnv2.DeformRoIPool,
 # mmdcnv2.DeformRoIPoolPack, mmdcnv2.ModulatedDeformRoIPoolPack.
-for _cls in (DeformConv2dPack, ModulatedDeformConv2dPack, DeformRoIPool, DeformRoIPoolPack,
-             ModulatedDeformRoIPoolPack):
+for _cls in (DeformConv2dPack, ModulatedDeformConv2dPack, DeformRoIPool, DeformRoIPoolPack, ModulatedDeformRoIPoolPack):
     MODELS.register_module(module=_cls)

@@ -8,6 +8,7 @@ returns the cosine mimic loss between the two, and the cross-entropy loss of its
 (C+1)-way classifier on ``f_RCNN``. Its only parameters are that classifier's; it is
 never called at inference.
 """
+
 from typing import List, Optional, Tuple
 
 import torch
@@ -26,8 +27,10 @@ from .loss import cosine_similarity
 def check_mimic_head(bbox_head) -> None:
     """Mimicking needs shared fc layers in the box head (mmdet's Shared2FCBBoxHead & co)."""
     if not isinstance(bbox_head, ConvFCBBoxHead) or bbox_head.num_shared_fcs < 1:
-        raise TypeError("feature mimicking needs a box head with shared fc layers (ConvFCBBoxHead with "
-                        f"num_shared_fcs >= 1, e.g. Shared2FCBBoxHead); got {type(bbox_head).__name__}")
+        raise TypeError(
+            "feature mimicking needs a box head with shared fc layers (ConvFCBBoxHead with "
+            f"num_shared_fcs >= 1, e.g. Shared2FCBBoxHead); got {type(bbox_head).__name__}"
+        )
 
 
 def shared_fc_features(bbox_head: ConvFCBBoxHead, roi_feats: Tensor) -> Tensor:
@@ -102,8 +105,12 @@ class RCNNMimicBranch(BaseModule):
         init_cfg: Optional[dict] = dict(type="Normal", std=0.01, override=dict(name="fc_cls")),
     ):
         super().__init__(init_cfg=init_cfg)
-        for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("num_rois", num_rois),
-                            ("crop_size", crop_size)):
+        for name, value in (
+            ("num_classes", num_classes),
+            ("in_channels", in_channels),
+            ("num_rois", num_rois),
+            ("crop_size", crop_size),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.num_classes = num_classes
@@ -141,8 +148,9 @@ class RCNNMimicBranch(BaseModule):
     def crop(self, images: Tensor, rois: Tensor) -> Tensor:
         """Bilinear crops of ``rois`` from ``images``, resized to crop_size x crop_size
         (pixel-centre aligned, one sample per output pixel)."""
-        crops = deform_roi_pool(images.float(), rois.float(), None, output_size=self.crop_size,
-                                spatial_scale=1.0, sampling_ratio=1)
+        crops = deform_roi_pool(
+            images.float(), rois.float(), None, output_size=self.crop_size, spatial_scale=1.0, sampling_ratio=1
+        )
         return crops.to(images.dtype)
 
     def _zero_losses(self) -> dict:
@@ -151,8 +159,9 @@ class RCNNMimicBranch(BaseModule):
         zero = sum(p.sum() for p in self.fc_cls.parameters()) * 0.0
         return dict(loss_mimic=zero, loss_mimic_cls=zero)
 
-    def loss(self, detector, images: Tensor, feats: Tuple[Tensor, ...], proposals: List[InstanceData],
-             batch_data_samples) -> dict:
+    def loss(
+        self, detector, images: Tensor, feats: Tuple[Tensor, ...], proposals: List[InstanceData], batch_data_samples
+    ) -> dict:
         """The branch's losses (``loss_mimic``, ``loss_mimic_cls``) and logs (``mimic_cos``:
         mean cosine similarity of the mimicked pairs; ``mimic_acc``: the branch
         classifier's accuracy in %; ``mimic_rois``: RoIs mimicked in the batch)."""

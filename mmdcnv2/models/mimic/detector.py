@@ -1,4 +1,5 @@
 """A two-stage detector (Faster or Mask R-CNN) that trains with DCNv2's feature mimicking."""
+
 import copy
 from typing import Optional
 

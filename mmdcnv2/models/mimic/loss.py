@@ -1,4 +1,5 @@
 """The cosine feature-mimicking loss of DCNv2 (section 3.3 of arXiv 1811.11168)."""
+
 from typing import Optional
 
 import torch
@@ -15,8 +16,10 @@ def cosine_mimic_loss(pred: Tensor, target: Tensor, reduction: str = "mean", eps
     teacher. A zero row has cosine 0 (loss 1) and no gradient through its direction.
     """
     if pred.shape != target.shape or pred.dim() != 2:
-        raise ValueError(f"pred and target must both be [N, D] with the same shape, got {tuple(pred.shape)} "
-                         f"and {tuple(target.shape)}")
+        raise ValueError(
+            f"pred and target must both be [N, D] with the same shape, got {tuple(pred.shape)} "
+            f"and {tuple(target.shape)}"
+        )
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     p, t = pred.float(), target.float()

@@ -1,4 +1,5 @@
 """A SingleRoIExtractor whose per-level RoI layers may come from mmdcnv2's registry."""
+
 from mmcv import ops as mmcv_ops
 from mmdet.models.roi_heads.roi_extractors import SingleRoIExtractor
 from torch import nn
