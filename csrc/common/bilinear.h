@@ -98,16 +98,40 @@ C10_HOST_DEVICE inline ClampedSample<acc_t> clamped_sample(acc_t y, acc_t x, int
     return s;
   }
   s.clamped_y = s.clamped_x = false;
-  if (y <= acc_t(0)) { y = acc_t(0); s.clamped_y = true; }
-  if (x <= acc_t(0)) { x = acc_t(0); s.clamped_x = true; }
+  if (y <= acc_t(0)) {
+    y = acc_t(0);
+    s.clamped_y = true;
+  }
+  if (x <= acc_t(0)) {
+    x = acc_t(0);
+    s.clamped_x = true;
+  }
   int64_t y0 = static_cast<int64_t>(y), x0 = static_cast<int64_t>(x), y1, x1;
-  if (y0 >= H - 1) { y0 = y1 = H - 1; y = static_cast<acc_t>(y0); s.clamped_y = true; } else { y1 = y0 + 1; }
-  if (x0 >= W - 1) { x0 = x1 = W - 1; x = static_cast<acc_t>(x0); s.clamped_x = true; } else { x1 = x0 + 1; }
+  if (y0 >= H - 1) {
+    y0 = y1 = H - 1;
+    y = static_cast<acc_t>(y0);
+    s.clamped_y = true;
+  } else {
+    y1 = y0 + 1;
+  }
+  if (x0 >= W - 1) {
+    x0 = x1 = W - 1;
+    x = static_cast<acc_t>(x0);
+    s.clamped_x = true;
+  } else {
+    x1 = x0 + 1;
+  }
   s.ly = y - static_cast<acc_t>(y0);
   s.lx = x - static_cast<acc_t>(x0);
   const acc_t hy = acc_t(1) - s.ly, hx = acc_t(1) - s.lx;
-  s.index[0] = y0 * W + x0; s.index[1] = y0 * W + x1; s.index[2] = y1 * W + x0; s.index[3] = y1 * W + x1;
-  s.weight[0] = hy * hx; s.weight[1] = hy * s.lx; s.weight[2] = s.ly * hx; s.weight[3] = s.ly * s.lx;
+  s.index[0] = y0 * W + x0;
+  s.index[1] = y0 * W + x1;
+  s.index[2] = y1 * W + x0;
+  s.index[3] = y1 * W + x1;
+  s.weight[0] = hy * hx;
+  s.weight[1] = hy * s.lx;
+  s.weight[2] = s.ly * hx;
+  s.weight[3] = s.ly * s.lx;
   return s;
 }
 
@@ -130,13 +154,13 @@ struct RoIBin {
   acc_t step_y, step_x;  // distance between samples
   int64_t grid_h, grid_w;
   acc_t roi_h, roi_w;
-  acc_t inv_count;       // 1 / max(grid_h * grid_w, 1)
+  acc_t inv_count;  // 1 / max(grid_h * grid_w, 1)
 };
 
 template <typename acc_t>
-C10_HOST_DEVICE inline RoIBin<acc_t> roi_bin(acc_t x1, acc_t y1, acc_t x2, acc_t y2, int64_t ph, int64_t pw,
-                                             int64_t PH, int64_t PW, acc_t spatial_scale, int64_t sampling_ratio,
-                                             acc_t gamma, acc_t dx, acc_t dy) {
+C10_HOST_DEVICE inline RoIBin<acc_t> roi_bin(acc_t x1, acc_t y1, acc_t x2, acc_t y2, int64_t ph, int64_t pw, int64_t PH,
+                                             int64_t PW, acc_t spatial_scale, int64_t sampling_ratio, acc_t gamma,
+                                             acc_t dx, acc_t dy) {
   RoIBin<acc_t> b;
   const acc_t sx = x1 * spatial_scale - acc_t(0.5), sy = y1 * spatial_scale - acc_t(0.5);
   b.roi_w = x2 * spatial_scale - acc_t(0.5) - sx;

@@ -53,7 +53,10 @@ MMDCNV2_INLINE void dot4(const T* __restrict__ g, const T* __restrict__ a, const
     s2 += g[j] * c[j];
     s3 += g[j] * d[j];
   }
-  s[0] += s0; s[1] += s1; s[2] += s2; s[3] += s3;
+  s[0] += s0;
+  s[1] += s1;
+  s[2] += s2;
+  s[3] += s3;
 }
 // dst = w0 a + w1 b + w2 c + w3 d and s[q] += sum_j g[j] * x_q[j]: the corners are read once for both
 template <typename T>
@@ -70,7 +73,10 @@ MMDCNV2_INLINE void lerp4_dot4(T* __restrict__ dst, const T* __restrict__ g, con
     s2 += gv * cv;
     s3 += gv * dv;
   }
-  s[0] += s0; s[1] += s1; s[2] += s2; s[3] += s3;
+  s[0] += s0;
+  s[1] += s1;
+  s[2] += s2;
+  s[3] += s3;
 }
 template <typename T>
 MMDCNV2_INLINE T dot(const T* __restrict__ g, const T* __restrict__ a, int64_t n) {
@@ -83,7 +89,8 @@ MMDCNV2_INLINE T dot(const T* __restrict__ g, const T* __restrict__ a, int64_t n
 
 // Each primitive: an AVX2+FMA copy, a baseline copy, and the entry point that picks one.
 template <typename T>
-MMDCNV2_AVX2 void lerp4_avx2(T* dst, const T* a, const T* b, const T* c, const T* d, T w0, T w1, T w2, T w3, int64_t n) {
+MMDCNV2_AVX2 void lerp4_avx2(T* dst, const T* a, const T* b, const T* c, const T* d, T w0, T w1, T w2, T w3,
+                             int64_t n) {
   body::lerp4(dst, a, b, c, d, w0, w1, w2, w3, n);
 }
 template <typename T>
@@ -96,11 +103,17 @@ inline void lerp4(T* dst, const T* a, const T* b, const T* c, const T* d, T w0, 
 }
 
 template <typename T>
-MMDCNV2_AVX2 void axpy_avx2(T* dst, const T* a, T w, int64_t n) { body::axpy(dst, a, w, n); }
+MMDCNV2_AVX2 void axpy_avx2(T* dst, const T* a, T w, int64_t n) {
+  body::axpy(dst, a, w, n);
+}
 template <typename T>
-void axpy_base(T* dst, const T* a, T w, int64_t n) { body::axpy(dst, a, w, n); }
+void axpy_base(T* dst, const T* a, T w, int64_t n) {
+  body::axpy(dst, a, w, n);
+}
 template <typename T>
-inline void axpy(T* dst, const T* a, T w, int64_t n) { has_avx2() ? axpy_avx2(dst, a, w, n) : axpy_base(dst, a, w, n); }
+inline void axpy(T* dst, const T* a, T w, int64_t n) {
+  has_avx2() ? axpy_avx2(dst, a, w, n) : axpy_base(dst, a, w, n);
+}
 
 template <typename T>
 MMDCNV2_AVX2 void dot4_avx2(const T* g, const T* a, const T* b, const T* c, const T* d, T* s, int64_t n) {
@@ -126,18 +139,24 @@ void lerp4_dot4_base(T* dst, const T* g, const T* a, const T* b, const T* c, con
   body::lerp4_dot4(dst, g, a, b, c, d, w0, w1, w2, w3, s, n);
 }
 template <typename T>
-inline void lerp4_dot4(T* dst, const T* g, const T* a, const T* b, const T* c, const T* d, T w0, T w1, T w2, T w3,
-                       T* s, int64_t n) {
+inline void lerp4_dot4(T* dst, const T* g, const T* a, const T* b, const T* c, const T* d, T w0, T w1, T w2, T w3, T* s,
+                       int64_t n) {
   has_avx2() ? lerp4_dot4_avx2(dst, g, a, b, c, d, w0, w1, w2, w3, s, n)
              : lerp4_dot4_base(dst, g, a, b, c, d, w0, w1, w2, w3, s, n);
 }
 
 template <typename T>
-MMDCNV2_AVX2 T dot_avx2(const T* g, const T* a, int64_t n) { return body::dot(g, a, n); }
+MMDCNV2_AVX2 T dot_avx2(const T* g, const T* a, int64_t n) {
+  return body::dot(g, a, n);
+}
 template <typename T>
-T dot_base(const T* g, const T* a, int64_t n) { return body::dot(g, a, n); }
+T dot_base(const T* g, const T* a, int64_t n) {
+  return body::dot(g, a, n);
+}
 template <typename T>
-inline T dot(const T* g, const T* a, int64_t n) { return has_avx2() ? dot_avx2(g, a, n) : dot_base(g, a, n); }
+inline T dot(const T* g, const T* a, int64_t n) {
+  return has_avx2() ? dot_avx2(g, a, n) : dot_base(g, a, n);
+}
 
 }  // namespace vec
 }  // namespace mmdcnv2

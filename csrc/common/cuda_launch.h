@@ -29,8 +29,8 @@ struct LaunchConfig {
 // Blocks for `items` work items of `threads_per_item` threads each (1, or kWarpSize for a warp per item).
 inline LaunchConfig launch_config(int64_t items, int threads_per_item = 1) {
   TORCH_CHECK(items >= 0, "launch_config: negative work size ", items);
-  TORCH_CHECK(threads_per_item >= 1 && kThreads % threads_per_item == 0,
-              "launch_config: threads_per_item must divide ", kThreads, ", got ", threads_per_item);
+  TORCH_CHECK(threads_per_item >= 1 && kThreads % threads_per_item == 0, "launch_config: threads_per_item must divide ",
+              kThreads, ", got ", threads_per_item);
   const int64_t items_per_block = kThreads / threads_per_item;
   // ceil(items / items_per_block) without forming items * threads_per_item (no overflow)
   const int64_t blocks = items / items_per_block + (items % items_per_block != 0);

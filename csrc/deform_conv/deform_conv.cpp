@@ -20,8 +20,8 @@ constexpr int64_t kMaxGeom = (int64_t(1) << 31) - 1;
 
 void check_pair(at::IntArrayRef v, const char* name, int64_t lowest) {
   TORCH_CHECK_VALUE(v.size() == 2, "deform_conv2d: ", name, " must have 2 elements, got ", v.size());
-  TORCH_CHECK_VALUE(v[0] >= lowest && v[1] >= lowest && v[0] <= kMaxGeom && v[1] <= kMaxGeom, "deform_conv2d: ",
-                    name, " must lie in [", lowest, ", 2^31 - 1], got ", shape_str(v));
+  TORCH_CHECK_VALUE(v[0] >= lowest && v[1] >= lowest && v[0] <= kMaxGeom && v[1] <= kMaxGeom, "deform_conv2d: ", name,
+                    " must lie in [", lowest, ", 2^31 - 1], got ", shape_str(v));
 }
 
 // a * b + c, or a clear error naming what overflowed
@@ -33,26 +33,27 @@ int64_t checked_mad(int64_t a, int64_t b, int64_t c, const char* what) {
 }
 
 void check_like(const at::Tensor& t, const at::Tensor& input, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == input.device(), "deform_conv2d: ", name, " is on ", t.device(),
-                    " but input is on ", input.device());
-  TORCH_CHECK_VALUE(t.scalar_type() == input.scalar_type(), "deform_conv2d: ", name, " has dtype ",
-                    t.scalar_type(), " but input has dtype ", input.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == input.device(), "deform_conv2d: ", name, " is on ", t.device(), " but input is on ",
+                    input.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == input.scalar_type(), "deform_conv2d: ", name, " has dtype ", t.scalar_type(),
+                    " but input has dtype ", input.scalar_type());
 }
 
 }  // namespace
 
 DeformConvGeom check_deform_conv(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                                 const OptTensor& mask, const OptTensor& bias,
-                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                 int64_t groups, int64_t deform_groups) {
+                                 const OptTensor& mask, const OptTensor& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                 int64_t deform_groups) {
   TORCH_CHECK_VALUE(input.dim() == 4, "deform_conv2d: input must be 4-D (N, C, H, W), got shape ",
                     shape_str(input.sizes()));
   TORCH_CHECK_VALUE(weight.dim() == 4, "deform_conv2d: weight must be 4-D (C_out, C_in / groups, kH, kW), got shape ",
                     shape_str(weight.sizes()));
-  TORCH_CHECK_VALUE(offset.dim() == 4, "deform_conv2d: offset must be 4-D (N, 2 * deform_groups * kH * kW, H_out, W_out), got shape ",
+  TORCH_CHECK_VALUE(offset.dim() == 4,
+                    "deform_conv2d: offset must be 4-D (N, 2 * deform_groups * kH * kW, H_out, W_out), got shape ",
                     shape_str(offset.sizes()));
-  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()), "deform_conv2d: input must be a floating-point tensor, got ",
-                    input.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()),
+                    "deform_conv2d: input must be a floating-point tensor, got ", input.scalar_type());
   check_like(weight, input, "weight");
   check_like(offset, input, "offset");
   if (mask) check_like(*mask, input, "mask");
@@ -65,19 +66,31 @@ DeformConvGeom check_deform_conv(const at::Tensor& input, const at::Tensor& weig
                     "deform_conv2d: deform_groups must lie in [1, 2^31 - 1], got ", deform_groups);
 
   DeformConvGeom g;
-  g.N = input.size(0); g.C = input.size(1); g.H = input.size(2); g.W = input.size(3);
-  g.Cout = weight.size(0); g.kh = weight.size(2); g.kw = weight.size(3);
-  g.sh = stride[0]; g.sw = stride[1]; g.ph = padding[0]; g.pw = padding[1]; g.dh = dilation[0]; g.dw = dilation[1];
-  g.groups = groups; g.dgroups = deform_groups;
+  g.N = input.size(0);
+  g.C = input.size(1);
+  g.H = input.size(2);
+  g.W = input.size(3);
+  g.Cout = weight.size(0);
+  g.kh = weight.size(2);
+  g.kw = weight.size(3);
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+  g.groups = groups;
+  g.dgroups = deform_groups;
   TORCH_CHECK_VALUE(g.kh >= 1 && g.kw >= 1, "deform_conv2d: weight's kernel size must be >= 1, got weight shape ",
                     shape_str(weight.sizes()));
-  TORCH_CHECK_VALUE(g.C % groups == 0, "deform_conv2d: input channels (", g.C, ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK_VALUE(g.C % groups == 0, "deform_conv2d: input channels (", g.C, ") must be divisible by groups (",
+                    groups, ")");
   TORCH_CHECK_VALUE(g.Cout % groups == 0, "deform_conv2d: weight's output channels (", g.Cout,
                     ") must be divisible by groups (", groups, ")");
   TORCH_CHECK_VALUE(g.C % deform_groups == 0, "deform_conv2d: input channels (", g.C,
                     ") must be divisible by deform_groups (", deform_groups, ")");
-  TORCH_CHECK_VALUE(weight.size(1) * groups == g.C, "deform_conv2d: weight must have shape (C_out, ", g.C / groups, ", kH, kW) for ",
-                    g.C, " input channels and groups=", groups, ", got ", shape_str(weight.sizes()));
+  TORCH_CHECK_VALUE(weight.size(1) * groups == g.C, "deform_conv2d: weight must have shape (C_out, ", g.C / groups,
+                    ", kH, kW) for ", g.C, " input channels and groups=", groups, ", got ", shape_str(weight.sizes()));
   const int64_t eff_h = checked_mad(g.dh, g.kh - 1, 1, "the dilated kernel size (dilation, weight)");
   const int64_t eff_w = checked_mad(g.dw, g.kw - 1, 1, "the dilated kernel size (dilation, weight)");
   const int64_t pad_h = checked_mad(2, g.ph, g.H, "the padded input size (padding, input)");
@@ -95,11 +108,13 @@ DeformConvGeom check_deform_conv(const at::Tensor& input, const at::Tensor& weig
   (void)out_numel;  // checked only: at::empty would fail with a message that names no argument
   const std::vector<int64_t> want_off = {g.N, dgK2, g.Ho, g.Wo};
   TORCH_CHECK_VALUE(offset.sizes() == at::IntArrayRef(want_off), "deform_conv2d: offset must have shape ",
-                    shape_str(want_off), " (N, 2 * deform_groups * kH * kW, H_out, W_out), got ", shape_str(offset.sizes()));
+                    shape_str(want_off), " (N, 2 * deform_groups * kH * kW, H_out, W_out), got ",
+                    shape_str(offset.sizes()));
   if (mask) {
     const std::vector<int64_t> want_mask = {g.N, dgK2 / 2, g.Ho, g.Wo};
     TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef(want_mask), "deform_conv2d: mask must have shape ",
-                      shape_str(want_mask), " (N, deform_groups * kH * kW, H_out, W_out), got ", shape_str(mask->sizes()));
+                      shape_str(want_mask), " (N, deform_groups * kH * kW, H_out, W_out), got ",
+                      shape_str(mask->sizes()));
   }
   if (bias) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.Cout, "deform_conv2d: bias must have shape (", g.Cout,
@@ -110,8 +125,9 @@ DeformConvGeom check_deform_conv(const at::Tensor& input, const at::Tensor& weig
 
 void check_deform_conv_grad(const at::Tensor& grad_output, const at::Tensor& input, const DeformConvGeom& g) {
   const std::vector<int64_t> want = {g.N, g.Cout, g.Ho, g.Wo};
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(want), "deform_conv2d_backward: grad_output must have shape ",
-                    shape_str(want), ", got ", shape_str(grad_output.sizes()));
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(want),
+                    "deform_conv2d_backward: grad_output must have shape ", shape_str(want), ", got ",
+                    shape_str(grad_output.sizes()));
   check_like(grad_output, input, "grad_output");
 }
 

@@ -30,11 +30,11 @@ inline constexpr const char* kDeformConv2dBackwardSchema =
     "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_offset, Tensor grad_mask, Tensor grad_bias)";
 
 struct DeformConvGeom {
-  int64_t N, C, H, W;         // input
-  int64_t Cout, kh, kw;       // weight
+  int64_t N, C, H, W;    // input
+  int64_t Cout, kh, kw;  // weight
   int64_t sh, sw, ph, pw, dh, dw;
   int64_t groups, dgroups;
-  int64_t Ho, Wo;             // output
+  int64_t Ho, Wo;  // output
   int64_t K() const { return kh * kw; }
   int64_t P() const { return Ho * Wo; }
   int64_t Cg() const { return C / groups; }
@@ -45,9 +45,9 @@ struct DeformConvGeom {
 
 // Validates every argument (names the argument and the expected shape) and returns the geometry.
 DeformConvGeom check_deform_conv(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                                 const OptTensor& mask, const OptTensor& bias,
-                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                 int64_t groups, int64_t deform_groups);
+                                 const OptTensor& mask, const OptTensor& bias, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                 int64_t deform_groups);
 
 void check_deform_conv_grad(const at::Tensor& grad_output, const at::Tensor& input, const DeformConvGeom& g);
 
@@ -110,8 +110,7 @@ struct BackwardResults {
   at::Tensor grad_input, grad_offset, grad_mask, grad_bias, gw_acc;
 
   BackwardResults(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
-                  const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g,
-                  at::ScalarType acc_type)
+                  const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g, at::ScalarType acc_type)
       : work(g.N > 0 && g.P() > 0 && g.C > 0) {
     const auto gi_opts = input.options().memory_format(result_format(input));
     grad_input = work ? at::empty(input.sizes(), gi_opts) : at::zeros(input.sizes(), gi_opts);
@@ -160,8 +159,8 @@ struct DriverSetup {
   OptTensor mask;
   int64_t nb, chunk;
 
-  DriverSetup(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset_,
-              const OptTensor& mask_, const DeformConvGeom& geom, int64_t buffers)
+  DriverSetup(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset_, const OptTensor& mask_,
+              const DeformConvGeom& geom, int64_t buffers)
       : g(geom),
         offset(offset_.contiguous()),
         // weight [Cout, Cg, kh, kw] -> [groups, Cout_g, K * Cg], matching the column layout (k, c)
@@ -187,8 +186,7 @@ struct DriverSetup {
 
 template <typename Kernels>
 at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                                      const OptTensor& mask, const OptTensor& bias,
-                                      const DeformConvGeom& g) {
+                                      const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g) {
   const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
   const bool cl = is_channels_last(input);
   auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().memory_format(result_format(input)));
@@ -215,7 +213,8 @@ at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor&
         bias ? at::addmm_out(og, bias->narrow(0, gi * Cout_g, Cout_g), cg, wt) : at::mm_out(og, cg, wt);
       }
     }
-    if (!cl) out.narrow(0, n0, b).copy_(out_blk.narrow(0, 0, b * P).view({b, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2}));
+    if (!cl)
+      out.narrow(0, n0, b).copy_(out_blk.narrow(0, 0, b * P).view({b, g.Ho, g.Wo, g.Cout}).permute({0, 3, 1, 2}));
   }
   return out;
 }
@@ -223,8 +222,7 @@ at::Tensor deform_conv2d_forward_impl(const at::Tensor& input, const at::Tensor&
 template <typename Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_impl(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-    const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g,
-    at::ScalarType acc_type) {
+    const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g, at::ScalarType acc_type) {
   const int64_t K = g.K(), P = g.P(), Cg = g.Cg(), Cout_g = g.Cout_g();
   BackwardResults res(grad_output, input, offset, mask, bias, g, acc_type);
   // channels-last grad_input in the accumulation type: the scatter accumulates in it directly

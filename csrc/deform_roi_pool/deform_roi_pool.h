@@ -18,7 +18,8 @@ inline constexpr const char* kDeformRoIPoolSchema =
     "float spatial_scale, int sampling_ratio, float gamma) -> Tensor";
 inline constexpr const char* kDeformRoIPoolBackwardSchema =
     "deform_roi_pool_backward(Tensor grad_output, Tensor input, Tensor rois, Tensor? offset, int pooled_height, "
-    "int pooled_width, float spatial_scale, int sampling_ratio, float gamma) -> (Tensor grad_input, Tensor grad_offset)";
+    "int pooled_width, float spatial_scale, int sampling_ratio, float gamma) -> (Tensor grad_input, Tensor "
+    "grad_offset)";
 
 struct RoIPoolGeom {
   int64_t N, C, H, W;  // input
@@ -28,9 +29,9 @@ struct RoIPoolGeom {
   int64_t sampling_ratio;
 };
 
-RoIPoolGeom check_deform_roi_pool(const at::Tensor& input, const at::Tensor& rois,
-                                  const OptTensor& offset, int64_t pooled_height,
-                                  int64_t pooled_width, double spatial_scale, int64_t sampling_ratio, double gamma);
+RoIPoolGeom check_deform_roi_pool(const at::Tensor& input, const at::Tensor& rois, const OptTensor& offset,
+                                  int64_t pooled_height, int64_t pooled_width, double spatial_scale,
+                                  int64_t sampling_ratio, double gamma);
 
 void check_deform_roi_pool_grad(const at::Tensor& grad_output, const at::Tensor& input, const RoIPoolGeom& g);
 

@@ -27,11 +27,11 @@ std::vector<int64_t> launch_config_op(int64_t items, int64_t threads_per_item) {
 //  bytes (both buffers), then blocks of im2col, col2im and coord_grad for a full backward chunk,
 //  and threads per block]
 std::vector<int64_t> deform_conv2d_launch_plan(const at::Tensor& input, const at::Tensor& weight,
-                                               const at::Tensor& offset, const OptTensor& mask,
-                                               at::IntArrayRef stride, at::IntArrayRef padding,
-                                               at::IntArrayRef dilation, int64_t groups, int64_t deform_groups) {
-  const auto g = check_deform_conv(input, weight, offset, mask, kNullopt, stride, padding, dilation, groups,
-                                   deform_groups);
+                                               const at::Tensor& offset, const OptTensor& mask, at::IntArrayRef stride,
+                                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                               int64_t deform_groups) {
+  const auto g =
+      check_deform_conv(input, weight, offset, mask, kNullopt, stride, padding, dilation, groups, deform_groups);
   const int64_t es = input.element_size();
   const int64_t nb = deform_conv_block(g, es);
   const int64_t rows = nb * g.P();
@@ -40,8 +40,8 @@ std::vector<int64_t> deform_conv2d_launch_plan(const at::Tensor& input, const at
   const auto im2col = launch_config(bwd * g.K() * g.C);
   const auto col2im = launch_config(bwd * g.K() * g.C);
   const auto coord = launch_config(bwd * g.dgroups * g.K(), kWarpSize);
-  return {nb, fwd, bwd, fwd * g.ldc() * es, 2 * bwd * g.ldc() * es,
-          im2col.blocks, col2im.blocks, coord.blocks, im2col.threads};
+  return {nb,           fwd,           bwd, fwd * g.ldc() * es, 2 * bwd * g.ldc() * es, im2col.blocks, col2im.blocks,
+          coord.blocks, im2col.threads};
 }
 
 }  // namespace

@@ -84,7 +84,7 @@ struct Warp {
   // scheduling
   int current = 0;
   State state[kWarpSize];
-  int64_t generation[kWarpSize];  // shuffles each lane has passed
+  int64_t generation[kWarpSize];                      // shuffles each lane has passed
   alignas(16) unsigned char slots[2][kWarpSize][16];  // double-buffered by generation parity
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;

@@ -121,8 +121,7 @@ void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeo
 // mask gradients) from one read of the corners.
 template <typename T>
 void im2col_coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T* cols, T* goff, T* gmsk,
-                       const DeformConvGeom& g, int64_t row0, int64_t row1, const ColLayout& GL,
-                       const ColLayout& CL) {
+                       const DeformConvGeom& g, int64_t row0, int64_t row1, const ColLayout& GL, const ColLayout& CL) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
   at::parallel_for(row0, row1, row_grain(g), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -140,9 +139,9 @@ void im2col_coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T
             T* dst = crow + CL.tap(k, gi, c0);
             const T* src = grow + GL.tap(k, gi, c0);
             if (s.all4) {
-              vec::lerp4_dot4(dst, src, xi + s.index[0] * C + c0, xi + s.index[1] * C + c0,
-                              xi + s.index[2] * C + c0, xi + s.index[3] * C + c0, s.weight[0] * t.m,
-                              s.weight[1] * t.m, s.weight[2] * t.m, s.weight[3] * t.m, S, n);
+              vec::lerp4_dot4(dst, src, xi + s.index[0] * C + c0, xi + s.index[1] * C + c0, xi + s.index[2] * C + c0,
+                              xi + s.index[3] * C + c0, s.weight[0] * t.m, s.weight[1] * t.m, s.weight[2] * t.m,
+                              s.weight[3] * t.m, S, n);
               return;
             }
             std::fill(dst, dst + n, T(0));
@@ -169,7 +168,9 @@ template <typename T>
 void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvGeom& g, int64_t row0, int64_t row1,
             const ColLayout& GL) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
-  struct Task { int64_t gi, dg, c0, c1; };
+  struct Task {
+    int64_t gi, dg, c0, c1;
+  };
   std::vector<Task> tasks;
   const int64_t threads = (row1 - row0) * K * C < (int64_t(1) << 15) ? 1 : at::get_num_threads();
   // One channel slice per thread: every task streams the whole chunk of grad_cols and recomputes
@@ -213,39 +214,39 @@ T* opt_mut_ptr(OptTensor& t) {
 
 struct CpuKernels {
   static constexpr int64_t kColsBytes = int64_t(8) << 20;  // stays in the last-level cache for the GEMM
-  static constexpr int64_t kMinRows = 2048;                 // fewer rows make MKL's GEMMs slow
+  static constexpr int64_t kMinRows = 2048;                // fewer rows make MKL's GEMMs slow
   // The driver's calls use the row layout; the convolution route (below) passes its own.
-  static void im2col(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
-                     at::Tensor& cols, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+  static void im2col(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk, at::Tensor& cols,
+                     const DeformConvGeom& g, int64_t r0, int64_t r1) {
     im2col(x, off, msk, cols, g, r0, r1, ColLayout::rows(g, r0));
   }
-  static void im2col(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
-                     at::Tensor& cols, const DeformConvGeom& g, int64_t r0, int64_t r1, const ColLayout& L) {
+  static void im2col(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk, at::Tensor& cols,
+                     const DeformConvGeom& g, int64_t r0, int64_t r1, const ColLayout& L) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_im2col", [&] {
       mmdcnv2::im2col<scalar_t>(x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
                                 cols.data_ptr<scalar_t>(), g, r0, r1, L);
     });
   }
-  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const OptTensor& msk,
-                     at::Tensor& gx, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const OptTensor& msk, at::Tensor& gx,
+                     const DeformConvGeom& g, int64_t r0, int64_t r1) {
     col2im(gcols, off, msk, gx, g, r0, r1, ColLayout::rows(g, r0));
   }
-  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const OptTensor& msk,
-                     at::Tensor& gx, const DeformConvGeom& g, int64_t r0, int64_t r1, const ColLayout& GL) {
+  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const OptTensor& msk, at::Tensor& gx,
+                     const DeformConvGeom& g, int64_t r0, int64_t r1, const ColLayout& GL) {
     AT_DISPATCH_FLOATING_TYPES(gcols.scalar_type(), "deform_conv2d_col2im", [&] {
       mmdcnv2::col2im<scalar_t>(gcols.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
                                 gx.data_ptr<scalar_t>(), g, r0, r1, GL);
     });
   }
   static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
-                                const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff,
-                                OptTensor& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+                                const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff, OptTensor& gmsk,
+                                const DeformConvGeom& g, int64_t r0, int64_t r1) {
     im2col_coord_grad(x, off, msk, gcols, cols, goff, gmsk, g, r0, r1, ColLayout::rows(g, r0), ColLayout::rows(g, r0));
   }
   static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
-                                const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff,
-                                OptTensor& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1,
-                                const ColLayout& GL, const ColLayout& CL) {
+                                const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff, OptTensor& gmsk,
+                                const DeformConvGeom& g, int64_t r0, int64_t r1, const ColLayout& GL,
+                                const ColLayout& CL) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "deform_conv2d_im2col_coord_grad", [&] {
       mmdcnv2::im2col_coord_grad<scalar_t>(x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
                                            gcols.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(),
@@ -261,13 +262,13 @@ struct CpuKernels {
 // Chunks are whole output rows of a block's images, stacked (a chunk may cross from one image to the next).
 // A channels-last input is sampled in place and its output and grad_input are written in its layout.
 
-// 0: automatic (the convolution route for float32 up to 256 input channels, where oneDNN is there), 1: always the GEMM route,
-// 2: the convolution route wherever possible. For benchmarks and tests (set_cpu_route op).
+// 0: automatic (the convolution route for float32 up to 256 input channels, where oneDNN is there), 1: always the GEMM
+// route, 2: the convolution route wherever possible. For benchmarks and tests (set_cpu_route op).
 std::atomic<int64_t> g_cpu_route{0};
 
 int64_t set_cpu_route(int64_t route) {
-  TORCH_CHECK_VALUE(route >= 0 && route <= 2, "set_cpu_route: route must be 0 (auto), 1 (GEMM) or 2 (convolution), got ",
-                    route);
+  TORCH_CHECK_VALUE(route >= 0 && route <= 2,
+                    "set_cpu_route: route must be 0 (auto), 1 (GEMM) or 2 (convolution), got ", route);
   return g_cpu_route.exchange(route);
 }
 
@@ -343,8 +344,7 @@ void copy_rows(at::Tensor& t, int64_t n0, int64_t q0, int64_t q1, const at::Tens
 }
 
 at::Tensor forward_conv_route(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                              const OptTensor& mask, const OptTensor& bias,
-                              const DeformConvGeom& g) {
+                              const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g) {
   const bool cl = is_channels_last(input);
   auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().memory_format(result_format(input)));
   if (out.numel() == 0) return out;
@@ -400,8 +400,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         // grad_cols: the backward-data of the forward's convolution (it reads the column image's shape only,
         // before the sampling pass below writes its values)
         auto img = column_image(cols, g, q1 - q0);
-        auto gimg = std::get<0>(at::convolution_backward(go, img, wcl, kNullopt, {g.kh, g.kw}, {0, 0},
-                                                         {1, 1}, false, {0, 0}, g.groups, {true, false, false}))
+        auto gimg = std::get<0>(at::convolution_backward(go, img, wcl, kNullopt, {g.kh, g.kw}, {0, 0}, {1, 1}, false,
+                                                         {0, 0}, g.groups, {true, false, false}))
                         .contiguous(at::MemoryFormat::ChannelsLast);
         const auto L = ColLayout::image_rows(g, r0);
         CpuKernels::im2col_coord_grad(x, off, msk, gimg, img, goff, gmsk, g, r0, r1, L, L);
@@ -419,27 +419,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       }
     }
     if (gw_sum.defined()) {  // [Cout, Cg, kh, kw] -> the accumulator's [groups, Cout_g, K, Cg]
-      res.gw_acc.view({g.groups, Cout_g, K, Cg}).add_(gw_sum.contiguous().view({g.groups, Cout_g, Cg, K}).transpose(2, 3));
+      res.gw_acc.view({g.groups, Cout_g, K, Cg})
+          .add_(gw_sum.contiguous().view({g.groups, Cout_g, Cg, K}).transpose(2, 3));
     }
   }
   return res.finish(weight, g);
 }
 
-bool is_reduced(const at::Tensor& t) {
-  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
-}
-OptTensor to_float(const OptTensor& t) {
-  return t ? OptTensor(t->to(at::kFloat)) : kNullopt;
-}
+bool is_reduced(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+OptTensor to_float(const OptTensor& t) { return t ? OptTensor(t->to(at::kFloat)) : kNullopt; }
 
 at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                             const OptTensor& mask, const OptTensor& bias,
-                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                             int64_t deform_groups) {
+                             const OptTensor& mask, const OptTensor& bias, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t deform_groups) {
   const auto g = check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups);
   auto run = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& o, const OptTensor& m,
                  const OptTensor& b) {
-    return use_conv_route(x) ? forward_conv_route(x, w, o, m, b, g) : deform_conv2d_forward_impl<CpuKernels>(x, w, o, m, b, g);
+    return use_conv_route(x) ? forward_conv_route(x, w, o, m, b, g)
+                             : deform_conv2d_forward_impl<CpuKernels>(x, w, o, m, b, g);
   };
   if (is_reduced(input)) {
     return run(input.to(at::kFloat), weight.to(at::kFloat), offset.to(at::kFloat), to_float(mask), to_float(bias))
@@ -450,8 +447,8 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-    const OptTensor& mask, const OptTensor& bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t deform_groups) {
+    const OptTensor& mask, const OptTensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, int64_t deform_groups) {
   const auto g = check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups);
   check_deform_conv_grad(grad_output, input, g);
   auto run = [&](const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const at::Tensor& o,

@@ -25,8 +25,7 @@ namespace MMDCNV2_DEV_NS {
 
 template <typename scalar_t, typename acc_t>
 MMDCNV2_DEVICE BilinearSample<acc_t> tap_sample(const DeformConvGeom& g, const scalar_t* off, const scalar_t* msk,
-                                                int64_t i, int64_t p, int64_t dg, int64_t k, acc_t& m,
-                                                int64_t& off_y) {
+                                                int64_t i, int64_t p, int64_t dg, int64_t k, acc_t& m, int64_t& off_y) {
   const int64_t K = g.kh * g.kw, P = g.Ho * g.Wo;
   const int64_t ho = p / g.Wo, wo = p % g.Wo, ki = k / g.kw, kj = k % g.kw;
   off_y = ((i * g.dgroups + dg) * K + k) * 2 * P + p;
@@ -135,8 +134,8 @@ const T* opt_ptr(const OptTensor& t) {
 struct GpuKernels {
   static constexpr int64_t kColsBytes = int64_t(256) << 20;
   static constexpr int64_t kMinRows = 1;  // the GPU's GEMMs stay efficient on small chunks
-  static void im2col(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
-                     at::Tensor& cols, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+  static void im2col(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk, at::Tensor& cols,
+                     const DeformConvGeom& g, int64_t r0, int64_t r1) {
     const int64_t total = (r1 - r0) * g.K() * g.C;
     MMDCNV2_DISPATCH(x.scalar_type(), "deform_conv2d_im2col", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -144,8 +143,8 @@ struct GpuKernels {
                   off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk), cols.data_ptr<scalar_t>(), g);
     });
   }
-  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const OptTensor& msk,
-                     at::Tensor& gx, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+  static void col2im(const at::Tensor& gcols, const at::Tensor& off, const OptTensor& msk, at::Tensor& gx,
+                     const DeformConvGeom& g, int64_t r0, int64_t r1) {
     const int64_t total = (r1 - r0) * g.K() * g.C;
     MMDCNV2_DISPATCH(gcols.scalar_type(), "deform_conv2d_col2im", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -153,32 +152,30 @@ struct GpuKernels {
                   off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk), gx.data_ptr<acc_t>(), g);
     });
   }
-  static void coord_grad(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
-                         const at::Tensor& gcols, at::Tensor& goff, OptTensor& gmsk,
-                         const DeformConvGeom& g, int64_t r0, int64_t r1) {
+  static void coord_grad(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk, const at::Tensor& gcols,
+                         at::Tensor& goff, OptTensor& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1) {
     const int64_t items = (r1 - r0) * g.dgroups * g.K();
     MMDCNV2_DISPATCH(x.scalar_type(), "deform_conv2d_coord_grad", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       dev::launch(&coord_grad_kernel<scalar_t, acc_t>, launch_config(items, kWarpSize), items, r0,
-                  x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
-                  gcols.data_ptr<scalar_t>(), goff.data_ptr<scalar_t>(),
-                  gmsk ? gmsk->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr), g);
+                  x.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk), gcols.data_ptr<scalar_t>(),
+                  goff.data_ptr<scalar_t>(), gmsk ? gmsk->data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr), g);
     });
   }
   // The backward's sampling pass (the CPU fuses it; here the columns and the coordinate
   // gradients are two kernels).
   static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
-                                const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff,
-                                OptTensor& gmsk, const DeformConvGeom& g, int64_t r0, int64_t r1) {
+                                const at::Tensor& gcols, at::Tensor& cols, at::Tensor& goff, OptTensor& gmsk,
+                                const DeformConvGeom& g, int64_t r0, int64_t r1) {
     im2col(x, off, msk, cols, g, r0, r1);
     coord_grad(x, off, msk, gcols, goff, gmsk, g, r0, r1);
   }
 };
 
 inline at::Tensor deform_conv2d_gpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-                                    const OptTensor& mask, const OptTensor& bias,
-                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                    int64_t groups, int64_t deform_groups) {
+                                    const OptTensor& mask, const OptTensor& bias, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                    int64_t deform_groups) {
   const auto g = check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups);
   dev::Guard guard(input.device());
   return deform_conv2d_forward_impl<GpuKernels>(input, weight, offset, mask, bias, g);
@@ -186,8 +183,8 @@ inline at::Tensor deform_conv2d_gpu(const at::Tensor& input, const at::Tensor& w
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv2d_backward_gpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-    const OptTensor& mask, const OptTensor& bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t deform_groups) {
+    const OptTensor& mask, const OptTensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, int64_t deform_groups) {
   const auto g = check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups);
   check_deform_conv_grad(grad_output, input, g);
   // grad_input is scattered with atomics: its summation order varies from run to run.

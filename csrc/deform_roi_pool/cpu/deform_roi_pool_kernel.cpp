@@ -114,8 +114,8 @@ at::Tensor to_compute(const at::Tensor& t) {
 at::Tensor deform_roi_pool_cpu(const at::Tensor& input, const at::Tensor& rois, const OptTensor& offset,
                                int64_t pooled_height, int64_t pooled_width, double spatial_scale,
                                int64_t sampling_ratio, double gamma) {
-  const auto g = check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale,
-                                       sampling_ratio, gamma);
+  const auto g =
+      check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
   check_batch_indices(rois, g.N);
   const auto x = to_compute(input).permute({0, 2, 3, 1}).contiguous();
   const auto r = to_compute(rois).contiguous();
@@ -130,12 +130,13 @@ at::Tensor deform_roi_pool_cpu(const at::Tensor& input, const at::Tensor& rois, 
   return out.permute({0, 3, 1, 2}).contiguous().to(input.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& rois,
-    const OptTensor& offset, int64_t pooled_height, int64_t pooled_width, double spatial_scale,
-    int64_t sampling_ratio, double gamma) {
-  const auto g = check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale,
-                                       sampling_ratio, gamma);
+std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                                                const at::Tensor& rois, const OptTensor& offset,
+                                                                int64_t pooled_height, int64_t pooled_width,
+                                                                double spatial_scale, int64_t sampling_ratio,
+                                                                double gamma) {
+  const auto g =
+      check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
   check_deform_roi_pool_grad(grad_output, input, g);
   check_batch_indices(rois, g.N);
   const auto x = to_compute(input).permute({0, 2, 3, 1}).contiguous();

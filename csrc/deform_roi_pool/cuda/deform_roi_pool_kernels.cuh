@@ -21,7 +21,7 @@ namespace MMDCNV2_DEV_NS {
 
 template <typename scalar_t, typename acc_t>
 MMDCNV2_DEVICE RoIBin<acc_t> bin_of(const RoIPoolGeom& g, const scalar_t* rois, const scalar_t* off, int64_t t,
-                                       int64_t& batch) {
+                                    int64_t& batch) {
   const int64_t k = t / (g.PH * g.PW), ph = (t / g.PW) % g.PH, pw = t % g.PW;
   const scalar_t* roi = rois + k * 5;
   // NaN, and values outside [0, N) (fractions in (-1, 0) included), pool nothing. Tested on the
@@ -36,15 +36,14 @@ MMDCNV2_DEVICE RoIBin<acc_t> bin_of(const RoIPoolGeom& g, const scalar_t* rois, 
 }
 
 template <typename acc_t>
-MMDCNV2_DEVICE ClampedSample<acc_t> sample_of(const RoIPoolGeom& g, const RoIBin<acc_t>& bin, int64_t iy,
-                                                 int64_t ix) {
+MMDCNV2_DEVICE ClampedSample<acc_t> sample_of(const RoIPoolGeom& g, const RoIBin<acc_t>& bin, int64_t iy, int64_t ix) {
   return clamped_sample<acc_t>(bin.y0 + (acc_t(iy) + acc_t(0.5)) * bin.step_y,
                                bin.x0 + (acc_t(ix) + acc_t(0.5)) * bin.step_x, g.H, g.W);
 }
 
 template <typename scalar_t, typename acc_t>
 MMDCNV2_KERNEL void forward_kernel(int64_t total, const scalar_t* __restrict__ x, const scalar_t* __restrict__ rois,
-                               const scalar_t* __restrict__ off, scalar_t* __restrict__ out, RoIPoolGeom g) {
+                                   const scalar_t* __restrict__ off, scalar_t* __restrict__ out, RoIPoolGeom g) {
   for (int64_t i = dev::global_thread(); i < total; i += dev::grid_threads()) {
     const int64_t c = i % g.C, t = i / g.C;
     int64_t batch;
@@ -56,7 +55,7 @@ MMDCNV2_KERNEL void forward_kernel(int64_t total, const scalar_t* __restrict__ x
         for (int64_t ix = 0; ix < bin.grid_w; ++ix) {
           const auto s = sample_of(g, bin, iy, ix);
           if (!s.inside) continue;
-MMDCNV2_UNROLL
+          MMDCNV2_UNROLL
           for (int q = 0; q < 4; ++q) v += s.weight[q] * static_cast<acc_t>(xb[s.index[q] * g.C]);
         }
       }
@@ -66,8 +65,9 @@ MMDCNV2_UNROLL
 }
 
 template <typename scalar_t, typename acc_t>
-MMDCNV2_KERNEL void input_grad_kernel(int64_t total, const scalar_t* __restrict__ rois, const scalar_t* __restrict__ off,
-                                  const scalar_t* __restrict__ gout, acc_t* __restrict__ gx, RoIPoolGeom g) {
+MMDCNV2_KERNEL void input_grad_kernel(int64_t total, const scalar_t* __restrict__ rois,
+                                      const scalar_t* __restrict__ off, const scalar_t* __restrict__ gout,
+                                      acc_t* __restrict__ gx, RoIPoolGeom g) {
   for (int64_t i = dev::global_thread(); i < total; i += dev::grid_threads()) {
     const int64_t c = i % g.C, t = i / g.C;
     int64_t batch;
@@ -79,7 +79,7 @@ MMDCNV2_KERNEL void input_grad_kernel(int64_t total, const scalar_t* __restrict_
       for (int64_t ix = 0; ix < bin.grid_w; ++ix) {
         const auto s = sample_of(g, bin, iy, ix);
         if (!s.inside) continue;
-MMDCNV2_UNROLL
+        MMDCNV2_UNROLL
         for (int q = 0; q < 4; ++q) dev::atomic_add(gb + s.index[q] * g.C, s.weight[q] * go);
       }
     }
@@ -88,8 +88,8 @@ MMDCNV2_UNROLL
 
 template <typename scalar_t, typename acc_t>
 MMDCNV2_KERNEL void offset_grad_kernel(int64_t bins, const scalar_t* __restrict__ x, const scalar_t* __restrict__ rois,
-                                   const scalar_t* __restrict__ off, const scalar_t* __restrict__ gout,
-                                   scalar_t* __restrict__ goff, RoIPoolGeom g) {
+                                       const scalar_t* __restrict__ off, const scalar_t* __restrict__ gout,
+                                       scalar_t* __restrict__ goff, RoIPoolGeom g) {
   const int lane = dev::lane();
   const int64_t warps = dev::grid_threads() / kWarpSize;
   for (int64_t t = dev::global_thread() / kWarpSize; t < bins; t += warps) {
@@ -106,7 +106,7 @@ MMDCNV2_KERNEL void offset_grad_kernel(int64_t bins, const scalar_t* __restrict_
           acc_t S[4] = {0, 0, 0, 0};
           for (int64_t c = lane; c < g.C; c += kWarpSize) {
             const acc_t gc = static_cast<acc_t>(go[c]);
-MMDCNV2_UNROLL
+            MMDCNV2_UNROLL
             for (int q = 0; q < 4; ++q) S[q] += gc * static_cast<acc_t>(xb[s.index[q] * g.C + c]);
           }
           acc_t d_y, d_x;
@@ -135,10 +135,10 @@ MMDCNV2_UNROLL
 #endif
 
 inline at::Tensor deform_roi_pool_gpu(const at::Tensor& input, const at::Tensor& rois, const OptTensor& offset,
-                                int64_t pooled_height, int64_t pooled_width, double spatial_scale,
-                                int64_t sampling_ratio, double gamma) {
-  const auto g = check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale,
-                                       sampling_ratio, gamma);
+                                      int64_t pooled_height, int64_t pooled_width, double spatial_scale,
+                                      int64_t sampling_ratio, double gamma) {
+  const auto g =
+      check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
   dev::Guard guard(input.device());
   const auto x = input.permute({0, 2, 3, 1}).contiguous();
   const auto r = rois.contiguous();
@@ -156,12 +156,13 @@ inline at::Tensor deform_roi_pool_gpu(const at::Tensor& input, const at::Tensor&
   return out.permute({0, 3, 1, 2}).contiguous();
 }
 
-inline std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_gpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& rois,
-    const OptTensor& offset, int64_t pooled_height, int64_t pooled_width, double spatial_scale,
-    int64_t sampling_ratio, double gamma) {
-  const auto g = check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale,
-                                       sampling_ratio, gamma);
+inline std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_gpu(const at::Tensor& grad_output,
+                                                                       const at::Tensor& input, const at::Tensor& rois,
+                                                                       const OptTensor& offset, int64_t pooled_height,
+                                                                       int64_t pooled_width, double spatial_scale,
+                                                                       int64_t sampling_ratio, double gamma) {
+  const auto g =
+      check_deform_roi_pool(input, rois, offset, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma);
   check_deform_roi_pool_grad(grad_output, input, g);
   at::globalContext().alertNotDeterministic(std::string("mmdcnv2::deform_roi_pool_backward (") + dev::kName + ")");
   dev::Guard guard(input.device());
@@ -181,9 +182,8 @@ inline std::tuple<at::Tensor, at::Tensor> deform_roi_pool_backward_gpu(
                   go.data_ptr<scalar_t>(), gx.data_ptr<acc_t>(), g);
       if (off) {
         const int64_t bins = g.R * g.PH * g.PW;
-        dev::launch(&offset_grad_kernel<scalar_t, acc_t>, launch_config(bins, kWarpSize), bins,
-                    x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), offp, go.data_ptr<scalar_t>(),
-                    goff.data_ptr<scalar_t>(), g);
+        dev::launch(&offset_grad_kernel<scalar_t, acc_t>, launch_config(bins, kWarpSize), bins, x.data_ptr<scalar_t>(),
+                    r.data_ptr<scalar_t>(), offp, go.data_ptr<scalar_t>(), goff.data_ptr<scalar_t>(), g);
       }
     });
   }
