@@ -384,6 +384,7 @@ def test_shapes_detector_run_logs_its_dcn_stages(tmp_path):
         if h["type"] == "mmdcnv2.DeformStatsHook":
             h["interval"] = 1
     cfg.work_dir = str(tmp_path / "work")
+    cfg.experiment_name = f"deform_stats_shapes_{tmp_path.name}"  # a logger of its own (not one of the same second)
     Runner.from_cfg(cfg).train()
     text, rows = run_files(tmp_path / "work")
     for stage in ("backbone.layer2", "backbone.layer3", "backbone.layer4"):
