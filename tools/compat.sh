@@ -41,22 +41,8 @@ say() { printf '[compat] %s\n' "$*"; }
 T0=$SECONDS
 step_start() { STEP_T0=$SECONDS; say "$*"; }
 step_done() { say "  done in $((SECONDS - STEP_T0)) s"; }
-pipq() {
-  local log; log=$(mktemp)
-  if ! "$PY" -m pip install --disable-pip-version-check "$@" > "$log" 2>&1; then
-    grep -v "is ignored: it is neither" "$log" | tail -n 30; rm -f "$log"; say "pip install $* failed"; exit 1
-  fi
-  rm -f "$log"
-}
-have() { "$PY" - "$@" <<'PYEOF' >/dev/null 2>&1
-import importlib.metadata as md, sys
-for spec in sys.argv[1:]:
-    name, _, ver = spec.partition("==")
-    got = md.version(name)
-    if ver and got.split("+")[0] != ver:
-        raise SystemExit(1)
-PYEOF
-}
+# shellcheck source=tools/env_lib.sh
+source "$ROOT/tools/env_lib.sh"
 
 find_python() {
   local cand
@@ -94,29 +80,9 @@ elif ! have wheel ninja pytest hypothesis mmengine==0.10.7 pycocotools scipy \
 fi
 
 if [ "$NEWEST" = 0 ] && ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" >/dev/null 2>&1; then
-  WHEELS="$CACHE/wheels/torch-$TORCH_VERSION-py${PY_VERSION/./}"
-  mkdir -p "$WHEELS"
-  WHL=$(ls "$WHEELS"/mmcv-$MMCV_VERSION-*.whl 2>/dev/null | head -n1 || true)
-  if [ -z "$WHL" ]; then
-    step_start "building mmcv $MMCV_VERSION with its CPU ops from its sdist against torch $TORCH_VERSION (about 9 minutes on 2 cores)"
-    SRC=$(mktemp -d)
-    "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation mmcv==$MMCV_VERSION -d "$SRC" 2>&1 | grep -v "is ignored" || true
-    tar xzf "$SRC"/mmcv-$MMCV_VERSION.tar.gz -C "$SRC"
-    if ! (cd "$SRC/mmcv-$MMCV_VERSION" && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" \
-          "$PY" -m pip wheel --no-build-isolation --no-deps -w "$WHEELS" . > "$SRC/build.log" 2>&1); then
-      tail -n 40 "$SRC/build.log"; say "building mmcv failed (log above)"; exit 1
-    fi
-    rm -rf "$SRC"
-    WHL=$(ls "$WHEELS"/mmcv-$MMCV_VERSION-*.whl | head -n1)
-    step_done
-  fi
-  say "installing $(basename "$WHL")"
-  pipq --no-deps --force-reinstall "$WHL"
-  pipq addict packaging Pillow pyyaml yapf "opencv-python-headless<4.11"
-  if ! "$PY" -c "import mmcv.ops" >/dev/null 2>&1; then
-    say "the cached mmcv wheel does not import against this torch; rebuilding"
-    rm -f "$WHL"; exec bash "${BASH_SOURCE[0]}" "$@"
-  fi
+  step_start "mmcv $MMCV_VERSION against torch $TORCH_VERSION (its sdist unmodified; about 15 minutes on 2 cores when not cached)"
+  install_mmcv "$MMCV_VERSION" "$TORCH_VERSION" "$CACHE" "" "opencv-python-headless<4.11"
+  step_done
 fi
 
 if [ "$NEWEST" = 0 ] && ! have mmdet==3.3.0; then

@@ -13,28 +13,13 @@ MMCV_VERSION=2.1.0
 CACHE="${MMDCNV2_CACHE:-$HOME/.cache/mmdcnv2}"
 
 say() { printf '[env] %s\n' "$*"; }
-pipq() {
-  local log; log=$(mktemp)
-  if ! "$PY" -m pip install --disable-pip-version-check "$@" > "$log" 2>&1; then
-    grep -v "is ignored: it is neither" "$log" | tail -n 30; rm -f "$log"; say "pip install $* failed"; exit 1
-  fi
-  rm -f "$log"
-}
+# shellcheck source=tools/env_lib.sh
+source "$ROOT/tools/env_lib.sh"
 
 if [ ! -x "$PY" ]; then
   say "creating $VENV"
   python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
 fi
-
-have() { "$PY" - "$@" <<'PYEOF' >/dev/null 2>&1
-import importlib.metadata as md, sys
-for spec in sys.argv[1:]:
-    name, _, ver = spec.partition("==")
-    got = md.version(name)
-    if ver and got.split("+")[0] != ver:
-        raise SystemExit(1)
-PYEOF
-}
 
 if ! have torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION; then
   say "installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION (about a minute)"
@@ -46,32 +31,10 @@ if ! have setuptools wheel ninja numpy pytest hypothesis mmengine==0.10.7 pycoco
   pipq "setuptools>=77,<81" wheel ninja numpy pytest hypothesis mmengine==0.10.7 pycocotools matplotlib scipy onnx onnxruntime onnxscript ruff==0.14.14 clang-format==19.1.7
 fi
 
-# mmcv 2.1.0 has no wheel for this torch: build it from the sdist, with its CPU ops, once per torch version.
+# mmcv 2.1.0 has no wheel for this torch: built from the sdist, with its CPU ops, once per torch version
+# (torch 2.14's headers need C++20; mmcv hard-codes older standards).
 if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" >/dev/null 2>&1; then
-  WHEELS="$CACHE/wheels/torch-$TORCH_VERSION-py$("$PY" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
-  mkdir -p "$WHEELS"
-  WHL=$(ls "$WHEELS"/mmcv-$MMCV_VERSION-*.whl 2>/dev/null | head -n1 || true)
-  if [ -z "$WHL" ]; then
-    say "building mmcv $MMCV_VERSION with its ops from source against torch $TORCH_VERSION (about 7 minutes on 2 cores)"
-    SRC=$(mktemp -d)
-    "$PY" -m pip download -q --no-deps --no-binary :all: --no-build-isolation mmcv==$MMCV_VERSION -d "$SRC" 2>&1 | grep -v "is ignored" || true
-    tar xzf "$SRC"/mmcv-$MMCV_VERSION.tar.gz -C "$SRC"
-    # torch 2.14's headers need C++20; mmcv hard-codes older standards.
-    sed -i -e 's/-std=c++14/-std=c++20/g' -e 's/-std=c++17/-std=c++20/g' "$SRC/mmcv-$MMCV_VERSION/setup.py"
-    if ! (cd "$SRC/mmcv-$MMCV_VERSION" && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" \
-          "$PY" -m pip wheel --no-build-isolation --no-deps -w "$WHEELS" . > "$SRC/build.log" 2>&1); then
-      tail -n 40 "$SRC/build.log"; say "building mmcv failed (log above)"; exit 1
-    fi
-    rm -rf "$SRC"
-    WHL=$(ls "$WHEELS"/mmcv-$MMCV_VERSION-*.whl | head -n1)
-  fi
-  say "installing $(basename "$WHL")"
-  pipq --no-deps --force-reinstall "$WHL"
-  pipq addict packaging Pillow pyyaml yapf opencv-python-headless
-  if ! "$PY" -c "import mmcv.ops" >/dev/null 2>&1; then
-    say "the cached mmcv wheel does not import against this torch; rebuilding"
-    rm -f "$WHL"; exec bash "${BASH_SOURCE[0]}"
-  fi
+  install_mmcv "$MMCV_VERSION" "$TORCH_VERSION" "$CACHE" c++20 opencv-python-headless
 fi
 
 if ! have mmdet==3.3.0; then
