@@ -384,7 +384,10 @@ def test_shapes_detector_run_logs_its_dcn_stages(tmp_path):
         if h["type"] == "mmdcnv2.DeformStatsHook":
             h["interval"] = 1
     cfg.work_dir = str(tmp_path / "work")
-    cfg.experiment_name = f"deform_stats_shapes_{tmp_path.name}"  # a logger of its own (not one of the same second)
+    # a logger and a visualiser of its own: mmengine hands an existing instance of the same name (the config's
+    # "visualizer", a timestamp shared with another run of the same second) to a new runner, with its save dir
+    cfg.experiment_name = f"deform_stats_shapes_{tmp_path.name}"
+    cfg.visualizer.name = f"deform_stats_shapes_{tmp_path.name}"
     Runner.from_cfg(cfg).train()
     text, rows = run_files(tmp_path / "work")
     for stage in ("backbone.layer2", "backbone.layer3", "backbone.layer4"):
