@@ -45,12 +45,15 @@ step_done() { say "  done in $((SECONDS - STEP_T0)) s"; }
 source "$ROOT/tools/env_lib.sh"
 
 find_python() {
+  # pyenv's installs first: on PATH, python3.8 may be a pyenv shim that refuses when 3.8 is not selected
   local cand
-  for cand in "$(command -v python$PY_VERSION 2>/dev/null || true)" \
-              "${PYENV_ROOT:-$HOME/.pyenv}"/versions/$PY_VERSION.*/bin/python$PY_VERSION; do
-    if [ -n "$cand" ] && [ -x "$cand" ]; then echo "$cand"; return; fi
+  for cand in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/$PY_VERSION.*/bin/python$PY_VERSION \
+              "$(command -v python$PY_VERSION 2>/dev/null || true)"; do
+    if [ -n "$cand" ] && [ -x "$cand" ] && "$cand" -c "import sys; assert sys.version_info[:2] == tuple(map(int, '$PY_VERSION'.split('.')))" 2>/dev/null; then
+      echo "$cand"; return
+    fi
   done
-  say "no Python $PY_VERSION found (looked on PATH and under ${PYENV_ROOT:-$HOME/.pyenv}/versions)"; exit 1
+  say "no Python $PY_VERSION found (looked under ${PYENV_ROOT:-$HOME/.pyenv}/versions and on PATH)"; exit 1
 }
 
 # --- the environment ---------------------------------------------------------------------------
