@@ -146,7 +146,7 @@ step_done
 step_start "a short mim train and mim test of a shapes config"
 WORK=$(mktemp -d)
 (cd "$WORK" && "$PY" "$SRC_COPY/tools/make_shapes.py" --out "$WORK/data" --num-train 16 --num-val 8 --size 128 > /dev/null)
-CONFIG=faster-rcnn_r18-dcnv2-mdpool_fpn_shapes
+CONFIG=shapes/faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py  # found in the installed package's .mim/configs
 OPTS=()
 for loader in train_dataloader val_dataloader test_dataloader; do
   OPTS+=("$loader.dataset.data_root=$WORK/data/" "$loader.num_workers=0" "$loader.persistent_workers=False")
