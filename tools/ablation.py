@@ -1,15 +1,26 @@
-"""The DCNv2 ablation on the embedded dataset, in the layout of the paper's table, with error bars.
+"""The DCNv2 ablation on the embedded data, in the layout of the paper's table, with paired statistics.
 
-    python tools/ablation.py [--jobs 2] [--seeds 0,1,2] [--iters N] [--rows regular,dcnv1,...] [--out DIR]
+    python tools/ablation.py [--hard] [--jobs 2] [--seeds 0,1,2,3,4] [--iters N] [--rows regular,dcnv1,...]
+                             [--out DIR] [--reuse DIR ...]
 
 Trains every row once per seed with `mim train` (same schedule: configs/shapes/_base_shapes.py,
 the backbone from the pretrained checkpoint; `randomness.seed` = the seed), evaluates each with
-`mim test` (COCO box AP with pycocotools on the validation split), and writes DIR/ablation.md
-(mean ± sample standard deviation per row, every seed's AP, and for each step whether its change
-of mean AP is larger than the spread), DIR/ablation.json and DIR/ablation.png (bars with error
-bars, a dot per seed). Default DIR: results/ablation-<time>, never one that exists; work dirs
-inside it (work/<row>/seed<k>). The files are rewritten after every finished run, so an
-interrupted run leaves what it had. Rows:
+`mim test` (COCO box AP, AP50, AP75 and AP per object size, by pycocotools on the validation
+split), and writes DIR/ablation.md, DIR/ablation.json and DIR/ablation.png:
+
+- per row: mean ± sample standard deviation over the seeds, and every seed's AP;
+- per step (each row against the row above it, then the first row against each later row that is
+  not next to it): the paired change per seed (a seed fixes the image order and the heads'
+  initialisation in every row), its mean and a 95% confidence interval (Student's t, n - 1
+  degrees of freedom), for every metric;
+- the plot: each row's mean with its 95% interval and a dot per seed, and each step's paired
+  change with its interval.
+
+Default DIR: results/ablation-<time>, never one that exists; work dirs inside it
+(work/<row>/seed<k>). The files are rewritten after every finished run, so an interrupted run
+leaves what it had. --reuse DIR (repeatable) takes the finished runs of earlier folders instead of
+training them again: to resume after a stop, run the same command with --reuse of the last folder.
+Rows:
 
   regular      regular convolution, RoIAlign
   dcnv1        deformable conv in c5, deformable RoI pooling (DCNv1)
@@ -17,16 +28,18 @@ interrupted run leaves what it had. Rows:
   mdconv       + modulation in the convolutions
   mdpool       + modulated deformable RoI pooling (= the main job's detector)
   mimic        + R-CNN feature mimicking (DCNv2), 8 positive RoIs per image, 64px crops
-  mimic-large  the same with 16 RoIs and 80px crops (closer to the paper's 32 and 224px;
-               not in the default --rows)
+  mimic-large  the same with 16 RoIs and 80px crops (closer to the paper's 32 and 224px)
+  dcnv2        mdconv c3-c5 + mdpool (the mdpool row's config, named for the step from dconv c3-c5)
+
+Without --hard: rows regular, dcnv1, dconv-c3-c5, mdconv, mdpool, mimic on data/shapes, seeds 0,1,2.
+--hard: the harder split (data/shapes-hard, written by `tools/make_shapes.py --hard` or here), rows
+regular, dcnv1, dconv-c3-c5, dcnv2, mimic-large, seeds 0-4.
 
 --jobs N trains N runs side by side, each with cores/N threads (two at a time on a 2-core
 machine halve the wall time); runs go seed by seed (every row's first seed first). The time per
 iteration in the table is measured afterwards, one row at a time with all cores, over a short run
 of --timing-iters iterations (median of the logged windows after the first): side-by-side jobs,
-or anything else running on the machine, would skew it. --reuse DIR (repeatable) takes the runs that
-finished in an earlier run's DIR/ablation.json (metrics, checkpoints, timings) instead of training
-them again, e.g. to add a row to a finished ablation.
+or anything else running on the machine, would skew it.
 """
 
 import argparse
@@ -41,7 +54,7 @@ import time
 
 from mim_jobs import (
     ROOT,
-    coco_metrics,
+    coco_metric_dict,
     data_options,
     last_checkpoint,
     seconds_per_iter,
@@ -59,6 +72,8 @@ ROWS = [
     ("dconv-c3-c5", S + "faster-rcnn_r18-dcnv1-dpool_fpn_shapes.py", "c3-c5", False, "dpool", False),
     ("mdconv", S + "faster-rcnn_r18-mdconv-c3-c5-dpool_fpn_shapes.py", "c3-c5", True, "dpool", False),
     ("mdpool", S + "faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py", "c3-c5", True, "mdpool", False),
+    # the same detector as mdpool, under the name of the step from dconv c3-c5 (--hard)
+    ("dcnv2", S + "faster-rcnn_r18-dcnv2-mdpool_fpn_shapes.py", "c3-c5", True, "mdpool", False),
     ("mimic", S + "faster-rcnn_r18-dcnv2-mdpool-mimic_fpn_shapes.py", "c3-c5", True, "mdpool", True),
     # not in the default rows: mimicking closer to the paper's setting (32 RoIs, 224px crops)
     (
@@ -71,6 +86,8 @@ ROWS = [
     ),
 ]
 DEFAULT_ROWS = ("regular", "dcnv1", "dconv-c3-c5", "mdconv", "mdpool", "mimic")
+HARD_ROWS = ("regular", "dcnv1", "dconv-c3-c5", "dcnv2", "mimic-large")
+HARD_SEEDS = "0,1,2,3,4"
 LABELS = {
     "regular": "regular conv",
     "dcnv1": "DCNv1",
@@ -79,7 +96,22 @@ LABELS = {
     "mdpool": "+ mdpool",
     "mimic": "+ mimicking (DCNv2)",
     "mimic-large": "+ mimicking, 16 RoIs, 80px",
+    "dcnv2": "DCNv2 (mdconv c3-c5 + mdpool)",
 }
+
+
+def machine_name():
+    """'<n>-core <CPU model>' from /proc/cpuinfo (the platform's name where it has none)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core {model}"
 
 
 def run_job(row, seed, out_dir, data, iters, threads, status):
@@ -88,7 +120,9 @@ def run_job(row, seed, out_dir, data, iters, threads, status):
     key = (name, seed)
     work = os.path.join(out_dir, "work", name, f"seed{seed}")
     os.makedirs(work)
-    options = data_options(data, iters) + [f"randomness.seed={seed}"]
+    # no validation inside the training run (mmengine's loop validates at the last iteration whatever
+    # the interval): `mim test` below evaluates the final checkpoint once
+    options = data_options(data, iters) + [f"randomness.seed={seed}", "train_cfg.val_begin=1000000000"]
     env = subprocess_env(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     t0 = time.time()
     train_log = os.path.join(work, "train_output.txt")
@@ -106,18 +140,18 @@ def run_job(row, seed, out_dir, data, iters, threads, status):
             test_cmd(config, ckpt, work, options), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
         )
     with open(test_log) as f:
-        metrics = coco_metrics(f.read())
+        metrics = coco_metric_dict(f.read())
     if rc != 0 or metrics is None:
         status[key] = dict(state=f"testing failed (rc {rc}): {test_log}")
         return
     status[key] = dict(
         state="done",
-        ap=metrics[0],
-        ap50=metrics[1],
-        ap75=metrics[2],
+        **metrics,
         s_per_iter_jobs=seconds_per_iter(work),
         minutes=(time.time() - t0) / 60,
         checkpoint=ckpt,
+        machine=machine_name(),
+        date=time.strftime("%Y-%m-%d"),
     )
 
 
@@ -151,77 +185,127 @@ def progress_line(status):
     return f"{done}/{len(status)} done" + (" | " + " | ".join(parts) if parts else "")
 
 
-KEYS = (("ap", "box AP"), ("ap50", "AP50"), ("ap75", "AP75"))
+KEYS = (
+    ("ap", "box AP"),
+    ("ap50", "AP50"),
+    ("ap75", "AP75"),
+    ("ap_s", "AP small"),
+    ("ap_m", "AP medium"),
+    ("ap_l", "AP large"),
+)
+
+
+def t_quantile(n):
+    """The 97.5% quantile of Student's t with n - 1 degrees of freedom (n >= 2)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
+def mean_ci(values):
+    """(mean, half width of the 95% confidence interval of the mean) of ``values``; the half
+    width is None for fewer than two values."""
+    if not values:
+        return None, None
+    m = statistics.mean(values)
+    if len(values) < 2:
+        return m, None
+    return m, t_quantile(len(values)) * statistics.stdev(values) / len(values) ** 0.5
 
 
 def summarize(rows, seeds, status):
-    """Per row: mean and sample standard deviation of AP, AP50, AP75 over its finished seeds."""
+    """Per row and metric: the finished seeds' values, their mean, sample standard deviation and
+    the half width of the 95% interval of the mean (None where undefined, e.g. AP large on a split
+    without large objects)."""
     summary = {}
     for row in rows:
         done_seeds = [s for s in seeds if status[(row[0], s)].get("state") == "done"]
         done = [status[(row[0], s)] for s in done_seeds]
         entry = dict(n=len(done), seeds=done_seeds)
         for key, _ in KEYS:
-            vals = [d[key] for d in done]
+            vals = [d.get(key) for d in done]
             entry[key] = vals
-            entry[key + "_mean"] = statistics.mean(vals) if vals else None
-            entry[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+            defined = [v for v in vals if v is not None]
+            entry[key + "_mean"], entry[key + "_ci"] = mean_ci(defined)
+            entry[key + "_std"] = statistics.stdev(defined) if len(defined) > 1 else None
         summary[row[0]] = entry
     return summary
 
 
-def step_verdicts(rows, summary):
-    """Each row against the row above it: the change of mean box AP, and whether it is larger
-    than the spread (the two rows' mean +- std intervals do not overlap)."""
+def step_pairs(rows):
+    """The steps to report: each row against the row above it, then the first row against each
+    later row that is not next to it (regular conv -> DCNv2, ...)."""
+    pairs = list(zip(rows, rows[1:]))
+    pairs += [(rows[0], row) for row in rows[2:]]
+    return pairs
+
+
+def step_stats(rows, summary):
+    """For each step, per metric: the paired change per seed (the seeds both rows finished), its
+    mean, the half width of its 95% interval, and whether the interval excludes zero."""
     out = []
-    for prev, row in zip(rows, rows[1:]):
+    for prev, row in step_pairs(rows):
         a, b = summary[prev[0]], summary[row[0]]
-        if a["ap_mean"] is None or b["ap_mean"] is None:
-            continue
-        delta = b["ap_mean"] - a["ap_mean"]
-        spread = (a["ap_std"] or 0.0) + (b["ap_std"] or 0.0)
-        known = a["ap_std"] is not None and b["ap_std"] is not None
-        # paired by seed (a seed fixes the image order and the heads' initialisation in every row)
         common = [s for s in a["seeds"] if s in b["seeds"]]
-        diffs = [b["ap"][b["seeds"].index(s)] - a["ap"][a["seeds"].index(s)] for s in common]
-        out.append(
-            dict(
-                frm=prev[0],
-                to=row[0],
-                delta=delta,
-                spread=spread,
-                larger=(abs(delta) > spread) if known else None,
+        if not common:
+            continue
+        step = dict(frm=prev[0], to=row[0], seeds=common, metrics={})
+        for key, _ in KEYS:
+            diffs = []
+            for s in common:
+                va, vb = a[key][a["seeds"].index(s)], b[key][b["seeds"].index(s)]
+                if va is not None and vb is not None:
+                    diffs.append(vb - va)
+            mean, half = mean_ci(diffs)
+            step["metrics"][key] = dict(
                 paired=diffs,
-                paired_std=statistics.stdev(diffs) if len(diffs) > 1 else None,
-                same_sign=len(diffs) > 1 and (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)),
+                mean=mean,
+                ci=half,
+                low=None if half is None else mean - half,
+                high=None if half is None else mean + half,
+                excludes_zero=None if half is None else (mean - half > 0 or mean + half < 0),
             )
-        )
+        out.append(step)
     return out
 
 
 def _fmt(entry, key):
     if entry[key + "_mean"] is None:
-        return "-"
+        return "n/a" if entry["n"] else "-"
     if entry[key + "_std"] is None:
         return f"{entry[key + '_mean']:.3f}"
     return f"{entry[key + '_mean']:.3f} ± {entry[key + '_std']:.3f}"
+
+
+def _fmt_change(m):
+    if m["mean"] is None:
+        return "n/a"
+    if m["ci"] is None:
+        return f"{m['mean']:+.3f}"
+    text = f"{m['mean']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}]"
+    return f"**{text}**" if m["excludes_zero"] else text
+
+
+def step_label(step):
+    return f"{LABELS[step['frm']]} -> {LABELS[step['to']]}"
 
 
 def markdown(rows, seeds, status, timing, meta):
     check = {True: "yes", False: ""}
     summary = summarize(rows, seeds, status)
     lines = [
-        f"Embedded shapes dataset, {meta['iters']} iterations, seeds {', '.join(map(str, seeds))} "
-        f"(mean ± sample standard deviation over the seeds), {meta['machine']}; trained {meta['jobs']} "
-        f"job(s) side by side with {meta['threads']} thread(s) each; s/iter: "
+        f"{meta.get('data_label', 'Embedded shapes dataset')}, {meta['iters']} iterations, seeds "
+        f"{', '.join(map(str, seeds))} (mean ± sample standard deviation over the seeds), {meta['machine']}; "
+        f"trained {meta['jobs']} job(s) side by side with {meta['threads']} thread(s) each; s/iter: "
         + (
             f"{meta['timing_iters']} iterations of each row alone, all cores."
             if meta["timing_iters"]
             else "measured during training."
         ),
         "",
-        "| | deformable conv | modulation | RoI pooling | mimicking | box AP | AP50 | AP75 | box AP per seed | s/iter |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| | deformable conv | modulation | RoI pooling | mimicking | box AP | AP50 | AP75 | AP small | AP medium "
+        "| AP large | box AP per seed | s/iter |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, _, stages, modulated, pool, mimic in rows:
         e = summary[name]
@@ -239,30 +323,29 @@ def markdown(rows, seeds, status, timing, meta):
             jobs = [j for j in jobs if j]
             t = statistics.median(jobs) if jobs else None
         spi = "n/a" if t is None else f"{t:.2f}"
+        metrics = " | ".join(_fmt(e, key) for key, _ in KEYS)
         lines.append(
             f"| {LABELS[name]} | {stages or '-'} | {check[modulated]} | {pool} | {check.get(mimic, mimic)} | "
-            f"{_fmt(e, 'ap')} | {_fmt(e, 'ap50')} | {_fmt(e, 'ap75')} | {per_seed} | {spi} |"
+            f"{metrics} | {per_seed} | {spi} |"
         )
-    verdicts = step_verdicts(rows, summary)
-    if verdicts:
+    steps = step_stats(rows, summary)
+    if steps:
         lines += [
             "",
-            "| step | change of mean box AP | sum of the two stds | larger than the spread? | "
-            "change per seed (paired) | same sign in every seed? |",
-            "|---|---|---|---|---|---|",
+            "Paired change per step: the mean over the seeds both rows finished, with its 95% confidence "
+            "interval (Student's t); **bold**: the interval excludes zero.",
+            "",
+            "| step | seeds | box AP change per seed | box AP | AP50 | AP75 | AP small | AP medium | AP large |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for v in verdicts:
-            verdict = {True: "**yes**", False: "no", None: "n/a (one seed)"}[v["larger"]]
-            paired = ", ".join(f"{d:+.3f}" for d in v["paired"]) or "-"
-            sign = "**yes**" if v["same_sign"] else ("no" if len(v["paired"]) > 1 else "n/a")
-            lines.append(
-                f"| {LABELS[v['frm']]} -> {LABELS[v['to']]} | {v['delta']:+.3f} | {v['spread']:.3f} | "
-                f"{verdict} | {paired} | {sign} |"
-            )
-    return "\n".join(lines) + "\n", summary, verdicts
+        for st in steps:
+            per_seed = ", ".join(f"{d:+.3f}" for d in st["metrics"]["ap"]["paired"]) or "-"
+            changes = " | ".join(_fmt_change(st["metrics"][key]) for key, _ in KEYS)
+            lines.append(f"| {step_label(st)} | {len(st['seeds'])} | {per_seed} | {changes} |")
+    return "\n".join(lines) + "\n", summary, steps
 
 
-def plot(rows, summary, timing, path):
+def plot(rows, summary, steps, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,32 +354,55 @@ def plot(rows, summary, timing, path):
     done = [r[0] for r in rows if summary[r[0]]["n"]]
     if not done:
         return
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw=dict(width_ratios=[3, 1.4]))
-    width = 0.27
-    for i, (key, label) in enumerate(KEYS):
-        xs = [j + (i - 1) * width for j in range(len(done))]
-        means = [summary[n][key + "_mean"] for n in done]
-        errs = [summary[n][key + "_std"] or 0.0 for n in done]
-        bars = ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    keys = [(k, label) for k, label in KEYS if any(summary[n][k + "_mean"] is not None for n in done)]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw=dict(width_ratios=[3, 2]))
+    width = 0.8 / len(keys)
+    for i, (key, label) in enumerate(keys):
+        xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(done))]
+        means = [summary[n][key + "_mean"] or 0.0 for n in done]
+        errs = [summary[n][key + "_ci"] or 0.0 for n in done]
+        bars = ax.bar(xs, means, width, yerr=errs, capsize=2, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=2)
         for x, n in zip(xs, done):  # every seed as a dot
-            ax.plot([x] * len(summary[n][key]), summary[n][key], "k.", ms=3)
-    ax.set_xticks(range(len(done)), [LABELS[n] for n in done], rotation=20, ha="right")
-    ax.set_ylabel("COCO metric (val), mean ± std over seeds")
-    ax.set_title("Ablation on the embedded dataset (dots: single seeds)")
+            vals = [v for v in summary[n][key] if v is not None]
+            ax.plot([x] * len(vals), vals, "k.", ms=2.5)
+    ax.set_xticks(range(len(done)), [LABELS[n] for n in done], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("COCO metric (val): mean, 95% interval, dots: seeds")
+    ax.set_title("Rows")
     ax.set_ylim(0, 1.05)
-    ax.legend(loc="lower center", ncol=3, fontsize=8, framealpha=0.9)
-    bars = bx.bar(range(len(done)), [timing.get(n) or 0 for n in done], color="gray")
-    bx.bar_label(bars, fmt="%.2f", fontsize=7)
-    bx.set_xticks(range(len(done)), [LABELS[n] for n in done], rotation=20, ha="right")
-    bx.set_ylabel("seconds per training iteration")
+    ax.legend(loc="upper left", ncol=3, fontsize=7, framealpha=0.9)
+    shown = [st for st in steps if st["metrics"]["ap"]["mean"] is not None]
+    for i, st in enumerate(shown):
+        for j, (key, color) in enumerate((("ap", "C0"), ("ap50", "C1"), ("ap75", "C2"))):
+            m = st["metrics"][key]
+            if m["mean"] is None:
+                continue
+            y = i + (j - 1) * 0.22
+            bx.errorbar(
+                m["mean"],
+                y,
+                xerr=m["ci"] or 0.0,
+                fmt="o",
+                color=color,
+                capsize=3,
+                ms=4,
+                label=dict(KEYS)[key] if i == 0 else None,
+            )
+            bx.plot(m["paired"], [y] * len(m["paired"]), ".", color=color, ms=2.5, alpha=0.6)
+    bx.axvline(0.0, color="gray", lw=0.8)
+    bx.set_yticks(range(len(shown)), [step_label(st) for st in shown], fontsize=7)
+    bx.invert_yaxis()
+    bx.set_xlabel("paired change (later row - earlier row): mean, 95% interval, dots: seeds")
+    bx.set_title("Steps")
+    if shown:
+        bx.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def write_results(out, rows, seeds, status, timing, meta):
-    table, summary, verdicts = markdown(rows, seeds, status, timing, meta)
+    table, summary, steps = markdown(rows, seeds, status, timing, meta)
     with open(os.path.join(out, "ablation.md"), "w") as f:
         f.write(table)
     runs = {
@@ -310,28 +416,37 @@ def write_results(out, rows, seeds, status, timing, meta):
                 seeds=seeds,
                 timing=timing,
                 summary=summary,
-                steps=verdicts,
+                steps=steps,
                 runs=runs,
                 configs={r[0]: r[1] for r in rows},
             ),
             f,
             indent=1,
         )
-    plot(rows, summary, timing, os.path.join(out, "ablation.png"))
+    plot(rows, summary, steps, os.path.join(out, "ablation.png"))
     return table
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--rows",
-        default=",".join(DEFAULT_ROWS),
-        help="comma-separated rows (default: the paper's six; also: mimic-large)",
+        "--hard",
+        action="store_true",
+        help="the harder split (data/shapes-hard) with its rows and five seeds (see above)",
     )
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every row is trained once per seed")
+    p.add_argument(
+        "--rows",
+        default=None,
+        help="comma-separated rows (default: the paper's six, or with --hard: " + ",".join(HARD_ROWS) + ")",
+    )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help=f"comma-separated seeds; every row is trained once per seed (default 0,1,2; --hard: {HARD_SEEDS})",
+    )
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the configs')")
     p.add_argument("--jobs", type=int, default=1, help="trainings side by side")
-    p.add_argument("--data", default="data/shapes")
+    p.add_argument("--data", default=None, help="dataset folder (default data/shapes; --hard: data/shapes-hard)")
     p.add_argument("--out", default=None, help="results folder; must not exist (default results/ablation-<time>)")
     p.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
     p.add_argument("--timing-iters", type=int, default=30, help="iterations of the timing run per row (0: none)")
@@ -342,6 +457,10 @@ def main(argv=None):
         help="an earlier results folder (may be given more than once): its finished runs are not retrained",
     )
     a = p.parse_args(argv)
+    variant = "hard" if a.hard else "default"
+    a.rows = a.rows or ",".join(HARD_ROWS if a.hard else DEFAULT_ROWS)
+    a.seeds = a.seeds or (HARD_SEEDS if a.hard else "0,1,2")
+    a.data = a.data or ("data/shapes-hard" if a.hard else "data/shapes")
     names = [n.strip() for n in a.rows.split(",") if n.strip()]
     known = [r[0] for r in ROWS]
     unknown = [n for n in names if n not in known]
@@ -363,17 +482,33 @@ def main(argv=None):
     out = a.out or os.path.join("results", time.strftime("ablation-%Y%m%d-%H%M%S"))
     if os.path.exists(out):
         sys.exit(f"{out} exists: choose a new --out (nothing is overwritten)")
+    for folder in a.reuse or []:
+        if not os.path.exists(os.path.join(folder, "ablation.json")):
+            sys.exit(f"--reuse {folder}: no ablation.json there")
     earlier_runs, earlier_meta, earlier_timing = {}, {}, {}
     for folder in a.reuse or []:  # later folders win
         with open(os.path.join(folder, "ablation.json")) as f:
             earlier_json = json.load(f)
+        earlier_variant = earlier_json.get("meta", {}).get("variant", "default")
+        if earlier_variant != variant:
+            sys.exit(f"--reuse {folder}: its runs are on the {earlier_variant!r} split, this run's is {variant!r}")
         earlier_runs.update({k: dict(v, reused_from=folder) for k, v in earlier_json.get("runs", {}).items()})
         earlier_meta.update(earlier_json.get("meta", {}))
         earlier_timing.update({k: v for k, v in earlier_json.get("timing", {}).items() if v})
+    stamp_path = os.path.join(a.data, "dataset.json")
     if os.path.exists(os.path.join(a.data, "annotations", "train.json")):
+        stamp = json.load(open(stamp_path)) if os.path.exists(stamp_path) else {}
+        found = stamp.get("variant", "default") if stamp else None
+        if found is not None and found != variant:
+            sys.exit(
+                f"--data {a.data} holds the {found!r} split, this run asks for {variant!r}"
+                + (" (drop --hard)" if a.hard else " (add --hard, or choose another --data)")
+            )
         print("dataset:", a.data, flush=True)
     else:
-        make_shapes_dataset(a.data)
+        make_shapes_dataset(a.data, variant=variant)
+    with open(os.path.join(a.data, "annotations", "val.json")) as f:
+        num_val = len(json.load(f)["images"])
     os.makedirs(out)
     jobs = min(a.jobs, len(rows) * len(seeds))
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -396,11 +531,19 @@ def main(argv=None):
         jobs=jobs,
         threads=threads,
         timing_iters=a.timing_iters,
-        machine=f"{os.cpu_count()}-core {platform.machine()} CPU",
+        machine=machine_name(),
         date=time.strftime("%Y-%m-%d"),
+        variant=variant,
+        data=a.data,
+        num_val=num_val,
+        data_label=(f"{'Harder' if a.hard else 'Embedded'} shapes split ({a.data}, {num_val} validation images)"),
     )
     if not trained:  # every run came from --reuse: keep how they were trained
         meta.update({k: earlier_meta[k] for k in ("iters", "jobs", "threads", "date") if k in earlier_meta})
+    machines = {st["machine"] for st in status.values() if st.get("machine")}  # reused runs name theirs
+    if trained:
+        machines.add(meta["machine"])
+    meta["machine"] = " and ".join(sorted(machines)) or meta["machine"]
     if timing and not a.timing_iters and earlier_meta.get("timing_iters"):  # the timings came from earlier runs
         meta["timing_iters"] = earlier_meta["timing_iters"]
     running = []

@@ -56,6 +56,23 @@ def coco_metrics(test_output):
     return tuple(float(v) for v in m[-1]) if m else None
 
 
+COCO_KEYS = {"ap": "mAP", "ap50": "mAP_50", "ap75": "mAP_75", "ap_s": "mAP_s", "ap_m": "mAP_m", "ap_l": "mAP_l"}
+
+
+def coco_metric_dict(test_output):
+    """{ap, ap50, ap75, ap_s, ap_m, ap_l} from the last evaluation in the output of `mim test`, or
+    None without one. A size with no objects in the split (pycocotools' -1) is None."""
+    lines = [ln for ln in test_output.splitlines() if "coco/bbox_mAP:" in ln]
+    if not lines:
+        return None
+    out = {}
+    for key, name in COCO_KEYS.items():
+        m = re.search(r"coco/bbox_" + name + r": (-?[0-9.]+)", lines[-1])
+        value = float(m.group(1)) if m else None
+        out[key] = value if value is not None and value >= 0 else None
+    return out
+
+
 def train_progress(log_text):
     """(iteration, max_iters) of the last training log line, or None."""
     m = re.findall(r"Iter\(train\)\s*\[\s*(\d+)/(\d+)\]", log_text)

@@ -6,9 +6,15 @@ smooth non-rigid warp, over textured backgrounds with clutter (strokes and blobs
 that are not objects), partly occluding each other. Every annotation is the
 visible part of its object: polygons (``segmentation``), box and area.
 
-    make_shapes_dataset("data/shapes", num_train=1000, num_val=60)
+    make_shapes_dataset("data/shapes", num_train=1000, num_val=500)
+    make_shapes_dataset("data/shapes-hard", variant="hard")
 
 writes ``train/*.png``, ``val/*.png`` and ``annotations/{train,val}.json``.
+
+The ``hard`` variant draws from the same five classes with geometry deciding more: a wider scale
+range down to small objects, stronger aspect changes, shear and non-rigid warps, thin variants of the
+cross, the arrow and the crescent, more objects per image with more of them hidden, and clutter made
+of thin curved strokes that look like object parts (see ``VARIANTS``).
 """
 
 import json
@@ -22,13 +28,46 @@ from shapely.geometry import MultiPolygon, Polygon
 from shapely.ops import unary_union
 
 SHAPES_CLASSES = ("triangle", "star", "cross", "arrow", "crescent")
-# the main job's and the ablation's training split (the validation split is the same 60 images
-# whatever this is: image i of a split depends on the seed, the split and i only)
+# the main job's and the ablation's training split, and the validation split (image i of a split
+# depends on the variant, the seed, the split and i only, so the first 60 of the 500 validation
+# images are the 60 of the earlier, smaller split)
 NUM_TRAIN = 1000
+NUM_VAL = 500
+
+# How objects are drawn. "default" is the embedded dataset; "hard" makes geometry decide more.
+VARIANTS = {
+    "default": dict(
+        scale=(0.09, 0.24),  # outline radius as a share of the image side, uniform
+        log_scale=False,
+        aspect=0.45,  # log aspect ratio, uniform in +-
+        shear=0.4,
+        warp=0.12,  # amplitude of the sinusoidal displacement field, in outline units
+        thin=0.0,  # probability of the thin version of the cross, arrow and crescent
+        max_objects=5,
+        min_visible=0.6,  # every object keeps at least this share of its area visible
+        clutter=(3, 9),
+        curved_clutter=0.0,  # share of clutter strokes drawn as thin arcs
+    ),
+    "hard": dict(
+        scale=(0.03, 0.35),  # log-uniform: objects from about 12 to 130 px across at 192 px
+        log_scale=True,
+        aspect=0.8,
+        shear=0.6,
+        warp=0.3,
+        thin=0.6,
+        max_objects=9,
+        min_visible=0.4,
+        clutter=(6, 14),
+        curved_clutter=0.6,
+    ),
+}
 
 
-def _base_outline(name: str) -> np.ndarray:
-    """The class's outline in the unit square around the origin, as (n, 2) x, y points."""
+def _base_outline(name: str, thin: bool = False) -> np.ndarray:
+    """The class's outline in the unit square around the origin, as (n, 2) x, y points.
+
+    ``thin``: the cross with narrow arms, the arrow with a narrow shaft and head, the crescent as a
+    narrow curved band (the other classes have no thin version)."""
     if name == "triangle":
         pts = [(math.cos(a), math.sin(a)) for a in np.deg2rad([90, 210, 330])]
     elif name == "star":
@@ -37,7 +76,7 @@ def _base_outline(name: str) -> np.ndarray:
             for i, a in enumerate(np.deg2rad(90 + 36 * np.arange(10)))
         ]
     elif name == "cross":
-        a, b = 1.0, 0.33
+        a, b = 1.0, (0.14 if thin else 0.33)
         pts = [
             (-b, -a),
             (b, -a),
@@ -53,11 +92,16 @@ def _base_outline(name: str) -> np.ndarray:
             (-b, -b),
         ]
     elif name == "arrow":
-        pts = [(-1.0, -0.28), (0.15, -0.28), (0.15, -0.7), (1.0, 0.0), (0.15, 0.7), (0.15, 0.28), (-1.0, 0.28)]
+        w, h = (0.1, 0.4) if thin else (0.28, 0.7)
+        pts = [(-1.0, -w), (0.15, -w), (0.15, -h), (1.0, 0.0), (0.15, h), (0.15, w), (-1.0, w)]
     elif name == "crescent":
         outer = Polygon([(math.cos(t), math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)])
         inner = Polygon(
-            [(0.45 + 0.85 * math.cos(t), 0.85 * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)]
+            [
+                (d + r * math.cos(t), r * math.sin(t))
+                for d, r in [(0.22, 0.93) if thin else (0.45, 0.85)]
+                for t in np.linspace(0, 2 * math.pi, 48, endpoint=False)
+            ]
         )
         shape = outer.difference(inner)
         if isinstance(shape, MultiPolygon):
@@ -76,19 +120,25 @@ def _densify(pts: np.ndarray, step: float = 0.08) -> np.ndarray:
     return np.asarray(out)
 
 
-def _random_object(rng: np.random.RandomState, cls: int, size: int) -> np.ndarray:
-    """Outline of one object in image coordinates: scaled, stretched, sheared, rotated, warped."""
-    pts = _densify(_base_outline(SHAPES_CLASSES[cls]))
-    scale = rng.uniform(0.09, 0.24) * size
-    aspect = math.exp(rng.uniform(-0.45, 0.45))
+def _random_object(rng: np.random.RandomState, cls: int, size: int, v: Optional[Dict] = None) -> np.ndarray:
+    """Outline of one object in image coordinates: scaled, stretched, sheared, rotated, warped.
+
+    ``v``: the variant's settings (``VARIANTS``); the default variant draws the same random numbers
+    in the same order as it always has."""
+    v = v or VARIANTS["default"]
+    thin = v["thin"] > 0 and rng.rand() < v["thin"]
+    pts = _densify(_base_outline(SHAPES_CLASSES[cls], thin=thin))
+    lo, hi = v["scale"]
+    scale = (math.exp(rng.uniform(math.log(lo), math.log(hi))) if v["log_scale"] else rng.uniform(lo, hi)) * size
+    aspect = math.exp(rng.uniform(-v["aspect"], v["aspect"]))
     pts = pts * np.array([aspect, 1 / aspect])
-    shear = rng.uniform(-0.4, 0.4)
+    shear = rng.uniform(-v["shear"], v["shear"])
     pts = pts @ np.array([[1.0, 0.0], [shear, 1.0]])
     theta = rng.uniform(0, 2 * math.pi)
     rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
     pts = pts @ rot.T
     # smooth non-rigid warp: a low-frequency sinusoidal displacement field
-    amp, freq, phase = rng.uniform(0.0, 0.12), rng.uniform(1.0, 2.5), rng.uniform(0, 2 * math.pi, size=2)
+    amp, freq, phase = rng.uniform(0.0, v["warp"]), rng.uniform(1.0, 2.5), rng.uniform(0, 2 * math.pi, size=2)
     pts = pts + amp * np.stack([np.sin(freq * pts[:, 1] + phase[0]), np.sin(freq * pts[:, 0] + phase[1])], axis=1)
     pts = pts * scale
     margin = 0.6 * scale
@@ -96,7 +146,8 @@ def _random_object(rng: np.random.RandomState, cls: int, size: int) -> np.ndarra
     return pts + centre
 
 
-def _background(rng: np.random.RandomState, size: int) -> Image.Image:
+def _background(rng: np.random.RandomState, size: int, v: Optional[Dict] = None) -> Image.Image:
+    v = v or VARIANTS["default"]
     yy, xx = np.mgrid[0:size, 0:size] / size
     base = rng.uniform(60, 190, size=3)
     grad = rng.uniform(-50, 50, size=(2, 3))
@@ -104,9 +155,19 @@ def _background(rng: np.random.RandomState, size: int) -> Image.Image:
     img = img + rng.normal(0, 12, size=(size, size, 3))
     im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0))
     draw = ImageDraw.Draw(im)
-    for _ in range(rng.randint(3, 9)):  # clutter: strokes and blobs that are not objects
+    for _ in range(rng.randint(*v["clutter"])):  # clutter: strokes and blobs that are not objects
         color = tuple(int(c) for c in rng.randint(0, 256, size=3))
-        if rng.rand() < 0.6:
+        if v["curved_clutter"] > 0 and rng.rand() < v["curved_clutter"]:  # a thin arc, like part of an outline
+            c, r = rng.uniform(0, size, size=2), rng.uniform(0.03, 0.15) * size
+            start = rng.uniform(0, 360)
+            draw.arc(
+                [c[0] - r, c[1] - r, c[0] + r, c[1] + r],
+                start,
+                start + rng.uniform(60, 240),
+                fill=color,
+                width=int(rng.randint(2, 5)),
+            )
+        elif rng.rand() < 0.6:
             p = rng.uniform(0, size, size=4)
             draw.line([tuple(p[:2]), tuple(p[2:])], fill=color, width=int(rng.randint(1, 4)))
         else:
@@ -122,20 +183,22 @@ def _visible_parts(geom) -> List[Polygon]:
     return [p for p in parts if isinstance(p, Polygon) and p.area >= 4.0]
 
 
-def make_image(rng: np.random.RandomState, size: int, max_objects: int = 5):
+def make_image(rng: np.random.RandomState, size: int, variant: str = "default"):
     """One image and its objects: list of (class index, visible polygons, visible geometry)."""
-    im = _background(rng, size)
+    v = VARIANTS[variant]
+    im = _background(rng, size, v)
     draw = ImageDraw.Draw(im)
     placed = []  # (cls, full polygon)
-    for _ in range(rng.randint(1, max_objects + 1)):
+    min_area = 40 if variant == "default" else 20
+    for _ in range(rng.randint(1, v["max_objects"] + 1)):
         for _try in range(10):
             cls = int(rng.randint(len(SHAPES_CLASSES)))
-            poly = Polygon(_random_object(rng, cls, size)).buffer(0)
-            if poly.is_empty or poly.area < 40:
+            poly = Polygon(_random_object(rng, cls, size, v)).buffer(0)
+            if poly.is_empty or poly.area < min_area:
                 continue
-            # keep at least 60% of every earlier object visible
+            # keep at least min_visible (60% by default) of every earlier object visible
             ok = all(
-                (p.difference(unary_union([q for _, q in placed[i + 1 :]] + [poly]))).area >= 0.6 * p.area
+                (p.difference(unary_union([q for _, q in placed[i + 1 :]] + [poly]))).area >= v["min_visible"] * p.area
                 for i, (_, p) in enumerate(placed)
             )
             if ok:
@@ -157,12 +220,15 @@ def make_image(rng: np.random.RandomState, size: int, max_objects: int = 5):
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), objects
 
 
-def _write_split(root: str, split: str, num: int, size: int, seed: int, progress) -> Dict:
+def _write_split(root: str, split: str, num: int, size: int, seed: int, progress, variant: str = "default") -> Dict:
     os.makedirs(os.path.join(root, split), exist_ok=True)
     images, annotations = [], []
     for idx in range(num):
-        rng = np.random.RandomState([seed, 0 if split == "train" else 1, idx])
-        im, objects = make_image(rng, size)
+        key = [seed, 0 if split == "train" else 1, idx]
+        if variant != "default":  # another stream of images, not a redraw of the default's
+            key.append(1 + sorted(VARIANTS).index(variant))
+        rng = np.random.RandomState(key)
+        im, objects = make_image(rng, size, variant)
         name = f"{split}/{idx:06d}.png"
         im.save(os.path.join(root, name))
         images.append(dict(id=idx, file_name=name, width=size, height=size))
@@ -195,17 +261,26 @@ def _write_split(root: str, split: str, num: int, size: int, seed: int, progress
 def make_shapes_dataset(
     root: str,
     num_train: int = NUM_TRAIN,
-    num_val: int = 60,
+    num_val: int = NUM_VAL,
     size: int = 192,
     seed: int = 0,
     progress: Optional[callable] = print,
+    variant: str = "default",
 ) -> Dict[str, str]:
     """Writes the dataset under ``root`` and returns the paths of the two annotation files.
 
     The same arguments always give the same files. An existing dataset with the same
-    settings is reused; a folder holding anything else is never overwritten.
+    settings is reused; a folder holding anything else is never overwritten. ``variant``:
+    ``"default"`` or ``"hard"`` (``VARIANTS``).
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(sorted(VARIANTS))}, got {variant!r}")
+    for name, n in (("num_train", num_train), ("num_val", num_val), ("size", size)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive integer, got {n!r}")
     stamp = dict(generator="mmdcnv2.shapes/1", num_train=num_train, num_val=num_val, size=size, seed=seed)
+    if variant != "default":  # the default's stamp stays as it was, so existing datasets are reused
+        stamp["variant"] = variant
     stamp_path = os.path.join(root, "dataset.json")
     ann_dir = os.path.join(root, "annotations")
     paths = {s: os.path.join(ann_dir, f"{s}.json") for s in ("train", "val")}
@@ -217,9 +292,11 @@ def make_shapes_dataset(
                 return paths
     if os.path.isdir(root) and os.listdir(root) and not os.path.exists(stamp_path):
         raise FileExistsError(f"{root} exists and was not written by this generator; choose another folder")
+    if os.path.exists(stamp_path) and progress:
+        progress(f"rewriting the generated dataset in {root} with other settings")
     os.makedirs(ann_dir, exist_ok=True)
     for split, num in (("train", num_train), ("val", num_val)):
-        coco = _write_split(root, split, num, size, seed, progress)
+        coco = _write_split(root, split, num, size, seed, progress, variant)
         with open(paths[split], "w") as f:
             json.dump(coco, f)
     with open(stamp_path, "w") as f:

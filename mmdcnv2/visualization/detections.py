@@ -113,3 +113,56 @@ def draw_detection_grid(
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     grid.save(out_path)
     return out_path
+
+
+def draw_dataset_grid(
+    ann_file: str,
+    img_root: str,
+    out_path: str,
+    image_ids: Optional[Sequence[int]] = None,
+    num_images: int = 8,
+    scale: int = 2,
+    columns: int = 4,
+) -> str:
+    """Writes one picture of a COCO-format dataset: ``num_images`` images (or ``image_ids``) with
+    their ground-truth boxes, class names and polygon outlines, enlarged ``scale`` times, in a grid
+    of ``columns``. Returns ``out_path``."""
+    for name, v in (("num_images", num_images), ("scale", scale), ("columns", columns)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    with open(ann_file) as f:
+        coco = json.load(f)
+    images = {im["id"]: im for im in coco["images"]}
+    ids = list(image_ids) if image_ids is not None else sorted(images)[:num_images]
+    missing = [i for i in ids if i not in images]
+    if missing:
+        raise ValueError(f"image_ids: {missing} not in {ann_file}")
+    if not ids:
+        raise ValueError("image_ids: nothing to draw")
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    names = [c["name"] for c in cats]
+    index = {c["id"]: i for i, c in enumerate(cats)}
+    tiles = []
+    for i in ids:
+        info = images[i]
+        im = Image.open(os.path.join(img_root, info["file_name"])).convert("RGB")
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        anns = [a for a in coco["annotations"] if a["image_id"] == i]
+        draw = ImageDraw.Draw(im)
+        for a in anns:
+            color = PALETTE[index[a["category_id"]] % len(PALETTE)]
+            for poly in a.get("segmentation", []):
+                pts = [(poly[k] * scale, poly[k + 1] * scale) for k in range(0, len(poly) - 1, 2)]
+                draw.line(pts + pts[:1], fill=color, width=1)
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
+        _draw_boxes(im, boxes, [index[a["category_id"]] for a in anns], names, scale)
+        tiles.append(im)
+    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
+    rows = (len(tiles) + columns - 1) // columns
+    cols = min(columns, len(tiles))
+    grid = Image.new("RGB", (cols * w + (cols - 1) * 4, rows * h + (rows - 1) * 4), (255, 255, 255))
+    for k, t in enumerate(tiles):
+        grid.paste(t, ((k % columns) * (w + 4), (k // columns) * (h + 4)))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    grid.save(out_path)
+    return out_path

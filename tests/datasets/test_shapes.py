@@ -51,3 +51,40 @@ def test_never_overwrites_a_foreign_folder(tmp_path):
     with pytest.raises(FileExistsError):
         make_shapes_dataset(str(tmp_path), num_train=2, num_val=1, progress=None)
     assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_hard_variant_is_another_deterministic_split_with_smaller_objects_and_more_occlusion(tmp_path):
+    from mmdcnv2.datasets.shapes import VARIANTS, make_image
+
+    a = make_shapes_dataset(str(tmp_path / "a"), num_train=2, num_val=3, size=96, progress=None, variant="hard")
+    b = make_shapes_dataset(str(tmp_path / "b"), num_train=2, num_val=3, size=96, progress=None, variant="hard")
+    d = make_shapes_dataset(str(tmp_path / "d"), num_train=2, num_val=3, size=96, progress=None)
+    for split in ("train", "val"):
+        assert json.load(open(a[split])) == json.load(open(b[split]))
+        assert json.load(open(a[split]))["annotations"] != json.load(open(d[split]))["annotations"]
+    assert json.load(open(tmp_path / "a" / "dataset.json"))["variant"] == "hard"
+    assert "variant" not in json.load(open(tmp_path / "d" / "dataset.json"))
+
+    def stats(variant, n=40):
+        count, areas = 0, []
+        for i in range(n):
+            _, objects = make_image(np.random.RandomState([5, 1, i]), 192, variant)
+            count += len(objects)
+            for _, parts, visible in objects:
+                if parts:
+                    areas.append(visible.area)
+        return count / n, np.asarray(areas)
+
+    n_default, areas_default = stats("default")
+    n_hard, areas_hard = stats("hard")
+    assert n_hard > 1.3 * n_default
+    assert (areas_hard < 32**2).mean() > (areas_default < 32**2).mean() + 0.2  # COCO "small"
+    assert VARIANTS["hard"]["min_visible"] < VARIANTS["default"]["min_visible"]
+
+
+def test_generator_refuses_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="variant"):
+        make_shapes_dataset(str(tmp_path / "x"), num_train=1, num_val=1, variant="harder", progress=None)
+    with pytest.raises(ValueError, match="num_val"):
+        make_shapes_dataset(str(tmp_path / "x"), num_train=1, num_val=0, progress=None)
+    assert not os.path.exists(tmp_path / "x")

@@ -86,28 +86,75 @@ def test_ablation_tool_trains_evaluates_and_writes_the_table(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "other")
 
 
-def test_step_verdicts_compare_the_change_with_the_spread():
+def test_step_stats_give_paired_changes_with_t_intervals():
+    from scipy import stats
+
     rows = [r for r in ablation.ROWS if r[0] in ("regular", "dcnv1", "dconv-c3-c5")]
     status = {}
-    for name, aps in (
-        ("regular", [0.30, 0.32, 0.31]),
-        ("dcnv1", [0.40, 0.41, 0.42]),
-        ("dconv-c3-c5", [0.39, 0.43, 0.41]),
-    ):
-        for seed, ap in enumerate(aps):
-            status[(name, seed)] = dict(state="done", ap=ap, ap50=ap, ap75=ap)
-    summary = ablation.summarize(rows, [0, 1, 2], status)
-    steps = ablation.step_verdicts(rows, summary)
-    assert [s["larger"] for s in steps] == [True, False]
-    assert steps[0]["delta"] == pytest.approx(0.10)
-    assert steps[1]["spread"] == pytest.approx(0.01 + 0.02)
-    # paired by seed: +0.10, +0.09, +0.11 (same sign), then -0.01, +0.02, -0.01
-    assert steps[0]["paired"] == pytest.approx([0.10, 0.09, 0.11]) and steps[0]["same_sign"]
-    assert steps[1]["paired"] == pytest.approx([-0.01, 0.02, -0.01]) and not steps[1]["same_sign"]
+    aps = {
+        "regular": [0.30, 0.32, 0.31, 0.29],
+        "dcnv1": [0.40, 0.41, 0.42, 0.40],
+        "dconv-c3-c5": [0.39, 0.43, 0.41, 0.42],
+    }
+    for name, values in aps.items():
+        for seed, ap in enumerate(values):
+            # AP large undefined (no large objects), AP small only for three seeds of dcnv1
+            ap_s = None if (name == "dcnv1" and seed == 3) else ap / 2
+            status[(name, seed)] = dict(state="done", ap=ap, ap50=ap + 0.4, ap75=ap, ap_s=ap_s, ap_m=ap, ap_l=None)
+    status[("dconv-c3-c5", 3)] = dict(state="training failed (rc 1): log")
+    seeds = [0, 1, 2, 3]
+    summary = ablation.summarize(rows, seeds, status)
+    assert summary["dconv-c3-c5"]["n"] == 3 and summary["dconv-c3-c5"]["seeds"] == [0, 1, 2]
+    ci = stats.t.interval(0.95, 3, loc=0, scale=stats.sem(aps["regular"]))[1]
+    assert summary["regular"]["ap_ci"] == pytest.approx(ci)
+    assert summary["regular"]["ap_l_mean"] is None and summary["regular"]["ap_l_ci"] is None
+    steps = ablation.step_stats(rows, summary)
+    # regular -> dcnv1, dcnv1 -> dconv c3-c5, then regular -> dconv c3-c5
+    assert [(s["frm"], s["to"]) for s in steps] == [
+        ("regular", "dcnv1"),
+        ("dcnv1", "dconv-c3-c5"),
+        ("regular", "dconv-c3-c5"),
+    ]
+    for step in steps:
+        common = step["seeds"]
+        a = [aps[step["frm"]][s] for s in common]
+        b = [aps[step["to"]][s] for s in common]
+        m = step["metrics"]["ap"]
+        assert m["paired"] == pytest.approx([y - x for x, y in zip(a, b)])
+        reference = stats.ttest_rel(b, a).confidence_interval(0.95)
+        assert (m["low"], m["high"]) == pytest.approx((reference.low, reference.high))
+        assert m["excludes_zero"] == (reference.low > 0 or reference.high < 0)
+        assert step["metrics"]["ap_l"]["mean"] is None
+    assert steps[0]["seeds"] == [0, 1, 2, 3] and steps[1]["seeds"] == [0, 1, 2]
+    assert steps[0]["metrics"]["ap"]["excludes_zero"] and not steps[1]["metrics"]["ap"]["excludes_zero"]
+    assert len(steps[0]["metrics"]["ap_s"]["paired"]) == 3  # the seed without AP small is left out
     table, _, _ = ablation.markdown(
-        rows, [0, 1, 2], status, {}, dict(iters=600, machine="m", jobs=2, threads=1, timing_iters=0)
+        rows, seeds, status, {}, dict(iters=600, machine="m", jobs=2, threads=1, timing_iters=0)
     )
-    assert "| regular conv -> DCNv1 | +0.100 | 0.020 | **yes** | +0.100, +0.090, +0.110 | **yes** |" in table
+    m = steps[0]["metrics"]["ap"]
+    assert (
+        f"| regular conv -> DCNv1 | 4 | +0.100, +0.090, +0.110, +0.110 | **{m['mean']:+.3f} [{m['low']:+.3f}, " in table
+    )
+    line = [ln for ln in table.splitlines() if ln.startswith("| DCNv1 -> dconv c3-c5 |")][0]
+    assert "**" not in line and line.rstrip().endswith("| n/a |")
+    assert "| regular conv -> dconv c3-c5 | 3 |" in table
+    assert [ln for ln in table.splitlines() if ln.startswith("| dconv c3-c5 |")][0].count("failed") == 1
+
+
+def test_hard_option_checks_the_split(tmp_path):
+    data = str(tmp_path / "shapes")
+    make_shapes_dataset(data, num_train=2, num_val=1, size=64, progress=None)
+    with pytest.raises(SystemExit, match="'default' split"):
+        ablation.main(["--hard", "--data", data, "--out", str(tmp_path / "out"), "--iters", "1"])
+    assert not os.path.exists(tmp_path / "out")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "ablation.json").write_text(json.dumps(dict(meta=dict(variant="hard"), runs={}, timing={})))
+    with pytest.raises(SystemExit, match="'hard' split"):
+        ablation.main(["--data", data, "--out", str(tmp_path / "out"), "--reuse", str(earlier)])
+    with pytest.raises(SystemExit, match="no ablation.json"):
+        ablation.main(["--data", data, "--out", str(tmp_path / "out"), "--reuse", str(tmp_path)])
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_result_parsers():
@@ -117,6 +164,9 @@ def test_result_parsers():
     )
     assert mim_jobs.coco_metrics(out) == (0.123, 0.456, 0.078)
     assert mim_jobs.coco_metrics("no metrics") is None
+    full = out + "  coco/bbox_mAP_m: 0.2000  coco/bbox_mAP_l: -1.0000"
+    assert mim_jobs.coco_metric_dict(full) == dict(ap=0.123, ap50=0.456, ap75=0.078, ap_s=0.0, ap_m=0.2, ap_l=None)
+    assert mim_jobs.coco_metric_dict("no metrics") is None
     assert mim_jobs.train_progress("Iter(train) [ 25/700]  lr: 1\nIter(train) [ 50/700]  lr: 1") == (50, 700)
     opts = mim_jobs.data_options("d", iters=8)
     assert "train_dataloader.dataset.data_root=d/" in opts and "train_cfg.max_iters=8" in opts

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mmdcnv2.datasets import make_shapes_dataset
-from mmdcnv2.visualization import draw_detection_grid
+from mmdcnv2.visualization import draw_dataset_grid, draw_detection_grid
 from mmdcnv2.visualization.detections import PALETTE
 
 
@@ -79,3 +79,36 @@ def test_refuses_bad_arguments(data, tmp_path):
     with pytest.raises(ValueError, match="score_thr"):
         draw_detection_grid(str(pkl), ann, str(data), str(tmp_path / "g.png"), score_thr=2)
     assert not (tmp_path / "g.png").exists()
+
+
+def test_dataset_grid_draws_every_box_in_its_tile(data, tmp_path):
+    ann = data / "annotations" / "val.json"
+    out = draw_dataset_grid(str(ann), str(data), str(tmp_path / "d.png"), image_ids=[0, 1, 2], scale=2, columns=2)
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    tile, gap = 64 * 2, 4
+    assert grid.shape == (2 * tile + gap, 2 * tile + gap, 3)  # 3 tiles, 2 per row
+    with open(ann) as f:
+        coco = json.load(f)
+    cats = sorted(c["id"] for c in coco["categories"])
+    for k in range(3):
+        x0, y0 = (k % 2) * (tile + gap), (k // 2) * (tile + gap)
+        for a in [a for a in coco["annotations"] if a["image_id"] == k]:
+            x, y, w, h = a["bbox"]
+            color = PALETTE[cats.index(a["category_id"])]
+            # the box's colour inside its region, at twice the annotation's coordinates, in its own tile
+            ys = slice(y0 + int(2 * y), y0 + min(int(2 * (y + h)), tile - 1) + 1)
+            xs = slice(x0 + int(2 * x), x0 + min(int(2 * (x + w)), tile - 1) + 1)
+            assert (grid[ys, xs] == np.array(color)).all(-1).any()
+    # the fourth slot of the 2 x 2 grid stays empty
+    assert (grid[tile + gap :, tile + gap :] == 255).all()
+
+
+def test_dataset_grid_refuses_bad_arguments(data, tmp_path):
+    ann = str(data / "annotations" / "val.json")
+    with pytest.raises(ValueError, match="image_ids"):
+        draw_dataset_grid(ann, str(data), str(tmp_path / "d.png"), image_ids=[99])
+    with pytest.raises(ValueError, match="scale"):
+        draw_dataset_grid(ann, str(data), str(tmp_path / "d.png"), scale=0)
+    with pytest.raises(ValueError, match="columns"):
+        draw_dataset_grid(ann, str(data), str(tmp_path / "d.png"), columns=0)
+    assert not (tmp_path / "d.png").exists()
