@@ -109,12 +109,25 @@ def limited_api():
     return hexcode, f"cp{value >> 24}{(value >> 16) & 0xFF}"
 
 
+def openmp_flags():
+    """-fopenmp where torch's intra-op parallelism is OpenMP (its Linux builds): at::parallel_for is a
+    header template whose ``#pragma omp parallel`` is compiled into our own code, so without the flag every
+    parallel loop of our CPU kernels would run on one thread. The extension then links libgomp.so.1, the
+    same soname as the libgomp torch loads first, so the process keeps one OpenMP runtime."""
+    if os.environ.get("MMDCNV2_NO_OPENMP", "0") == "1":
+        return []
+    if "OpenMP" not in torch.__config__.parallel_info() or not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"]
+
+
 def make_extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     std = "-std=" + os.environ.get("MMDCNV2_CXX_STD", cxx_standard())
-    cxx = ["-O3", std, "-fopenmp-simd", "-fvisibility=hidden"]
-    ldflags = []
+    omp = openmp_flags()
+    cxx = ["-O3", std, "-fopenmp-simd", "-fvisibility=hidden"] + omp
+    ldflags = list(omp)
     if os.environ.get("MMDCNV2_SANITIZE", "0") == "1":
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
         cxx = [f for f in cxx if f != "-O3"] + san

@@ -36,10 +36,10 @@ Without --hard: rows regular, dcnv1, dconv-c3-c5, mdconv, mdpool, mimic on data/
 regular, dcnv1, dconv-c3-c5, dcnv2, mimic-large, seeds 0-4.
 
 --jobs N trains N runs side by side, each with cores/N threads (two at a time on a 2-core
-machine halve the wall time); runs go seed by seed (every row's first seed first). The time per
-iteration in the table is measured afterwards, one row at a time with all cores, over a short run
-of --timing-iters iterations (median of the logged windows after the first): side-by-side jobs,
-or anything else running on the machine, would skew it.
+machine halve the wall time; --threads sets the threads per run instead); runs go seed by seed
+(every row's first seed first). The time per iteration in the table is measured afterwards, one
+row at a time with all cores, over a short run of --timing-iters iterations (median of the logged
+windows after the first): side-by-side jobs, or anything else running on the machine, would skew it.
 """
 
 import argparse
@@ -446,6 +446,12 @@ def main(argv=None):
     )
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the configs')")
     p.add_argument("--jobs", type=int, default=1, help="trainings side by side")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads per training (default: cores / jobs); 1 with --jobs 1 leaves a core free for other work",
+    )
     p.add_argument("--data", default=None, help="dataset folder (default data/shapes; --hard: data/shapes-hard)")
     p.add_argument("--out", default=None, help="results folder; must not exist (default results/ablation-<time>)")
     p.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
@@ -474,6 +480,8 @@ def main(argv=None):
         sys.exit(f"--seeds must name at least one seed, each once, got {a.seeds!r}")
     if a.jobs < 1:
         sys.exit("--jobs must be >= 1")
+    if a.threads is not None and a.threads < 1:
+        sys.exit("--threads must be >= 1")
     rows = [r for r in ROWS if r[0] in names]
     os.chdir(ROOT)
     sys.path.insert(0, ROOT)
@@ -511,7 +519,7 @@ def main(argv=None):
         num_val = len(json.load(f)["images"])
     os.makedirs(out)
     jobs = min(a.jobs, len(rows) * len(seeds))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // jobs)
     # seed-major order: every row gets its first seed before any row gets its second
     order = [(row, seed) for seed in seeds for row in rows]
     status = {(row[0], seed): {} for row, seed in order}

@@ -85,9 +85,11 @@ class column_budget:
     """Context manager: the column workspace of the deformable convolution, in bytes, for every
     call inside it (forward and backward, all devices; the column buffers of one call together, at
     least one row of them). ``0`` means each route's default: on the CPU 8 MiB with at least 2048 rows
-    for the GEMM route and 16 MiB for the convolution route (see :class:`cpu_route`), 256 MiB on CUDA,
-    never more than 256 MiB. Smaller budgets mean more, smaller chunks (and GEMMs); results are the
-    same up to floating-point rounding. The tests use it to run many chunks on small inputs.
+    for the GEMM route, 16 MiB for the convolution route, and sizes measured once per shape for the
+    tiled route (see :class:`cpu_route`; a set budget is used there for the forward's tiles and the
+    backward's chunks alike), 256 MiB on CUDA, never more than 256 MiB. Smaller budgets mean more,
+    smaller chunks (and GEMMs); results are the same up to floating-point rounding, and bit-identical on
+    the tiled route. The tests use it to run many chunks on small inputs.
 
     The setting is process-wide (calls on other threads see it too), not thread-local; on exit the
     previous budget is restored, so the managers nest.
@@ -127,9 +129,13 @@ class cpu_route:
 
     Routes:
 
-    - ``"auto"`` (the default): the convolution route up to 256 input channels where oneDNN is
-      available and enabled (``torch.backends.mkldnn``), the GEMM route above, as measured on this
-      project's machine;
+    - ``"auto"`` (the default): the tiled route where the processor has AVX2 and FMA (any x86-64 CPU of
+      the last decade); elsewhere the convolution route up to 256 input channels where oneDNN is available
+      and enabled (``torch.backends.mkldnn``) and the GEMM route above;
+    - ``"tiled"``: an implicit GEMM with the package's own AVX-512 / AVX2 micro-kernels: tiles of sampled
+      columns are multiplied while they are in the core's cache, with no vendor BLAS involved. Results
+      are bit-identical whatever the number of threads; tile sizes are measured on the first call of a
+      shape (the GEMM route where the processor lacks AVX2+FMA);
     - ``"gemm"``: MKL GEMMs over row-major columns (always the route of float64);
     - ``"conv"``: oneDNN convolutions over a channels-last column image for the forward and for
       grad_cols (the GEMM route where oneDNN is not available).
@@ -138,14 +144,14 @@ class cpu_route:
     the previous route is restored, so the managers nest. CUDA calls are not affected.
 
     Args:
-        route (str): ``"auto"``, ``"gemm"`` or ``"conv"``.
+        route (str): ``"auto"``, ``"tiled"``, ``"gemm"`` or ``"conv"``.
 
     Raises:
         ValueError: an unknown ``route``.
         RuntimeError: on entering, when the compiled ops are not loaded.
     """
 
-    _ROUTES = {"auto": 0, "gemm": 1, "conv": 2}
+    _ROUTES = {"auto": 0, "gemm": 1, "conv": 2, "tiled": 3}
 
     def __init__(self, route: str):
         if route not in self._ROUTES:

@@ -262,7 +262,9 @@ def test_opcheck_channels_last(mask, bias):
     torch.library.opcheck(torch.ops.mmdcnv2.deform_conv2d.default, tuple(args))
 
 
-@pytest.mark.parametrize("dtype,route", [(torch.float64, "auto"), (torch.float32, "gemm"), (torch.float32, "conv")])
+@pytest.mark.parametrize(
+    "dtype,route", [(torch.float64, "auto"), (torch.float32, "gemm"), (torch.float32, "conv"), (torch.float32, "tiled")]
+)
 @pytest.mark.parametrize("budget", [0, 20 << 10])
 def test_channels_last_results_follow_the_input(dtype, route, budget):
     """A channels-last input gives a channels-last output and grad_input (written in place, no layout
@@ -426,14 +428,15 @@ def test_cuda_autocast_and_torchvision():
 @pytest.mark.parametrize("budget", [0, 20 << 10])
 @pytest.mark.parametrize("case", CASES)
 def test_cpu_routes_float32_against_reference(case, budget):
-    """Both CPU routes of float32 (GEMM over row-major columns; oneDNN convolution over the column
-    image, chunked by output rows: a small budget makes one-row chunks) against the float64 reference."""
+    """The CPU routes of float32 (GEMM over row-major columns; oneDNN convolution over the column
+    image, chunked by output rows: a small budget makes one-row chunks; the tiled route) against the
+    float64 reference."""
     from mmdcnv2.ops import column_budget, cpu_route
 
     x, off, w, b, s, p, d, m = make_inputs(case, dtype=torch.float32, offset_scale=2.0)
     ref_args = [t.double() if isinstance(t, torch.Tensor) else t for t in (x, off, w, b, s, p, d, m)]
     out_ref, g_ref = grads(deform_conv2d_reference, *ref_args)
-    for route in ("gemm", "conv"):
+    for route in ("gemm", "conv", "tiled"):
         with cpu_route(route), column_budget(budget):
             out, g = grads(deform_conv2d, x, off, w, b, s, p, d, m)
             out2, g2 = grads(deform_conv2d, x, off, w, b, s, p, d, m)
@@ -449,7 +452,7 @@ def test_cpu_route_refuses_unknown_values():
     from mmdcnv2.ops import cpu_route
 
     with pytest.raises(ValueError, match="route"):
-        torch.ops.mmdcnv2.set_cpu_route(3)
+        torch.ops.mmdcnv2.set_cpu_route(4)
     with pytest.raises(ValueError, match="route"):
         cpu_route("mkl")
 

@@ -5,8 +5,15 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
 
 #include "../../common/bilinear.h"
+#include "../../common/cpu_gemm.h"
 #include "../../common/cpu_vec.h"
 #include "../deform_conv.h"
 
@@ -264,26 +271,32 @@ struct CpuKernels {
 // Chunks are whole output rows of a block's images, stacked (a chunk may cross from one image to the next).
 // A channels-last input is sampled in place and its output and grad_input are written in its layout.
 
-// 0: automatic (the convolution route for float32 up to 256 input channels, where oneDNN is there), 1: always the GEMM
-// route, 2: the convolution route wherever possible. For benchmarks and tests (set_cpu_route op).
+// 0: automatic, 1: always the GEMM route, 2: the convolution route wherever possible, 3: the tiled route wherever
+// possible. For benchmarks and tests (set_cpu_route op).
 std::atomic<int64_t> g_cpu_route{0};
 
 int64_t set_cpu_route(int64_t route) {
-  TORCH_CHECK_VALUE(route >= 0 && route <= 2,
-                    "set_cpu_route: route must be 0 (auto), 1 (GEMM) or 2 (convolution), got ", route);
+  TORCH_CHECK_VALUE(route >= 0 && route <= 3,
+                    "set_cpu_route: route must be 0 (auto), 1 (GEMM), 2 (convolution) or 3 (tiled), got ", route);
   return g_cpu_route.exchange(route);
 }
 
-// Automatic choice, from interleaved measurements on this project's 2-core Intel Xeon machine
-// (README, Benchmarks): the convolution route is faster at ResNet's c3 and c4 (128 and 256 channels),
-// the GEMM route at c5 (512 channels), where the column image's few pixels carry long channel vectors.
+enum class Route { kGemm, kConv, kTiled };
+
+// Without the tiled route's micro-kernels (no AVX2+FMA), the automatic choice is the one measured on this
+// project's 2-core Intel Xeon machine before the tiled route existed: the convolution route at ResNet's c3
+// and c4 (128 and 256 channels), the GEMM route at c5 (512 channels).
 constexpr int64_t kConvRouteMaxChannels = 256;
 
-bool use_conv_route(const at::Tensor& input) {
+bool has_onednn() { return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn(); }
+
+Route cpu_route_for(const at::Tensor& input) {
   const int64_t route = g_cpu_route.load(std::memory_order_relaxed);
-  if (route == 1 || input.scalar_type() != at::kFloat) return false;  // oneDNN has no float64 convolution
-  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return false;
-  return route == 2 || input.size(1) <= kConvRouteMaxChannels;
+  if (route == 1 || input.scalar_type() != at::kFloat) return Route::kGemm;  // float64: the GEMM route
+  const bool tiled = gemm::isa() != gemm::kNone;
+  if (route == 3 || (route == 0 && tiled)) return tiled ? Route::kTiled : Route::kGemm;
+  if (!has_onednn()) return Route::kGemm;  // oneDNN has no float64 convolution
+  return route == 2 || input.size(1) <= kConvRouteMaxChannels ? Route::kConv : Route::kGemm;
 }
 
 // Output rows per chunk, equal chunks over `total` output rows (a block's images, stacked): the column
@@ -423,6 +436,292 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   return res.finish(weight, g);
 }
 
+// ---------------------------------------------------------------- the tiled route (float32, own micro-kernels)
+// An implicit GEMM: the sampled columns never go out to memory in large chunks.
+//   forward: each thread takes a tile of output rows; per conv group and kernel tap it samples the tile's
+//     columns of that tap (rows x Cg, in its cache) and multiplies them at once into the tile's outputs
+//     (rows x Cout, in its cache) with the micro-kernels of cpu_gemm.h; the outputs go to their place in
+//     the result (channels-last rows, or NCHW planes) with the bias.
+//   backward: per chunk of output rows (a few MiB): (1) over sub-tiles of rows, grad_cols = grad_out @ W
+//     with the micro-kernels, then the sampling pass (columns for grad_weight, offset and mask gradients);
+//     (2) over column panels, grad_weight += grad_out^T @ columns; (3) over channel slices, the scatter of
+//     grad_cols into grad_input (no atomics, as in the other routes).
+// Every value is one chain of fused multiply-adds in a fixed order (cpu_gemm.h), and every scatter runs in
+// row order: results are bit-identical whatever the tile and chunk sizes and the number of threads. The
+// sizes are therefore free to be chosen by measurement: the first call of a shape times a few candidates
+// on its own data (the result is the same with any) and keeps the fastest for the process.
+
+// The tap's sample of output row (i, p), channels [c0, c1) of one conv group, mask applied, into dst.
+template <typename T>
+inline void sample_tap_channels(const DeformConvGeom& g, const T* xi, const T* off, const T* msk, int64_t i, int64_t p,
+                                int64_t k, int64_t c0, int64_t c1, T* dst) {
+  const int64_t Cdg = g.Cdg(), C = g.C;
+  for (int64_t c = c0; c < c1;) {
+    const int64_t dg = c / Cdg;
+    const int64_t e = std::min(c1, (dg + 1) * Cdg), n = e - c;
+    const auto t = tap_sample(g, off, msk, i, p, dg, k);
+    const auto& s = t.s;
+    T* d = dst + (c - c0);
+    if (s.all4) {
+      vec::lerp4(d, xi + s.index[0] * C + c, xi + s.index[1] * C + c, xi + s.index[2] * C + c, xi + s.index[3] * C + c,
+                 s.weight[0] * t.m, s.weight[1] * t.m, s.weight[2] * t.m, s.weight[3] * t.m, n);
+    } else {
+      std::fill(d, d + n, T(0));
+      for (int q = 0; q < 4; ++q) {
+        if (s.index[q] >= 0) vec::axpy(d, xi + s.index[q] * C + c, s.weight[q] * t.m, n);
+      }
+    }
+    c = e;
+  }
+}
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Forward tile rows for a budget of bytes (its sampled columns of one tap and its outputs).
+int64_t forward_tile_rows(const DeformConvGeom& g, int64_t bytes) {
+  return std::max<int64_t>(1, bytes / (int64_t(sizeof(float)) * (g.Cg() + g.Cout)));
+}
+// Backward chunk rows for a budget of bytes (grad_cols, columns and grad_out rows).
+int64_t backward_chunk_rows(const DeformConvGeom& g, int64_t bytes) {
+  return std::max<int64_t>(1, bytes / (int64_t(sizeof(float)) * (2 * g.ldc() + g.Cout)));
+}
+
+// w2 [groups, rows, cols] -> panels of NR columns: [groups, ceil(cols / NR), rows, NR], zero-padded columns.
+at::Tensor pack_panels(const at::Tensor& w2, int64_t NR) {
+  const int64_t cols = w2.size(2), npan = (cols + NR - 1) / NR;
+  auto padded = at::constant_pad_nd(w2, {0, npan * NR - cols});
+  return padded.view({w2.size(0), w2.size(1), npan, NR}).permute({0, 2, 1, 3}).contiguous();
+}
+
+at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+                         const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g, int64_t rows) {
+  const int v = gemm::isa();
+  const bool cl = is_channels_last(input);
+  auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().memory_format(result_format(input)));
+  if (out.numel() == 0) return out;
+  const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 1);
+  const int64_t K = g.K(), Cg = g.Cg(), Cout = g.Cout, Cout_g = g.Cout_g(), P = g.P(), KCg = K * Cg;
+  const int64_t NR = gemm::tile_nr(v), npan = (Cout_g + NR - 1) / NR;
+  // B(p, j) = W[j][p] in panels of NR output channels: [groups][npan][K * Cg][NR]
+  const auto wp = pack_panels(s.w2.transpose(1, 2), NR);
+  const float* wpp = wp.data_ptr<float>();
+  const auto bias_c = bias ? bias->contiguous() : at::Tensor();
+  const float* bp = bias ? bias_c.data_ptr<float>() : nullptr;
+  const int64_t rows_pad = round_up(rows, gemm::tile_mr(v));
+  const int64_t lda = gemm::padded_ld(Cg), ldo = gemm::padded_ld(Cout);
+  float* outp = out.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
+    const auto [b, x, off, msk] = s.block(input, n0);
+    const float* xp = x.data_ptr<float>();
+    const float* offp = off.data_ptr<float>();
+    const float* mp = msk ? msk->data_ptr<float>() : nullptr;
+    const int64_t total = b * P, tiles = (total + rows - 1) / rows;
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> abuf(rows_pad * lda), cbuf(rows_pad * ldo);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t * rows, r1 = std::min(total, r0 + rows), R = r1 - r0;
+        for (int64_t gi = 0; gi < g.groups; ++gi) {
+          for (int64_t k = 0; k < K; ++k) {
+            for (int64_t r = r0; r < r1; ++r) {
+              const int64_t i = r / P, p = r % P;
+              sample_tap_channels<float>(g, xp + i * g.H * g.W * g.C, offp, mp, i, p, k, gi * Cg, (gi + 1) * Cg,
+                                         abuf.data() + (r - r0) * lda);
+            }
+            gemm::gemm_packed(v, R, Cout_g, Cg, abuf.data(), lda, 1, wpp + (gi * npan * KCg + k * Cg) * NR, KCg * NR,
+                              cbuf.data() + gi * Cout_g, ldo, k > 0);
+          }
+        }
+        if (cl) {  // rows of [N * P][Cout]
+          float* o = outp + (n0 * P + r0) * Cout;
+          for (int64_t r = 0; r < R; ++r) {
+            const float* c = cbuf.data() + r * ldo;
+            for (int64_t co = 0; co < Cout; ++co) o[r * Cout + co] = bp ? c[co] + bp[co] : c[co];
+          }
+        } else {  // planes of [N][Cout][P], piece by image
+          for (int64_t r = r0; r < r1;) {
+            const int64_t i = r / P, p0 = r % P, n = std::min(r1 - r, P - p0);
+            float* o = outp + (n0 + i) * Cout * P + p0;
+            const float* c = cbuf.data() + (r - r0) * ldo;
+            for (int64_t co = 0; co < Cout; ++co) {
+              const float add = bp ? bp[co] : 0.f;
+              float* oc = o + co * P;
+              for (int64_t j = 0; j < n; ++j) oc[j] = c[j * ldo + co] + add;
+            }
+            r += n;
+          }
+        }
+      }
+    });
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiled(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+    const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g, int64_t chunk) {
+  const int v = gemm::isa();
+  const int64_t MR = gemm::tile_mr(v), NR = gemm::tile_nr(v);
+  const int64_t K = g.K(), Cg = g.Cg(), Cout = g.Cout, Cout_g = g.Cout_g(), P = g.P(), KCg = K * Cg;
+  const bool cl = is_channels_last(input);
+  BackwardResults res(grad_output, input, offset, mask, bias, g, at::kFloat);
+  if (!res.work) return res.finish(weight, g);
+  const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 2);
+  // B(p = co, j = (k, c)) = W[co][(k, c)] in panels of NR columns: [groups][npan][Cout_g][NR]
+  const int64_t npan = (KCg + NR - 1) / NR;
+  const auto wp = pack_panels(s.w2, NR);
+  const float* wpp = wp.data_ptr<float>();
+  float* gwp = res.gw_acc.data_ptr<float>();
+  // chunk buffers: grad_cols and columns in the row layout with a padded row stride, grad_out rows (+ padding)
+  const int64_t ldc = gemm::padded_ld(g.ldc()), ldg = gemm::padded_ld(Cout);
+  ColLayout L = ColLayout::rows(g, 0);
+  L.ldc = ldc;
+  const int64_t chunk_pad = round_up(chunk, MR);
+  auto gcols = at::empty({chunk_pad, ldc}, input.options());
+  auto cols = at::empty({chunk_pad, ldc}, input.options());
+  auto gob = at::zeros({chunk_pad * ldg + MR}, input.options());
+  float* gcp = gcols.data_ptr<float>();
+  float* cp = cols.data_ptr<float>();
+  float* gop = gob.data_ptr<float>();
+  const auto go_cl = grad_output.contiguous(at::MemoryFormat::ChannelsLast);  // memory [N * P][Cout]
+  const float* go_all = go_cl.data_ptr<float>();
+  const int64_t sub = 4 * MR;  // rows per task of the first phase
+  for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
+    const auto [b, x, off, msk] = s.block(input, n0);
+    auto goff = res.grad_offset.narrow(0, n0, b);
+    OptTensor gmsk = mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt;
+    auto gx = cl ? res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
+                 : at::zeros({b, g.H, g.W, g.C}, input.options());
+    const float* xp = x.data_ptr<float>();
+    const float* offp = off.data_ptr<float>();
+    const float* mp = msk ? msk->data_ptr<float>() : nullptr;
+    float* goffp = goff.data_ptr<float>();
+    float* gmp = gmsk ? gmsk->data_ptr<float>() : nullptr;
+    const int64_t total = b * P;
+    for (int64_t r0 = 0; r0 < total; r0 += chunk) {
+      const int64_t r1 = std::min(total, r0 + chunk), R = r1 - r0;
+      L.row0 = r0;
+      // (1) grad_cols of sub-tiles of rows, then their sampling pass
+      at::parallel_for(0, (R + sub - 1) / sub, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t a0 = t * sub, a1 = std::min(R, a0 + sub);
+          for (int64_t a = a0; a < a1; ++a) {
+            std::memcpy(gop + a * ldg, go_all + (n0 * P + r0 + a) * Cout, Cout * sizeof(float));
+          }
+          for (int64_t gi = 0; gi < g.groups; ++gi) {
+            gemm::gemm_packed(v, a1 - a0, KCg, Cout_g, gop + a0 * ldg + gi * Cout_g, ldg, 1,
+                              wpp + gi * npan * Cout_g * NR, Cout_g * NR, gcp + a0 * ldc + gi * KCg, ldc, false);
+          }
+          mmdcnv2::im2col_coord_grad<float>(xp, offp, mp, gcp, cp, goffp, gmp, g, r0 + a0, r0 + a1, L, L);
+        }
+      });
+      // (2) grad_weight += grad_out^T @ columns, by column panels (each value's chain runs over rows in order)
+      at::parallel_for(0, g.groups * npan, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t gi = t / npan, j = (t % npan) * NR;
+          gemm::gemm(v, Cout_g, std::min(NR, KCg - j), R, gop + gi * Cout_g, 1, ldg, cp + gi * KCg + j, ldc,
+                     gwp + gi * Cout_g * KCg + j, KCg, true);
+        }
+      });
+      // (3) grad_input: the scatter of grad_cols, by channel slices
+      CpuKernels::col2im(gcols, off, msk, gx, g, r0, r1, L);
+    }
+    if (!cl) {
+      for (int64_t i = 0; i < b; ++i) {
+        pixels_to_planes(gx.select(0, i), g.H * g.W, g.C, res.grad_input, (n0 + i) * g.C * g.H * g.W, g.H * g.W);
+      }
+    }
+  }
+  return res.finish(weight, g);
+}
+
+// Tile and chunk sizes: from column_budget() where set; otherwise measured once per shape, thread count and
+// micro-kernel (the first call of a shape runs each candidate on its own data and keeps the fastest).
+using TileKey = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                           int64_t, int64_t, int64_t, int, int>;
+std::mutex g_tile_mutex;
+std::map<TileKey, int64_t> g_tile_cache;
+
+TileKey tile_key(int direction, const DeformConvGeom& g, bool masked) {
+  return {direction,
+          g.N,
+          g.C,
+          g.H,
+          g.W,
+          g.Cout,
+          g.kh * 1000 + g.kw,
+          g.sh * 1000 + g.sw,
+          g.ph * 1000 + g.pw,
+          g.dh * 1000 + g.dw,
+          g.groups,
+          g.dgroups,
+          at::get_num_threads(),
+          gemm::isa(),
+          masked ? 1 : 0};
+}
+
+// Budgets (bytes) tried by the measurement: forward tiles and backward chunks.
+constexpr int64_t kForwardBudgets[] = {int64_t(96) << 10, int64_t(192) << 10, int64_t(384) << 10};
+constexpr int64_t kBackwardBudgets[] = {int64_t(1) << 20, int64_t(2) << 20, int64_t(4) << 20};
+
+int64_t g_tile_measurements = 0;  // how many shapes were measured (tests)
+
+template <typename Run, typename Rows>
+auto run_measured(int direction, const DeformConvGeom& g, bool masked, const int64_t (&budgets)[3], Rows rows_of,
+                  Run run) {
+  if (column_budget() > 0) return run(rows_of(column_budget()));
+  const auto key = tile_key(direction, g, masked);
+  {
+    std::lock_guard<std::mutex> lock(g_tile_mutex);
+    auto it = g_tile_cache.find(key);
+    if (it != g_tile_cache.end()) return run(it->second);
+  }
+  int64_t best_rows = rows_of(budgets[0]);
+  double best = -1;
+  decltype(run(best_rows)) result;
+  int64_t last = -1;
+  for (const int64_t bytes : budgets) {
+    const int64_t rows = rows_of(bytes);
+    if (rows == last) continue;  // candidates that come to the same size
+    last = rows;
+    const auto t0 = std::chrono::steady_clock::now();
+    result = run(rows);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (best < 0 || dt < best) best = dt, best_rows = rows;
+  }
+  std::lock_guard<std::mutex> lock(g_tile_mutex);
+  g_tile_cache.emplace(key, best_rows);
+  ++g_tile_measurements;
+  return result;
+}
+
+at::Tensor forward_tiled_route(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+                               const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g) {
+  return run_measured(
+      0, g, mask.has_value(), kForwardBudgets, [&](int64_t bytes) { return forward_tile_rows(g, bytes); },
+      [&](int64_t rows) { return forward_tiled(input, weight, offset, mask, bias, g, rows); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiled_route(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
+    const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g) {
+  return run_measured(
+      1, g, mask.has_value(), kBackwardBudgets, [&](int64_t bytes) { return backward_chunk_rows(g, bytes); },
+      [&](int64_t rows) { return backward_tiled(grad_output, input, weight, offset, mask, bias, g, rows); });
+}
+
+// Micro-kernel ISA cap for tests: 2 AVX-512, 1 AVX2, -1 what the processor has. Returns the old cap.
+int64_t set_cpu_isa(int64_t cap) {
+  TORCH_CHECK_VALUE(cap >= -1 && cap <= 2, "set_cpu_isa: cap must be -1 (none), 1 (AVX2) or 2 (AVX-512), got ", cap);
+  TORCH_CHECK_VALUE(cap != 0, "set_cpu_isa: cap 0 would leave the tiled route without a micro-kernel");
+  return gemm::isa_cap().exchange(static_cast<int>(cap));
+}
+// The micro-kernel ISA the tiled route uses now (0: none, the route is not available), and how many shapes
+// have had their tile sizes measured in this process.
+std::tuple<int64_t, int64_t> cpu_tiled_info() {
+  std::lock_guard<std::mutex> lock(g_tile_mutex);
+  return {gemm::isa(), g_tile_measurements};
+}
+
 bool is_reduced(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 OptTensor to_float(const OptTensor& t) { return t ? OptTensor(t->to(at::kFloat)) : kNullopt; }
 
@@ -432,8 +731,14 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, 
   const auto g = check_deform_conv(input, weight, offset, mask, bias, stride, padding, dilation, groups, deform_groups);
   auto run = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& o, const OptTensor& m,
                  const OptTensor& b) {
-    return use_conv_route(x) ? forward_conv_route(x, w, o, m, b, g)
-                             : deform_conv2d_forward_impl<CpuKernels>(x, w, o, m, b, g);
+    switch (cpu_route_for(x)) {
+      case Route::kTiled:
+        return forward_tiled_route(x, w, o, m, b, g);
+      case Route::kConv:
+        return forward_conv_route(x, w, o, m, b, g);
+      default:
+        return deform_conv2d_forward_impl<CpuKernels>(x, w, o, m, b, g);
+    }
   };
   if (is_reduced(input)) {
     return run(input.to(at::kFloat), weight.to(at::kFloat), offset.to(at::kFloat), to_float(mask), to_float(bias))
@@ -450,8 +755,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   check_deform_conv_grad(grad_output, input, g);
   auto run = [&](const at::Tensor& go, const at::Tensor& x, const at::Tensor& w, const at::Tensor& o,
                  const OptTensor& m, const OptTensor& b) {
-    return use_conv_route(x) ? backward_conv_route(go, x, w, o, m, b, g)
-                             : deform_conv2d_backward_impl<CpuKernels>(go, x, w, o, m, b, g, x.scalar_type());
+    switch (cpu_route_for(x)) {
+      case Route::kTiled:
+        return backward_tiled_route(go, x, w, o, m, b, g);
+      case Route::kConv:
+        return backward_conv_route(go, x, w, o, m, b, g);
+      default:
+        return deform_conv2d_backward_impl<CpuKernels>(go, x, w, o, m, b, g, x.scalar_type());
+    }
   };
   if (is_reduced(input)) {
     const auto dt = input.scalar_type();
@@ -466,8 +777,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 }  // namespace mmdcnv2
 
 TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
-  // Which CPU route later float32 calls take: 0 automatic, 1 GEMM (MKL), 2 convolution (oneDNN). Returns the old one.
+  // Which CPU route later float32 calls take: 0 automatic, 1 GEMM (MKL), 2 convolution (oneDNN), 3 tiled (own
+  // micro-kernels). Returns the old one.
   m.def("set_cpu_route(int route) -> int", &mmdcnv2::set_cpu_route);
+  // The tiled route's micro-kernel: a cap on the ISA (tests), and what it uses now with the measurement count.
+  m.def("set_cpu_isa(int cap) -> int", &mmdcnv2::set_cpu_isa);
+  m.def("cpu_tiled_info() -> (int, int)", &mmdcnv2::cpu_tiled_info);
 }
 
 TORCH_LIBRARY_IMPL(mmdcnv2, CPU, m) {

@@ -1,0 +1,180 @@
+// The CPU's own matrix-multiply micro-kernels (AVX-512F and AVX2+FMA), for the tiled route of the deformable
+// convolution: small products of tiles that stay in the core's cache, with no vendor BLAS in the way, so
+// the speed does not depend on which code path a library picks on a given processor.
+//
+// One micro-kernel call computes an MR x NR block of C:
+//   C[i * ldc + j] = (acc ? C[i * ldc + j] : 0) + sum_{p < kdim} A[i * ai + p * ap] * B[p * ldb + j]
+// for i < mr <= MR and j < nr <= NR, with one fused multiply-add per term, in order of p. A result
+// therefore does not depend on how the caller cuts the p range into pieces (a later piece passes
+// acc = true and continues the same chain), nor on the blocking of i and j: results are bit-identical
+// whatever the tile sizes and the number of threads.
+//
+// A is read for all MR rows, also those past mr (callers pad their buffers; the values are discarded);
+// B and C are read and written for the first nr columns only (masked loads and stores).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "cpu_vec.h"
+
+#if MMDCNV2_X86_DISPATCH
+#include <immintrin.h>
+#define MMDCNV2_AVX512 __attribute__((target("avx512f")))
+#endif
+
+namespace mmdcnv2 {
+namespace gemm {
+
+enum Isa : int { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// What the processor offers.
+inline int detected_isa() {
+#if MMDCNV2_X86_DISPATCH
+  static const int v = __builtin_cpu_supports("avx512f")                                   ? kAvx512
+                       : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? kAvx2
+                                                                                           : kNone;
+  return v;
+#else
+  return kNone;
+#endif
+}
+
+// A cap below what the processor offers (tests run the AVX2 kernels on an AVX-512 machine); -1: none.
+inline std::atomic<int>& isa_cap() {
+  static std::atomic<int> cap{-1};
+  return cap;
+}
+
+inline int isa() {
+  const int cap = isa_cap().load(std::memory_order_relaxed);
+  return cap < 0 ? detected_isa() : std::min(cap, detected_isa());
+}
+
+// Micro-tile rows and columns of an ISA.
+inline int tile_mr(int v) { return v == kAvx512 ? 12 : 6; }
+inline int tile_nr(int v) { return v == kAvx512 ? 32 : 16; }
+
+#if MMDCNV2_X86_DISPATCH
+
+template <int MR>
+MMDCNV2_AVX512 void ukr_avx512(int64_t kdim, const float* A, int64_t ai, int64_t ap, const float* B, int64_t ldb,
+                               float* C, int64_t ldc, int mr, int nr, bool acc) {
+  const __mmask16 m0 = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
+  const __mmask16 m1 = nr >= 32 ? __mmask16(0xFFFF) : nr > 16 ? __mmask16((1u << (nr - 16)) - 1) : __mmask16(0);
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    if (acc && i < mr) {
+      c0[i] = _mm512_maskz_loadu_ps(m0, C + i * ldc);
+      c1[i] = _mm512_maskz_loadu_ps(m1, C + i * ldc + 16);
+    } else {
+      c0[i] = _mm512_setzero_ps();
+      c1[i] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t p = 0; p < kdim; ++p) {
+    const float* b = B + p * ldb;
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, b);
+    const __m512 b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+    const float* a = A + p * ap;
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * ai]);
+      c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    if (i < mr) {
+      _mm512_mask_storeu_ps(C + i * ldc, m0, c0[i]);
+      _mm512_mask_storeu_ps(C + i * ldc + 16, m1, c1[i]);
+    }
+  }
+}
+
+MMDCNV2_AVX2 inline __m256i avx2_mask(int n) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx);
+}
+
+template <int MR>
+MMDCNV2_AVX2 void ukr_avx2(int64_t kdim, const float* A, int64_t ai, int64_t ap, const float* B, int64_t ldb, float* C,
+                           int64_t ldc, int mr, int nr, bool acc) {
+  const __m256i m0 = avx2_mask(std::min(nr, 8));
+  const __m256i m1 = avx2_mask(std::max(0, nr - 8));
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    if (acc && i < mr) {
+      c0[i] = _mm256_maskload_ps(C + i * ldc, m0);
+      c1[i] = _mm256_maskload_ps(C + i * ldc + 8, m1);
+    } else {
+      c0[i] = _mm256_setzero_ps();
+      c1[i] = _mm256_setzero_ps();
+    }
+  }
+  for (int64_t p = 0; p < kdim; ++p) {
+    const float* b = B + p * ldb;
+    const __m256 b0 = _mm256_maskload_ps(b, m0);
+    const __m256 b1 = _mm256_maskload_ps(b + 8, m1);
+    const float* a = A + p * ap;
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * ai);
+      c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    if (i < mr) {
+      _mm256_maskstore_ps(C + i * ldc, m0, c0[i]);
+      _mm256_maskstore_ps(C + i * ldc + 8, m1, c1[i]);
+    }
+  }
+}
+
+#endif  // MMDCNV2_X86_DISPATCH
+
+// C[m x n] (+)= A(i, p) B(p, j) over p < kdim, in micro-tiles of the ISA v (kAvx2 or kAvx512): A(i, p) =
+// A[i * ai + p * ap] must be readable for i up to m rounded up to the micro-tile rows; B(p, j) = B[p * ldb + j].
+// Single-threaded: callers parallelise over tiles.
+inline void gemm(int v, int64_t m, int64_t n, int64_t kdim, const float* A, int64_t ai, int64_t ap, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, bool acc) {
+#if MMDCNV2_X86_DISPATCH
+  const int MR = tile_mr(v), NR = tile_nr(v);
+  for (int64_t j = 0; j < n; j += NR) {
+    const int nr = static_cast<int>(std::min<int64_t>(NR, n - j));
+    for (int64_t i = 0; i < m; i += MR) {
+      const int mr = static_cast<int>(std::min<int64_t>(MR, m - i));
+      if (v == kAvx512) {
+        ukr_avx512<12>(kdim, A + i * ai, ai, ap, B + j, ldb, C + i * ldc + j, ldc, mr, nr, acc);
+      } else {
+        ukr_avx2<6>(kdim, A + i * ai, ai, ap, B + j, ldb, C + i * ldc + j, ldc, mr, nr, acc);
+      }
+    }
+  }
+#else
+  (void)v, (void)m, (void)n, (void)kdim, (void)A, (void)ai, (void)ap, (void)B, (void)ldb, (void)C, (void)ldc, (void)acc;
+#endif
+}
+
+// The same with B packed in panels of the ISA's NR columns: panel q (columns q * NR ...) at Bp + q * panel_stride,
+// row p of a panel at p * NR (a panel is read sequentially: no cache-set conflicts from a long row stride).
+inline void gemm_packed(int v, int64_t m, int64_t n, int64_t kdim, const float* A, int64_t ai, int64_t ap,
+                        const float* Bp, int64_t panel_stride, float* C, int64_t ldc, bool acc) {
+  const int64_t NR = tile_nr(v);
+  for (int64_t j = 0; j < n; j += NR) {
+    gemm(v, m, std::min(NR, n - j), kdim, A, ai, ap, Bp + (j / NR) * panel_stride, NR, C + j, ldc, acc);
+  }
+}
+
+// A row stride for a buffer of rows of n floats: a multiple of 64 floats (4 KiB strides and their halves) gets 16
+// more, so that a micro-tile's rows do not all fall into the same few cache sets.
+inline int64_t padded_ld(int64_t n) { return n % 64 == 0 ? n + 16 : n; }
+
+}  // namespace gemm
+}  // namespace mmdcnv2

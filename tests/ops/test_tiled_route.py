@@ -1,0 +1,122 @@
+"""The CPU's tiled route (implicit GEMM on the package's own AVX-512 / AVX2 micro-kernels): against the
+float64 reference with tolerances from each output's own condition, and bit-identical whatever the tile
+and chunk sizes, the number of threads and the memory format."""
+
+import pytest
+import torch
+
+from mmdcnv2.ops import column_budget, cpu_route, deform_conv2d, deform_conv2d_reference
+
+from test_deform_conv import CASES, grads, make_inputs
+
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+def _isa_now():
+    return torch.ops.mmdcnv2.cpu_tiled_info()[0]
+
+
+ISAS = [c for c in (2, 1) if _isa_now() >= c]
+if not ISAS:
+    pytest.skip("the tiled route needs AVX2+FMA or AVX-512 (this CPU has neither)", allow_module_level=True)
+
+
+class isa_cap:
+    def __init__(self, cap):
+        self.cap = cap
+
+    def __enter__(self):
+        self.prev = torch.ops.mmdcnv2.set_cpu_isa(self.cap)
+
+    def __exit__(self, *exc):
+        torch.ops.mmdcnv2.set_cpu_isa(self.prev)
+
+
+def _abs_args(args):
+    x, off, w, b, s, p, d, m = args
+    return x.abs(), off, w.abs(), None if b is None else b.abs(), s, p, d, m
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("budget", [0, 3 << 10])
+@pytest.mark.parametrize("case", CASES)
+def test_tiled_route_against_reference(case, budget, isa):
+    """Each value within the rounding bound of a float32 dot product of its length n: |error| <= c n u
+    times the same sum over absolute values (for the output: sum |w| |sample| + |b|, computed by the
+    reference on |x|, |w|, |b|); the gradients within c n u of the largest gradient of their kind."""
+    x, off, w, b, s, p, d, m = make_inputs(case, dtype=torch.float32, offset_scale=2.0)
+    ref_args = [t.double() if isinstance(t, torch.Tensor) else t for t in (x, off, w, b, s, p, d, m)]
+    out_ref, g_ref = grads(deform_conv2d_reference, *ref_args)
+    scale = deform_conv2d_reference(*_abs_args(ref_args))
+    N, C, H, W, Cout, kh, kw, *_, groups, dg = case
+    n = kh * kw * C // groups + 4  # terms of one output value (+ the bilinear corners and the bias)
+    with isa_cap(isa), cpu_route("tiled"), column_budget(budget):
+        out, g = grads(deform_conv2d, x, off, w, b, s, p, d, m)
+    err = (out.double() - out_ref).abs()
+    bound = 4 * n * U32 * scale + 1e-30
+    assert (err <= bound).all(), f"output off by {(err / bound).max().item():.2f} bounds"
+    terms = {"input": N * Cout * kh * kw, "offset": Cout * C // groups, "weight": N * H * W, "bias": N * H * W}
+    for name, a, r in zip(["input", "offset", "weight", "bias", "mask"], g, g_ref):
+        t = terms.get(name, Cout * C // groups)
+        tol = 8 * (t + 4) * U32 * (r.abs().max().item() + 1e-30) * 4
+        torch.testing.assert_close(a.double(), r, atol=tol, rtol=0, msg=lambda e: f"grad {name}: {e}")
+
+
+CASE_BIG = (3, 24, 13, 11, 20, 3, 3, 1, 1, 1, 1, 2)  # 429 output rows: many tiles and chunks with small budgets
+
+
+def _all(budget, threads, isa, channels_last=False, mask=True):
+    torch.manual_seed(0)
+    x, off, w, b, s, p, d, m = make_inputs(CASE_BIG, dtype=torch.float32, offset_scale=2.0, mask=mask)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with isa_cap(isa), cpu_route("tiled"), column_budget(budget):
+            out, g = grads(deform_conv2d, x, off, w, b, s, p, d, m)
+    finally:
+        torch.set_num_threads(old)
+    return [out.contiguous()] + [t.contiguous() for t in g]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mask", [True, False])
+def test_tiled_route_is_bit_identical_across_tiles_threads_and_layouts(isa, mask):
+    base = _all(0, 1, isa, mask=mask)
+    for budget, threads, cl in [(0, 2, False), (1 << 10, 2, False), (7 << 10, 1, False), (40 << 10, 2, True)]:
+        other = _all(budget, threads, isa, channels_last=cl, mask=mask)
+        for i, (a, c) in enumerate(zip(base, other)):
+            assert torch.equal(a, c), f"result {i} differs at budget {budget}, {threads} threads, channels_last {cl}"
+
+
+def test_tiled_route_measures_each_shape_once():
+    x, off, w, b, s, p, d, m = make_inputs((1, 5, 9, 7, 3, 3, 3, 1, 1, 1, 1, 1), dtype=torch.float32)
+    with cpu_route("tiled"):
+        before = torch.ops.mmdcnv2.cpu_tiled_info()[1]
+        grads(deform_conv2d, x, off, w, b, s, p, d, m)
+        after_first = torch.ops.mmdcnv2.cpu_tiled_info()[1]
+        grads(deform_conv2d, x, off, w, b, s, p, d, m)
+        after_second = torch.ops.mmdcnv2.cpu_tiled_info()[1]
+    assert after_first == before + 2  # forward and backward, once each
+    assert after_second == after_first
+
+
+def test_tiled_route_half_types_compute_in_float32():
+    x, off, w, b, s, p, d, m = make_inputs((2, 8, 6, 7, 6, 3, 3, 1, 1, 1, 1, 2), dtype=torch.float32)
+    with cpu_route("tiled"):
+        ref = deform_conv2d(x, off, w, b, s, p, d, m)
+        for dt in (torch.float16, torch.bfloat16):
+            args = [t.to(dt) for t in (x, off, w, b, m)]
+            out = deform_conv2d(args[0], args[1], args[2], args[3], s, p, d, args[4])
+            assert out.dtype == dt
+            ref_dt = deform_conv2d(*[a.float() for a in args[:4]], s, p, d, args[4].float()).to(dt)
+            assert torch.equal(out, ref_dt)
+    assert ref.dtype == torch.float32
+
+
+def test_set_cpu_isa_refuses_bad_values():
+    with pytest.raises(ValueError, match="cap"):
+        torch.ops.mmdcnv2.set_cpu_isa(0)
+    with pytest.raises(ValueError, match="cap"):
+        torch.ops.mmdcnv2.set_cpu_isa(5)
