@@ -110,24 +110,27 @@ def limited_api():
 
 
 def openmp_flags():
-    """-fopenmp where torch's intra-op parallelism is OpenMP (its Linux builds): at::parallel_for is a
-    header template whose ``#pragma omp parallel`` is compiled into our own code, so without the flag every
-    parallel loop of our CPU kernels would run on one thread. The extension then links libgomp.so.1, the
-    same soname as the libgomp torch loads first, so the process keeps one OpenMP runtime."""
+    """(compile, link) flags for OpenMP where torch's intra-op parallelism is OpenMP (its Linux builds):
+    at::parallel_for is a header template whose ``#pragma omp parallel`` is compiled into our own code, so
+    without -fopenmp every parallel loop of our CPU kernels would run on one thread. We link the libgomp
+    that torch ships where it has one (torch/lib/libgomp*.so*, named libgomp.so.1 in torch 2.14 and
+    libgomp-<hash>.so.1 in torch 2.1), so that the process keeps one OpenMP runtime with torch's thread
+    count; elsewhere the compiler's own. MMDCNV2_NO_OPENMP=1 builds without."""
     if os.environ.get("MMDCNV2_NO_OPENMP", "0") == "1":
-        return []
+        return [], []
     if "OpenMP" not in torch.__config__.parallel_info() or not torch.backends.openmp.is_available():
-        return []
-    return ["-fopenmp"]
+        return [], []
+    bundled = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
+    return ["-fopenmp"], (bundled[:1] if bundled else ["-fopenmp"])
 
 
 def make_extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     std = "-std=" + os.environ.get("MMDCNV2_CXX_STD", cxx_standard())
-    omp = openmp_flags()
-    cxx = ["-O3", std, "-fopenmp-simd", "-fvisibility=hidden"] + omp
-    ldflags = list(omp)
+    omp_cxx, omp_ld = openmp_flags()
+    cxx = ["-O3", std, "-fopenmp-simd", "-fvisibility=hidden"] + omp_cxx
+    ldflags = list(omp_ld)
     if os.environ.get("MMDCNV2_SANITIZE", "0") == "1":
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
         cxx = [f for f in cxx if f != "-O3"] + san

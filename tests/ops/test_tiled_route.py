@@ -2,6 +2,8 @@
 float64 reference with tolerances from each output's own condition, and bit-identical whatever the tile
 and chunk sizes, the number of threads and the memory format."""
 
+import os
+
 import pytest
 import torch
 
@@ -120,3 +122,15 @@ def test_set_cpu_isa_refuses_bad_values():
         torch.ops.mmdcnv2.set_cpu_isa(0)
     with pytest.raises(ValueError, match="cap"):
         torch.ops.mmdcnv2.set_cpu_isa(5)
+
+
+def test_parallel_loops_are_compiled_for_torchs_openmp():
+    """at::parallel_for is a header template: an extension compiled without -fopenmp runs every parallel
+    loop of its own on one thread, silently. Where torch's intra-op backend is OpenMP, ours must be too."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's intra-op parallelism is not OpenMP here")
+    assert torch.ops.mmdcnv2.cpu_tiled_info()[2] == 1
+    if not os.path.exists("/proc/self/maps"):
+        return
+    gomp = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+    assert len(gomp) <= 1, f"more than one OpenMP runtime loaded: {sorted(gomp)}"

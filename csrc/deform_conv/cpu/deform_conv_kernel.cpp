@@ -485,6 +485,13 @@ int64_t forward_tile_rows(const DeformConvGeom& g, int64_t bytes) {
 int64_t backward_chunk_rows(const DeformConvGeom& g, int64_t bytes) {
   return std::max<int64_t>(1, bytes / (int64_t(sizeof(float)) * (2 * g.ldc() + g.Cout)));
 }
+// Backward chunk rows measured: a few hundred rows whatever the channels. grad_weight's accumulator is read and
+// written once per chunk, so a chunk needs that many rows to keep the product ahead of the memory traffic
+// (at ResNet's c5, 512 channels, the accumulator is 9 MiB); capped at the workspace limit.
+int64_t backward_chunk_rows_fixed(const DeformConvGeom& g, int64_t rows) {
+  const int64_t cap = kMaxColumnWorkspace / (int64_t(sizeof(float)) * (2 * g.ldc() + g.Cout));
+  return std::max<int64_t>(1, std::min({rows, cap, g.N * g.P()}));
+}
 
 // w2 [groups, rows, cols] -> panels of NR columns: [groups, ceil(cols / NR), rows, NR], zero-padded columns.
 at::Tensor pack_panels(const at::Tensor& w2, int64_t NR) {
@@ -584,7 +591,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   float* gop = gob.data_ptr<float>();
   const auto go_cl = grad_output.contiguous(at::MemoryFormat::ChannelsLast);  // memory [N * P][Cout]
   const float* go_all = go_cl.data_ptr<float>();
-  const int64_t sub = 4 * MR;  // rows per task of the first phase
+  // rows per task of the first phase: the chunk in equal parts per thread, whole micro-tiles
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
     const auto [b, x, off, msk] = s.block(input, n0);
     auto goff = res.grad_offset.narrow(0, n0, b);
@@ -600,6 +608,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     for (int64_t r0 = 0; r0 < total; r0 += chunk) {
       const int64_t r1 = std::min(total, r0 + chunk), R = r1 - r0;
       L.row0 = r0;
+      const int64_t sub = std::min<int64_t>(round_up((R + threads - 1) / threads, MR), 8 * MR);
       // (1) grad_cols of sub-tiles of rows, then their sampling pass
       at::parallel_for(0, (R + sub - 1) / sub, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
@@ -660,27 +669,27 @@ TileKey tile_key(int direction, const DeformConvGeom& g, bool masked) {
 }
 
 // Budgets (bytes) tried by the measurement: forward tiles and backward chunks.
-constexpr int64_t kForwardBudgets[] = {int64_t(96) << 10, int64_t(192) << 10, int64_t(384) << 10};
-constexpr int64_t kBackwardBudgets[] = {int64_t(1) << 20, int64_t(2) << 20, int64_t(4) << 20};
+constexpr int64_t kForwardBudgets[] = {int64_t(128) << 10, int64_t(256) << 10, int64_t(512) << 10, int64_t(1024) << 10};
+constexpr int64_t kBackwardRows[] = {192, 384, 768};
 
 int64_t g_tile_measurements = 0;  // how many shapes were measured (tests)
 
-template <typename Run, typename Rows>
-auto run_measured(int direction, const DeformConvGeom& g, bool masked, const int64_t (&budgets)[3], Rows rows_of,
-                  Run run) {
-  if (column_budget() > 0) return run(rows_of(column_budget()));
+template <typename Run, typename Rows, typename Budget, size_t n>
+auto run_measured(int direction, const DeformConvGeom& g, bool masked, const int64_t (&candidates)[n], Rows rows_of,
+                  Budget rows_of_budget, Run run) {
+  if (column_budget() > 0) return run(rows_of_budget(column_budget()));
   const auto key = tile_key(direction, g, masked);
   {
     std::lock_guard<std::mutex> lock(g_tile_mutex);
     auto it = g_tile_cache.find(key);
     if (it != g_tile_cache.end()) return run(it->second);
   }
-  int64_t best_rows = rows_of(budgets[0]);
+  int64_t best_rows = rows_of(candidates[0]);
   double best = -1;
   decltype(run(best_rows)) result;
   int64_t last = -1;
-  for (const int64_t bytes : budgets) {
-    const int64_t rows = rows_of(bytes);
+  for (const int64_t c : candidates) {
+    const int64_t rows = rows_of(c);
     if (rows == last) continue;  // candidates that come to the same size
     last = rows;
     const auto t0 = std::chrono::steady_clock::now();
@@ -696,16 +705,17 @@ auto run_measured(int direction, const DeformConvGeom& g, bool masked, const int
 
 at::Tensor forward_tiled_route(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
                                const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g) {
-  return run_measured(
-      0, g, mask.has_value(), kForwardBudgets, [&](int64_t bytes) { return forward_tile_rows(g, bytes); },
-      [&](int64_t rows) { return forward_tiled(input, weight, offset, mask, bias, g, rows); });
+  const auto rows_of = [&](int64_t bytes) { return forward_tile_rows(g, bytes); };
+  return run_measured(0, g, mask.has_value(), kForwardBudgets, rows_of, rows_of,
+                      [&](int64_t rows) { return forward_tiled(input, weight, offset, mask, bias, g, rows); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiled_route(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
     const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g) {
   return run_measured(
-      1, g, mask.has_value(), kBackwardBudgets, [&](int64_t bytes) { return backward_chunk_rows(g, bytes); },
+      1, g, mask.has_value(), kBackwardRows, [&](int64_t rows) { return backward_chunk_rows_fixed(g, rows); },
+      [&](int64_t bytes) { return backward_chunk_rows(g, bytes); },
       [&](int64_t rows) { return backward_tiled(grad_output, input, weight, offset, mask, bias, g, rows); });
 }
 
@@ -715,11 +725,17 @@ int64_t set_cpu_isa(int64_t cap) {
   TORCH_CHECK_VALUE(cap != 0, "set_cpu_isa: cap 0 would leave the tiled route without a micro-kernel");
   return gemm::isa_cap().exchange(static_cast<int>(cap));
 }
-// The micro-kernel ISA the tiled route uses now (0: none, the route is not available), and how many shapes
-// have had their tile sizes measured in this process.
-std::tuple<int64_t, int64_t> cpu_tiled_info() {
+// The micro-kernel ISA the tiled route uses now (0: none, the route is not available), how many shapes have had
+// their tile sizes measured in this process, and whether our parallel loops are compiled for OpenMP (without it,
+// at::parallel_for runs our loops on one thread).
+std::tuple<int64_t, int64_t, int64_t> cpu_tiled_info() {
   std::lock_guard<std::mutex> lock(g_tile_mutex);
-  return {gemm::isa(), g_tile_measurements};
+#ifdef _OPENMP
+  const int64_t openmp = 1;
+#else
+  const int64_t openmp = 0;
+#endif
+  return {gemm::isa(), g_tile_measurements, openmp};
 }
 
 bool is_reduced(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
@@ -782,7 +798,7 @@ TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
   m.def("set_cpu_route(int route) -> int", &mmdcnv2::set_cpu_route);
   // The tiled route's micro-kernel: a cap on the ISA (tests), and what it uses now with the measurement count.
   m.def("set_cpu_isa(int cap) -> int", &mmdcnv2::set_cpu_isa);
-  m.def("cpu_tiled_info() -> (int, int)", &mmdcnv2::cpu_tiled_info);
+  m.def("cpu_tiled_info() -> (int, int, int)", &mmdcnv2::cpu_tiled_info);
 }
 
 TORCH_LIBRARY_IMPL(mmdcnv2, CPU, m) {
