@@ -442,6 +442,14 @@ def bench_detector(device, reps, side):
     return out, losses
 
 
+def auto_route_name():
+    """What `auto` takes for float32 on this CPU."""
+    isa = torch.ops.mmdcnv2.cpu_tiled_info()[0] if hasattr(torch.ops.mmdcnv2, "cpu_tiled_info") else 0
+    if isa:
+        return f"the tiled route ({ {1: 'AVX2', 2: 'AVX-512'}[isa] } micro-kernels)"
+    return "the convolution route up to 256 channels, the GEMM route above"
+
+
 def fmt(v):
     return "-" if v is None else f"{v:.1f}"
 
@@ -469,7 +477,8 @@ def write_report(results, out_dir):
         lines += [
             f"## Modulated deformable convolution, 3x3, {dtype} (ms)",
             "",
-            "Ratios: ours / dense conv2d (fwd, fwd+bwd); ours / peer (fwd+bwd).",
+            "Ratios: ours / dense conv2d (fwd, fwd+bwd); ours / peer (fwd+bwd). "
+            + (f"mmdcnv2 is `auto`, here {results['cpu_auto_route']}." if results.get("cpu_auto_route") else ""),
             "",
             "| layer | size | mmdcnv2 fwd | fwd+bwd [min-max] | GEMM route fwd / fwd+bwd | "
             "conv route fwd / fwd+bwd | peak MiB | dense fwd / fwd+bwd | vs dense | vs torchvision | vs mmcv |",
@@ -598,9 +607,14 @@ def main():
     )
     try:
         with open("/proc/cpuinfo") as f:
-            model = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if a.device == "cpu" and model:
-            dev_name = f"{model[0]}, {os.cpu_count()} cores"
+            info = [line.split(":", 1) for line in f if ":" in line]
+        field = {k.strip(): v.strip() for k, v in reversed(info)}  # the first processor's values
+        if a.device == "cpu" and "model name" in field:
+            # a VM may name only the vendor's line ("AMD EPYC"): family and model tell the generation
+            dev_name = (
+                f"{field['model name']} (family {field.get('cpu family', '?')}, model {field.get('model', '?')}), "
+                f"{os.cpu_count()} cores"
+            )
     except OSError:
         pass
     results = dict(
@@ -613,6 +627,7 @@ def main():
         roi_pool=[],
         detector={},
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        cpu_auto_route=auto_route_name() if a.device == "cpu" else None,
     )
     watch = QuietWatch(a.device)
     for dt in dtypes:

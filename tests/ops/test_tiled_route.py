@@ -92,7 +92,7 @@ def test_tiled_route_is_bit_identical_across_tiles_threads_and_layouts(isa, mask
             assert torch.equal(a, c), f"result {i} differs at budget {budget}, {threads} threads, channels_last {cl}"
 
 
-def test_tiled_route_measures_each_shape_once():
+def test_tiled_route_measures_each_kind_of_call_once():
     x, off, w, b, s, p, d, m = make_inputs((1, 5, 9, 7, 3, 3, 3, 1, 1, 1, 1, 1), dtype=torch.float32)
     with cpu_route("tiled"):
         before = torch.ops.mmdcnv2.cpu_tiled_info()[1]
@@ -102,6 +102,11 @@ def test_tiled_route_measures_each_shape_once():
         after_second = torch.ops.mmdcnv2.cpu_tiled_info()[1]
     assert after_first == before + 2  # forward and backward, once each
     assert after_second == after_first
+    # another image size of the same layer, within a factor of 2 of the output rows (63 -> 56): no new measurement
+    x2, off2, w2, b2, s2, p2, d2, m2 = make_inputs((1, 5, 8, 7, 3, 3, 3, 1, 1, 1, 1, 1), dtype=torch.float32)
+    with cpu_route("tiled"):
+        grads(deform_conv2d, x2, off2, w2, b2, s2, p2, d2, m2)
+    assert torch.ops.mmdcnv2.cpu_tiled_info()[1] == after_second
 
 
 def test_tiled_route_half_types_compute_in_float32():

@@ -643,29 +643,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   return res.finish(weight, g);
 }
 
-// Tile and chunk sizes: from column_budget() where set; otherwise measured once per shape, thread count and
-// micro-kernel (the first call of a shape runs each candidate on its own data and keeps the fastest).
-using TileKey = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                           int64_t, int64_t, int64_t, int, int>;
+// Tile and chunk sizes: from column_budget() where set; otherwise measured once per kind of call and kept for the
+// process (the first call of a kind runs each candidate on its own data and keeps the fastest). A kind is the
+// layer (channels, kernel, stride, dilation, groups, mask), the thread count, the micro-kernel and the number of
+// output rows to within a factor of 2: the sizes depend on the channels far more than on the image, and training
+// with images of varying size must not measure again at every new size.
+using TileKey =
+    std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int>;
 std::mutex g_tile_mutex;
 std::map<TileKey, int64_t> g_tile_cache;
 
 TileKey tile_key(int direction, const DeformConvGeom& g, bool masked) {
+  int64_t rows_log2 = 0;
+  for (int64_t rows = g.N * g.P(); rows > 1; rows >>= 1) ++rows_log2;
   return {direction,
-          g.N,
           g.C,
-          g.H,
-          g.W,
           g.Cout,
           g.kh * 1000 + g.kw,
           g.sh * 1000 + g.sw,
-          g.ph * 1000 + g.pw,
           g.dh * 1000 + g.dw,
           g.groups,
           g.dgroups,
+          rows_log2,
           at::get_num_threads(),
+          masked ? 1 : 0,
           gemm::isa(),
-          masked ? 1 : 0};
+          int(g.ph * 1000 + g.pw)};
 }
 
 // Budgets (bytes) tried by the measurement: forward tiles and backward chunks.
