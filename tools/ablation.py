@@ -512,6 +512,14 @@ def main(argv=None):
                 f"--data {a.data} holds the {found!r} split, this run asks for {variant!r}"
                 + (" (drop --hard)" if a.hard else " (add --hard, or choose another --data)")
             )
+        if found == variant:
+            # reused as it is (its sizes may be the user's own), unless the variant's drawing settings changed
+            # since it was written: then it is drawn again at its own sizes
+            make_shapes_dataset(
+                a.data,
+                **{k: stamp[k] for k in ("num_train", "num_val", "size", "seed") if k in stamp},
+                variant=variant,
+            )
         print("dataset:", a.data, flush=True)
     else:
         make_shapes_dataset(a.data, variant=variant)

@@ -281,6 +281,8 @@ def make_shapes_dataset(
     stamp = dict(generator="mmdcnv2.shapes/1", num_train=num_train, num_val=num_val, size=size, seed=seed)
     if variant != "default":  # the default's stamp stays as it was, so existing datasets are reused
         stamp["variant"] = variant
+        # the variant's drawing settings too: a split drawn with earlier settings is rewritten, not reused
+        stamp["settings"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(VARIANTS[variant].items())}
     stamp_path = os.path.join(root, "dataset.json")
     ann_dir = os.path.join(root, "annotations")
     paths = {s: os.path.join(ann_dir, f"{s}.json") for s in ("train", "val")}
