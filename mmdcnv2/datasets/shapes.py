@@ -49,16 +49,16 @@ VARIANTS = {
         curved_clutter=0.0,  # share of clutter strokes drawn as thin arcs
     ),
     "hard": dict(
-        scale=(0.06, 0.35),  # log-uniform: objects from about 23 to 130 px across at 192 px
+        scale=(0.06, 0.32),  # log-uniform: objects from about 23 to 120 px across at 192 px
         log_scale=True,
-        aspect=0.8,
-        shear=0.6,
-        warp=0.3,
-        thin=0.6,
-        max_objects=7,
-        min_visible=0.5,
-        clutter=(5, 12),
-        curved_clutter=0.6,
+        aspect=0.65,
+        shear=0.5,
+        warp=0.22,
+        thin=0.4,
+        max_objects=6,
+        min_visible=0.55,
+        clutter=(4, 10),
+        curved_clutter=0.4,
     ),
 }
 

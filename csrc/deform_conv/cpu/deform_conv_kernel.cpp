@@ -493,6 +493,42 @@ int64_t backward_chunk_rows_fixed(const DeformConvGeom& g, int64_t rows) {
   return std::max<int64_t>(1, std::min({rows, cap, g.N * g.P()}));
 }
 
+// Phase timers of the tiled route for tools/profile_cpu.py: thread time (nanoseconds, summed over threads) per
+// phase, counted only while set_cpu_profile(true) is on (one steady_clock read per phase and tile otherwise
+// skipped). Phases: forward sampling, forward products, forward output writes; backward grad_cols products,
+// sampling pass (columns, offset and mask gradients), grad_weight products, grad_input scatter, and the setup
+// outside the parallel loops of both (layout copies, weight packing, allocation).
+enum Phase { kFwdSample, kFwdGemm, kFwdWrite, kBwdGemmCols, kBwdSample, kBwdGemmWeight, kBwdScatter, kSetup, kPhases };
+std::atomic<bool> g_profile{false};
+std::atomic<int64_t> g_phase_ns[kPhases];
+
+struct PhaseTimer {
+  bool on = g_profile.load(std::memory_order_relaxed);
+  std::chrono::steady_clock::time_point t =
+      on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
+  // adds the time since the last lap (or the start) to phase ph, times `threads` for a lap that timed a parallel
+  // loop from outside it (thread time is what the phases count)
+  void lap(Phase ph, int64_t threads = 1) {
+    if (!on) return;
+    const auto now = std::chrono::steady_clock::now();
+    g_phase_ns[ph].fetch_add(threads * std::chrono::duration_cast<std::chrono::nanoseconds>(now - t).count(),
+                             std::memory_order_relaxed);
+    t = now;
+  }
+};
+
+bool set_cpu_profile(bool on) {
+  if (on) {
+    for (auto& c : g_phase_ns) c.store(0);
+  }
+  return g_profile.exchange(on);
+}
+std::vector<int64_t> cpu_profile() {
+  std::vector<int64_t> r;
+  for (auto& c : g_phase_ns) r.push_back(c.load());
+  return r;
+}
+
 // w2 [groups, rows, cols] -> panels of NR columns: [groups, ceil(cols / NR), rows, NR], zero-padded columns.
 at::Tensor pack_panels(const at::Tensor& w2, int64_t NR) {
   const int64_t cols = w2.size(2), npan = (cols + NR - 1) / NR;
@@ -506,6 +542,7 @@ at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, cons
   const bool cl = is_channels_last(input);
   auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().memory_format(result_format(input)));
   if (out.numel() == 0) return out;
+  PhaseTimer setup_timer;
   const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 1);
   const int64_t K = g.K(), Cg = g.Cg(), Cout = g.Cout, Cout_g = g.Cout_g(), P = g.P(), KCg = K * Cg;
   const int64_t NR = gemm::tile_nr(v), npan = (Cout_g + NR - 1) / NR;
@@ -523,8 +560,10 @@ at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, cons
     const float* offp = off.data_ptr<float>();
     const float* mp = msk ? msk->data_ptr<float>() : nullptr;
     const int64_t total = b * P, tiles = (total + rows - 1) / rows;
+    setup_timer.lap(kSetup, at::get_num_threads());
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> abuf(rows_pad * lda), cbuf(rows_pad * ldo);
+      PhaseTimer timer;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * rows, r1 = std::min(total, r0 + rows), R = r1 - r0;
         for (int64_t gi = 0; gi < g.groups; ++gi) {
@@ -534,8 +573,10 @@ at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, cons
               sample_tap_channels<float>(g, xp + i * g.H * g.W * g.C, offp, mp, i, p, k, gi * Cg, (gi + 1) * Cg,
                                          abuf.data() + (r - r0) * lda);
             }
+            timer.lap(kFwdSample);
             gemm::gemm_packed(v, R, Cout_g, Cg, abuf.data(), lda, 1, wpp + (gi * npan * KCg + k * Cg) * NR, KCg * NR,
                               cbuf.data() + gi * Cout_g, ldo, k > 0);
+            timer.lap(kFwdGemm);
           }
         }
         if (cl) {  // rows of [N * P][Cout]
@@ -557,8 +598,10 @@ at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, cons
             r += n;
           }
         }
+        timer.lap(kFwdWrite);
       }
     });
+    setup_timer = PhaseTimer();
   }
   return out;
 }
@@ -570,6 +613,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const int64_t MR = gemm::tile_mr(v), NR = gemm::tile_nr(v);
   const int64_t K = g.K(), Cg = g.Cg(), Cout = g.Cout, Cout_g = g.Cout_g(), P = g.P(), KCg = K * Cg;
   const bool cl = is_channels_last(input);
+  PhaseTimer setup_timer;
   BackwardResults res(grad_output, input, offset, mask, bias, g, at::kFloat);
   if (!res.work) return res.finish(weight, g);
   const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 2);
@@ -605,12 +649,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     float* goffp = goff.data_ptr<float>();
     float* gmp = gmsk ? gmsk->data_ptr<float>() : nullptr;
     const int64_t total = b * P;
+    setup_timer.lap(kSetup, threads);
     for (int64_t r0 = 0; r0 < total; r0 += chunk) {
       const int64_t r1 = std::min(total, r0 + chunk), R = r1 - r0;
       L.row0 = r0;
       const int64_t sub = std::min<int64_t>(round_up((R + threads - 1) / threads, MR), 8 * MR);
       // (1) grad_cols of sub-tiles of rows, then their sampling pass
       at::parallel_for(0, (R + sub - 1) / sub, 1, [&](int64_t t0, int64_t t1) {
+        PhaseTimer timer;
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t a0 = t * sub, a1 = std::min(R, a0 + sub);
           for (int64_t a = a0; a < a1; ++a) {
@@ -620,27 +666,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
             gemm::gemm_packed(v, a1 - a0, KCg, Cout_g, gop + a0 * ldg + gi * Cout_g, ldg, 1,
                               wpp + gi * npan * Cout_g * NR, Cout_g * NR, gcp + a0 * ldc + gi * KCg, ldc, false);
           }
+          timer.lap(kBwdGemmCols);
           mmdcnv2::im2col_coord_grad<float>(xp, offp, mp, gcp, cp, goffp, gmp, g, r0 + a0, r0 + a1, L, L);
+          timer.lap(kBwdSample);
         }
       });
       // (2) grad_weight += grad_out^T @ columns, by column panels (each value's chain runs over rows in order)
       at::parallel_for(0, g.groups * npan, 1, [&](int64_t t0, int64_t t1) {
+        PhaseTimer timer;
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t gi = t / npan, j = (t % npan) * NR;
           gemm::gemm(v, Cout_g, std::min(NR, KCg - j), R, gop + gi * Cout_g, 1, ldg, cp + gi * KCg + j, ldc,
                      gwp + gi * Cout_g * KCg + j, KCg, true);
         }
+        timer.lap(kBwdGemmWeight);
       });
-      // (3) grad_input: the scatter of grad_cols, by channel slices
+      // (3) grad_input: the scatter of grad_cols, by channel slices (its time counts once, not per thread)
+      PhaseTimer scatter_timer;
       CpuKernels::col2im(gcols, off, msk, gx, g, r0, r1, L);
+      scatter_timer.lap(kBwdScatter, threads);
     }
+    setup_timer = PhaseTimer();
     if (!cl) {
       for (int64_t i = 0; i < b; ++i) {
         pixels_to_planes(gx.select(0, i), g.H * g.W, g.C, res.grad_input, (n0 + i) * g.C * g.H * g.W, g.H * g.W);
       }
     }
+    setup_timer.lap(kSetup, threads);
   }
-  return res.finish(weight, g);
+  auto result = res.finish(weight, g);
+  setup_timer.lap(kSetup, threads);
+  return result;
 }
 
 // Tile and chunk sizes: from column_budget() where set; otherwise measured once per kind of call and kept for the
@@ -802,6 +858,9 @@ TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
   // The tiled route's micro-kernel: a cap on the ISA (tests), and what it uses now with the measurement count.
   m.def("set_cpu_isa(int cap) -> int", &mmdcnv2::set_cpu_isa);
   m.def("cpu_tiled_info() -> (int, int, int)", &mmdcnv2::cpu_tiled_info);
+  // The tiled route's phase timers (tools/profile_cpu.py): on (zeroed) or off, and the thread nanoseconds so far.
+  m.def("set_cpu_profile(bool on) -> bool", &mmdcnv2::set_cpu_profile);
+  m.def("cpu_profile() -> int[]", &mmdcnv2::cpu_profile);
 }
 
 TORCH_LIBRARY_IMPL(mmdcnv2, CPU, m) {
