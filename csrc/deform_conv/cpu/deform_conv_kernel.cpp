@@ -358,6 +358,26 @@ void copy_rows(at::Tensor& t, int64_t n0, int64_t q0, int64_t q1, const at::Tens
   }
 }
 
+// A block's gradients (images [n0, n0 + b)): the offset and mask gradients, and the NHWC grad_input the scatter
+// accumulates in: the result itself where it is channels-last (zeroed), else a zeroed buffer that
+// planes_of_block then writes into the NCHW result.
+struct BlockGrads {
+  at::Tensor goff;
+  OptTensor gmsk;
+  at::Tensor gx;
+};
+BlockGrads block_grads(BackwardResults& res, const OptTensor& mask, const at::Tensor& input, const DeformConvGeom& g,
+                       bool cl, int64_t n0, int64_t b) {
+  return {res.grad_offset.narrow(0, n0, b), mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt,
+          cl ? res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
+             : at::zeros({b, g.H, g.W, g.C}, input.options())};
+}
+void planes_of_block(const at::Tensor& gx, at::Tensor& grad_input, const DeformConvGeom& g, int64_t n0, int64_t b) {
+  for (int64_t i = 0; i < b; ++i) {
+    pixels_to_planes(gx.select(0, i), g.H * g.W, g.C, grad_input, (n0 + i) * g.C * g.H * g.W, g.H * g.W);
+  }
+}
+
 at::Tensor forward_conv_route(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
                               const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g) {
   const bool cl = is_channels_last(input);
@@ -402,11 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const auto go_cl = grad_output.contiguous(at::MemoryFormat::ChannelsLast);  // no copy if it is already
     for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
       const auto [b, x, off, msk] = s.block(input, n0);
-      auto goff = res.grad_offset.narrow(0, n0, b);
-      OptTensor gmsk = mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt;
-      // channels-last grad_input: the scatter accumulates in it directly
-      auto gx = cl ? res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
-                   : at::zeros({b, g.H, g.W, g.C}, input.options());
+      auto [goff, gmsk, gx] = block_grads(res, mask, input, g, cl, n0, b);
       for (int64_t q0 = 0; q0 < b * g.Ho; q0 += rows) {
         const int64_t q1 = std::min(b * g.Ho, q0 + rows), r0 = q0 * g.Wo, r1 = q1 * g.Wo;
         // grad_out rows of this chunk, channels-last: [1, Cout, q1 - q0, Wo] = rows x Cout in memory
@@ -426,11 +442,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         }
         CpuKernels::col2im(gimg, off, msk, gx, g, r0, r1, ColLayout::image_rows(g, r0));
       }
-      if (!cl) {
-        for (int64_t i = 0; i < b; ++i) {
-          pixels_to_planes(gx.select(0, i), g.H * g.W, g.C, res.grad_input, (n0 + i) * g.C * g.H * g.W, g.H * g.W);
-        }
-      }
+      if (!cl) planes_of_block(gx, res.grad_input, g, n0, b);
     }
   }
   return res.finish(weight, g);
@@ -639,10 +651,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
     const auto [b, x, off, msk] = s.block(input, n0);
-    auto goff = res.grad_offset.narrow(0, n0, b);
-    OptTensor gmsk = mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt;
-    auto gx = cl ? res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
-                 : at::zeros({b, g.H, g.W, g.C}, input.options());
+    auto [goff, gmsk, gx] = block_grads(res, mask, input, g, cl, n0, b);
     const float* xp = x.data_ptr<float>();
     const float* offp = off.data_ptr<float>();
     const float* mp = msk ? msk->data_ptr<float>() : nullptr;
@@ -687,11 +696,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       scatter_timer.lap(kBwdScatter, threads);
     }
     setup_timer = PhaseTimer();
-    if (!cl) {
-      for (int64_t i = 0; i < b; ++i) {
-        pixels_to_planes(gx.select(0, i), g.H * g.W, g.C, res.grad_input, (n0 + i) * g.C * g.H * g.W, g.H * g.W);
-      }
-    }
+    if (!cl) planes_of_block(gx, res.grad_input, g, n0, b);
     setup_timer.lap(kSetup, threads);
   }
   auto result = res.finish(weight, g);
