@@ -77,7 +77,7 @@ def test_hard_variant_is_another_deterministic_split_with_smaller_objects_and_mo
 
     n_default, areas_default = stats("default")
     n_hard, areas_hard = stats("hard")
-    assert n_hard > 1.1 * n_default
+    assert n_hard > n_default  # up to 6 objects per image against 5
     assert (areas_hard < 32**2).mean() > (areas_default < 32**2).mean() + 0.1  # COCO "small"
     assert VARIANTS["hard"]["min_visible"] < VARIANTS["default"]["min_visible"]
 
