@@ -442,6 +442,20 @@ def bench_detector(device, reps, side):
     return out, losses
 
 
+def cpu_model():
+    """The CPU's model name with its family and model numbers (a VM may name only the vendor's line, "AMD
+    EPYC": family and model tell the generation); the platform's name where /proc/cpuinfo has none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = [line.split(":", 1) for line in f if ":" in line]
+    except OSError:
+        return platform.processor() or "CPU"
+    field = {k.strip(): v.strip() for k, v in reversed(info)}  # the first processor's values
+    if "model name" not in field:
+        return platform.processor() or "CPU"
+    return f"{field['model name']} (family {field.get('cpu family', '?')}, model {field.get('model', '?')})"
+
+
 def auto_route_name():
     """What `auto` takes for float32 on this CPU."""
     isa = torch.ops.mmdcnv2.cpu_tiled_info()[0] if hasattr(torch.ops.mmdcnv2, "cpu_tiled_info") else 0
@@ -602,21 +616,7 @@ def main():
     dtypes = (a.dtypes or ("float32" if a.device == "cpu" else "float32,float16,bfloat16")).split(",")
     reps = a.reps or (5 if a.device == "cpu" else 20)
     shapes = [s for s in SHAPES if s[0] in ("c4 b1", "small")] if a.quick else SHAPES
-    dev_name = (
-        torch.cuda.get_device_name() if a.device == "cuda" else f"{platform.processor() or 'CPU'} x{os.cpu_count()}"
-    )
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = [line.split(":", 1) for line in f if ":" in line]
-        field = {k.strip(): v.strip() for k, v in reversed(info)}  # the first processor's values
-        if a.device == "cpu" and "model name" in field:
-            # a VM may name only the vendor's line ("AMD EPYC"): family and model tell the generation
-            dev_name = (
-                f"{field['model name']} (family {field.get('cpu family', '?')}, model {field.get('model', '?')}), "
-                f"{os.cpu_count()} cores"
-            )
-    except OSError:
-        pass
+    dev_name = torch.cuda.get_device_name() if a.device == "cuda" else f"{cpu_model()}, {os.cpu_count()} cores"
     results = dict(
         device=a.device,
         device_name=dev_name,

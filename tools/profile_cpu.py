@@ -19,7 +19,6 @@ times the thread count). It also says which CPU this is: figures differ by vendo
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmark import cpu_model  # noqa: E402
 from mmdcnv2.ops import cpu_route, deform_conv2d  # noqa: E402
 
 # name: (N, C, H, W, stride, deform groups); ResNet-50's 3x3 layers at 800x1333, as tools/benchmark.py
@@ -47,21 +47,6 @@ FWD = ["sampling", "products", "output writes"]
 BWD = ["grad_cols products", "sampling pass", "grad_weight products", "scatter"]
 # the order of the kernel's counters (csrc/deform_conv/cpu/deform_conv_kernel.cpp, enum Phase)
 COUNTERS = FWD + BWD + ["setup"]
-
-
-def cpu_name() -> str:
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if ":" in line:
-                    k, v = line.split(":", 1)
-                    fields.setdefault(k.strip(), v.strip())
-    except OSError:
-        return platform.processor() or "CPU"
-    return (
-        f"{fields.get('model name', 'CPU')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
-    )
 
 
 def phases(fn):
@@ -91,7 +76,7 @@ def main(argv=None):
         sys.exit("the tiled route needs AVX2+FMA or AVX-512; this CPU has neither")
     isa = {1: "AVX2", 2: "AVX-512"}[info[0]]
     print(
-        f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{isa} micro-kernels, {time.strftime('%Y-%m-%d')}",
         flush=True,
     )

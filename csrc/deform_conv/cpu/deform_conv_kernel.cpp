@@ -90,6 +90,21 @@ inline TapSample<T> tap_sample(const DeformConvGeom& g, const T* off, const T* m
   return t;
 }
 
+// The masked sample t of channels [c0, c0 + n) of an NHWC image xi (C channels per pixel) into dst.
+template <typename T>
+inline void sample_channels(T* dst, const T* xi, int64_t C, int64_t c0, int64_t n, const TapSample<T>& t) {
+  const auto& s = t.s;
+  if (s.all4) {
+    vec::lerp4(dst, xi + s.index[0] * C + c0, xi + s.index[1] * C + c0, xi + s.index[2] * C + c0,
+               xi + s.index[3] * C + c0, s.weight[0] * t.m, s.weight[1] * t.m, s.weight[2] * t.m, s.weight[3] * t.m, n);
+    return;
+  }
+  std::fill(dst, dst + n, T(0));
+  for (int q = 0; q < 4; ++q) {
+    if (s.index[q] >= 0) vec::axpy(dst, xi + s.index[q] * C + c0, s.weight[q] * t.m, n);
+  }
+}
+
 template <typename T>
 void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeom& g, int64_t row0, int64_t row1,
             const ColLayout& L) {
@@ -102,20 +117,8 @@ void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeo
       for (int64_t dg = 0; dg < g.dgroups; ++dg) {
         for (int64_t k = 0; k < K; ++k) {
           const auto t = tap_sample(g, off, msk, i, p, dg, k);
-          const auto& s = t.s;
           for_each_run(g, dg * Cdg, (dg + 1) * Cdg, [&](int64_t gi, int64_t c0, int64_t c1) {
-            T* dst = row + L.tap(k, gi, c0);
-            const int64_t n = c1 - c0;
-            if (s.all4) {
-              vec::lerp4(dst, xi + s.index[0] * C + c0, xi + s.index[1] * C + c0, xi + s.index[2] * C + c0,
-                         xi + s.index[3] * C + c0, s.weight[0] * t.m, s.weight[1] * t.m, s.weight[2] * t.m,
-                         s.weight[3] * t.m, n);
-              return;
-            }
-            std::fill(dst, dst + n, T(0));
-            for (int q = 0; q < 4; ++q) {
-              if (s.index[q] >= 0) vec::axpy(dst, xi + s.index[q] * C + c0, s.weight[q] * t.m, n);
-            }
+            sample_channels(row + L.tap(k, gi, c0), xi, C, c0, c1 - c0, t);
           });
         }
       }
@@ -471,18 +474,7 @@ inline void sample_tap_channels(const DeformConvGeom& g, const T* xi, const T* o
   for (int64_t c = c0; c < c1;) {
     const int64_t dg = c / Cdg;
     const int64_t e = std::min(c1, (dg + 1) * Cdg), n = e - c;
-    const auto t = tap_sample(g, off, msk, i, p, dg, k);
-    const auto& s = t.s;
-    T* d = dst + (c - c0);
-    if (s.all4) {
-      vec::lerp4(d, xi + s.index[0] * C + c, xi + s.index[1] * C + c, xi + s.index[2] * C + c, xi + s.index[3] * C + c,
-                 s.weight[0] * t.m, s.weight[1] * t.m, s.weight[2] * t.m, s.weight[3] * t.m, n);
-    } else {
-      std::fill(d, d + n, T(0));
-      for (int q = 0; q < 4; ++q) {
-        if (s.index[q] >= 0) vec::axpy(d, xi + s.index[q] * C + c, s.weight[q] * t.m, n);
-      }
-    }
+    sample_channels(dst + (c - c0), xi, C, c, n, tap_sample(g, off, msk, i, p, dg, k));
     c = e;
   }
 }
