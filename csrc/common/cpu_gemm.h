@@ -95,6 +95,34 @@ MMDCNV2_AVX512 void ukr_avx512(int64_t kdim, const float* A, int64_t ai, int64_t
   }
 }
 
+// The same for a whole MR x 32 tile where one of A's strides is 1 (At: A(i, p) = A[p * s + i], else A[i * s + p]):
+// no masks, no row tests. The same chain of fused multiply-adds per value, so the same bits as ukr_avx512.
+template <int MR, bool At>
+MMDCNV2_AVX512 void ukr_avx512_full(int64_t kdim, const float* A, int64_t s, const float* B, int64_t ldb, float* C,
+                                    int64_t ldc, bool acc) {
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = acc ? _mm512_loadu_ps(C + i * ldc) : _mm512_setzero_ps();
+    c1[i] = acc ? _mm512_loadu_ps(C + i * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < kdim; ++p) {
+    const __m512 b0 = _mm512_loadu_ps(B + p * ldb);
+    const __m512 b1 = _mm512_loadu_ps(B + p * ldb + 16);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(At ? A[p * s + i] : A[i * s + p]);
+      c0[i] = _mm512_fmadd_ps(av, b0, c0[i]);
+      c1[i] = _mm512_fmadd_ps(av, b1, c1[i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    _mm512_storeu_ps(C + i * ldc, c0[i]);
+    _mm512_storeu_ps(C + i * ldc + 16, c1[i]);
+  }
+}
+
 MMDCNV2_AVX2 inline __m256i avx2_mask(int n) {
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx);
@@ -137,6 +165,32 @@ MMDCNV2_AVX2 void ukr_avx2(int64_t kdim, const float* A, int64_t ai, int64_t ap,
   }
 }
 
+template <int MR, bool At>
+MMDCNV2_AVX2 void ukr_avx2_full(int64_t kdim, const float* A, int64_t s, const float* B, int64_t ldb, float* C,
+                                int64_t ldc, bool acc) {
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = acc ? _mm256_loadu_ps(C + i * ldc) : _mm256_setzero_ps();
+    c1[i] = acc ? _mm256_loadu_ps(C + i * ldc + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t p = 0; p < kdim; ++p) {
+    const __m256 b0 = _mm256_loadu_ps(B + p * ldb);
+    const __m256 b1 = _mm256_loadu_ps(B + p * ldb + 8);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(At ? A + p * s + i : A + i * s + p);
+      c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(C + i * ldc, c0[i]);
+    _mm256_storeu_ps(C + i * ldc + 8, c1[i]);
+  }
+}
+
 #endif  // MMDCNV2_X86_DISPATCH
 
 // C[m x n] (+)= A(i, p) B(p, j) over p < kdim, in micro-tiles of the ISA v (kAvx2 or kAvx512): A(i, p) =
@@ -150,8 +204,18 @@ inline void gemm(int v, int64_t m, int64_t n, int64_t kdim, const float* A, int6
     const int nr = static_cast<int>(std::min<int64_t>(NR, n - j));
     for (int64_t i = 0; i < m; i += MR) {
       const int mr = static_cast<int>(std::min<int64_t>(MR, m - i));
-      if (v == kAvx512) {
+      // the common cases: whole tiles, one of A's strides 1 (unmasked loads, a fixed stride)
+      const bool full = mr == MR && nr == NR && (ap == 1 || ai == 1);
+      const float* a = A + i * ai;
+      float* c = C + i * ldc + j;
+      if (v == kAvx512 && full) {
+        ap == 1 ? ukr_avx512_full<12, false>(kdim, a, ai, B + j, ldb, c, ldc, acc)
+                : ukr_avx512_full<12, true>(kdim, a, ap, B + j, ldb, c, ldc, acc);
+      } else if (v == kAvx512) {
         ukr_avx512<12>(kdim, A + i * ai, ai, ap, B + j, ldb, C + i * ldc + j, ldc, mr, nr, acc);
+      } else if (full) {
+        ap == 1 ? ukr_avx2_full<6, false>(kdim, a, ai, B + j, ldb, c, ldc, acc)
+                : ukr_avx2_full<6, true>(kdim, a, ap, B + j, ldb, c, ldc, acc);
       } else {
         ukr_avx2<6>(kdim, A + i * ai, ai, ap, B + j, ldb, C + i * ldc + j, ldc, mr, nr, acc);
       }

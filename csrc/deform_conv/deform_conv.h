@@ -159,15 +159,17 @@ struct DriverSetup {
   OptTensor mask;
   int64_t nb, chunk;
 
+  // weight_columns: false where the caller lays out the weight itself (w2 then stays undefined)
   DriverSetup(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset_, const OptTensor& mask_,
-              const DeformConvGeom& geom, int64_t buffers)
+              const DeformConvGeom& geom, int64_t buffers, bool weight_columns = true)
       : g(geom),
         offset(offset_.contiguous()),
         // weight [Cout, Cg, kh, kw] -> [groups, Cout_g, K * Cg], matching the column layout (k, c)
-        w2(weight.reshape({geom.groups, geom.Cout_g(), geom.Cg(), geom.K()})
-               .transpose(2, 3)
-               .contiguous()
-               .view({geom.groups, geom.Cout_g(), geom.K() * geom.Cg()})),
+        w2(weight_columns ? weight.reshape({geom.groups, geom.Cout_g(), geom.Cg(), geom.K()})
+                                .transpose(2, 3)
+                                .contiguous()
+                                .view({geom.groups, geom.Cout_g(), geom.K() * geom.Cg()})
+                          : at::Tensor()),
         mask(mask_ ? OptTensor(mask_->contiguous()) : kNullopt),
         nb(deform_conv_block(geom, input.element_size())),
         chunk(deform_conv_chunk_rows<Kernels>(geom, input.element_size(), nb * geom.P(), buffers)) {}

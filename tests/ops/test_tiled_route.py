@@ -39,9 +39,15 @@ def _abs_args(args):
     return x.abs(), off, w.abs(), None if b is None else b.abs(), s, p, d, m
 
 
+# wide enough for whole micro-tiles (12 x 32 and 6 x 16) in every product, beside the tails of 70 channels; 32
+# input channels per conv group: whole panels of one tap each (the weight's packing for the backward goes by them)
+CASE_WIDE = (1, 32, 12, 10, 70, 3, 3, 1, 1, 1, 1, 2)
+CASE_WIDE_GROUPS = (1, 64, 9, 8, 70, 3, 3, 1, 1, 1, 2, 2)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("budget", [0, 3 << 10])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES + [CASE_WIDE, CASE_WIDE_GROUPS])
 def test_tiled_route_against_reference(case, budget, isa):
     """Each value within the rounding bound of a float32 dot product of its length n: |error| <= c n u
     times the same sum over absolute values (for the output: sum |w| |sample| + |b|, computed by the
@@ -67,9 +73,9 @@ def test_tiled_route_against_reference(case, budget, isa):
 CASE_BIG = (3, 24, 13, 11, 20, 3, 3, 1, 1, 1, 1, 2)  # 429 output rows: many tiles and chunks with small budgets
 
 
-def _all(budget, threads, isa, channels_last=False, mask=True):
+def _all(budget, threads, isa, channels_last=False, mask=True, case=CASE_BIG):
     torch.manual_seed(0)
-    x, off, w, b, s, p, d, m = make_inputs(CASE_BIG, dtype=torch.float32, offset_scale=2.0, mask=mask)
+    x, off, w, b, s, p, d, m = make_inputs(case, dtype=torch.float32, offset_scale=2.0, mask=mask)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     old = torch.get_num_threads()
@@ -84,10 +90,12 @@ def _all(budget, threads, isa, channels_last=False, mask=True):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("mask", [True, False])
-def test_tiled_route_is_bit_identical_across_tiles_threads_and_layouts(isa, mask):
-    base = _all(0, 1, isa, mask=mask)
+@pytest.mark.parametrize("case", [CASE_BIG, CASE_WIDE], ids=["big", "wide"])
+def test_tiled_route_is_bit_identical_across_tiles_threads_and_layouts(isa, mask, case):
+    """Tile sizes move rows between whole micro-tiles and masked tails: the kernels must agree bit for bit."""
+    base = _all(0, 1, isa, mask=mask, case=case)
     for budget, threads, cl in [(0, 2, False), (1 << 10, 2, False), (7 << 10, 1, False), (40 << 10, 2, True)]:
-        other = _all(budget, threads, isa, channels_last=cl, mask=mask)
+        other = _all(budget, threads, isa, channels_last=cl, mask=mask, case=case)
         for i, (a, c) in enumerate(zip(base, other)):
             assert torch.equal(a, c), f"result {i} differs at budget {budget}, {threads} threads, channels_last {cl}"
 

@@ -533,11 +533,45 @@ std::vector<int64_t> cpu_profile() {
   return r;
 }
 
-// w2 [groups, rows, cols] -> panels of NR columns: [groups, ceil(cols / NR), rows, NR], zero-padded columns.
-at::Tensor pack_panels(const at::Tensor& w2, int64_t NR) {
-  const int64_t cols = w2.size(2), npan = (cols + NR - 1) / NR;
-  auto padded = at::constant_pad_nd(w2, {0, npan * NR - cols});
-  return padded.view({w2.size(0), w2.size(1), npan, NR}).permute({0, 2, 1, 3}).contiguous();
+// The weight [Cout, Cg, kh, kw] in panels of NR columns for the micro-kernels, in one parallel pass:
+// [groups][ceil(cols / NR)][rows][NR], columns past the last zero, with (within a conv group)
+//   forward (for_grad_cols false): rows p = (k, c), columns j = output channel;
+//   backward (true):               rows p = output channel, columns j = (k, c).
+at::Tensor pack_weight_panels(const at::Tensor& weight, const DeformConvGeom& g, int64_t NR, bool for_grad_cols) {
+  const int64_t K = g.K(), Cg = g.Cg(), Cout_g = g.Cout_g(), KCg = K * Cg;
+  const int64_t rows = for_grad_cols ? Cout_g : KCg, cols = for_grad_cols ? KCg : Cout_g;
+  const int64_t npan = (cols + NR - 1) / NR;
+  const auto w = weight.contiguous();  // [Cout][Cg][K]
+  auto wp = at::empty({g.groups, npan, rows, NR}, weight.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = wp.data_ptr<float>();
+  // source offsets within the group's weight: of (output channel co, column j) = row part + column part
+  const auto entry = [&](int64_t co, int64_t kc) { return co * Cg * K + (kc % Cg) * K + kc / Cg; };
+  at::parallel_for(0, g.groups * npan, 1, [&](int64_t t0, int64_t t1) {
+    int64_t col[64];  // NR <= 64
+    for (int64_t t = t0; t < t1; ++t) {
+      // backward panels of whole channel blocks go channel block by channel block, each block's taps one after
+      // the other: they read the same lines of the weight, which then come from the cache
+      const int64_t cb = Cg / NR, q = for_grad_cols && Cg % NR == 0 ? (t % npan) % K * cb + (t % npan) / K : t % npan;
+      const int64_t gi = t / npan, j0 = q * NR, nj = std::min(NR, cols - j0);
+      const float* w_g = src + gi * Cout_g * Cg * K;
+      float* d = dst + (gi * npan + q) * rows * NR;
+      for (int64_t jj = 0; jj < nj; ++jj) col[jj] = for_grad_cols ? entry(0, j0 + jj) : entry(j0 + jj, 0);
+      for (int64_t p = 0; p < rows; ++p) {
+        const float* w_p = w_g + (for_grad_cols ? entry(p, 0) : entry(0, p));
+        for (int64_t jj = 0; jj < nj; ++jj) d[p * NR + jj] = w_p[col[jj]];
+        for (int64_t jj = nj; jj < NR; ++jj) d[p * NR + jj] = 0.f;
+      }
+    }
+  });
+  return wp;
+}
+
+// Forward tile rows for a call of `total` rows: about `rows` each, in a number of tiles that the threads share
+// evenly (a multiple of the thread count), whole micro-tiles; never more than `rows` rounded up to a micro-tile.
+int64_t balanced_tile_rows(int64_t total, int64_t rows, int64_t threads, int64_t MR) {
+  const int64_t tiles = round_up((total + rows - 1) / rows, std::max<int64_t>(1, threads));
+  return std::max<int64_t>(1, std::min(round_up((total + tiles - 1) / tiles, MR), round_up(rows, MR)));
 }
 
 at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
@@ -547,15 +581,15 @@ at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, cons
   auto out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, input.options().memory_format(result_format(input)));
   if (out.numel() == 0) return out;
   PhaseTimer setup_timer;
-  const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 1);
+  const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 1, false);
   const int64_t K = g.K(), Cg = g.Cg(), Cout = g.Cout, Cout_g = g.Cout_g(), P = g.P(), KCg = K * Cg;
   const int64_t NR = gemm::tile_nr(v), npan = (Cout_g + NR - 1) / NR;
   // B(p, j) = W[j][p] in panels of NR output channels: [groups][npan][K * Cg][NR]
-  const auto wp = pack_panels(s.w2.transpose(1, 2), NR);
+  const auto wp = pack_weight_panels(weight, g, NR, false);
   const float* wpp = wp.data_ptr<float>();
   const auto bias_c = bias ? bias->contiguous() : at::Tensor();
   const float* bp = bias ? bias_c.data_ptr<float>() : nullptr;
-  const int64_t rows_pad = round_up(rows, gemm::tile_mr(v));
+  const int64_t rows_pad = round_up(rows, gemm::tile_mr(v)), threads = std::max(1, at::get_num_threads());
   const int64_t lda = gemm::padded_ld(Cg), ldo = gemm::padded_ld(Cout);
   float* outp = out.data_ptr<float>();
   for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
@@ -563,13 +597,14 @@ at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, cons
     const float* xp = x.data_ptr<float>();
     const float* offp = off.data_ptr<float>();
     const float* mp = msk ? msk->data_ptr<float>() : nullptr;
-    const int64_t total = b * P, tiles = (total + rows - 1) / rows;
-    setup_timer.lap(kSetup, at::get_num_threads());
+    const int64_t total = b * P, tr = balanced_tile_rows(total, rows, threads, gemm::tile_mr(v));
+    const int64_t tiles = (total + tr - 1) / tr;
+    setup_timer.lap(kSetup, threads);
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> abuf(rows_pad * lda), cbuf(rows_pad * ldo);
       PhaseTimer timer;
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = t * rows, r1 = std::min(total, r0 + rows), R = r1 - r0;
+        const int64_t r0 = t * tr, r1 = std::min(total, r0 + tr), R = r1 - r0;
         for (int64_t gi = 0; gi < g.groups; ++gi) {
           for (int64_t k = 0; k < K; ++k) {
             for (int64_t r = r0; r < r1; ++r) {
@@ -620,10 +655,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   PhaseTimer setup_timer;
   BackwardResults res(grad_output, input, offset, mask, bias, g, at::kFloat);
   if (!res.work) return res.finish(weight, g);
-  const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 2);
+  const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 2, false);
   // B(p = co, j = (k, c)) = W[co][(k, c)] in panels of NR columns: [groups][npan][Cout_g][NR]
   const int64_t npan = (KCg + NR - 1) / NR;
-  const auto wp = pack_panels(s.w2, NR);
+  const auto wp = pack_weight_panels(weight, g, NR, true);
   const float* wpp = wp.data_ptr<float>();
   float* gwp = res.gw_acc.data_ptr<float>();
   // chunk buffers: grad_cols and columns in the row layout with a padded row stride, grad_out rows (+ padding)
