@@ -203,10 +203,13 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
         for (int64_t k = 0; k < K; ++k) {
           const auto t = tap_sample(g, off, msk, i, p, task.dg, k);
           if (!t.s.inside) continue;
-          const T* src = row + GL.tap(k, task.gi, task.c0);
+          T* dst[4];
+          T w[4];
           for (int q = 0; q < 4; ++q) {
-            if (t.s.index[q] >= 0) vec::axpy(gxi + t.s.index[q] * C, src, t.s.weight[q] * t.m, n);
+            dst[q] = t.s.index[q] >= 0 ? gxi + t.s.index[q] * C : nullptr;
+            w[q] = t.s.weight[q] * t.m;
           }
+          vec::axpy4(dst, row + GL.tap(k, task.gi, task.c0), w, n);
         }
       }
     }
