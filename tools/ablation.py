@@ -397,7 +397,7 @@ def plot(rows, summary, steps, path):
     if shown:
         bx.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the steps' long labels stay whole
     plt.close(fig)
 
 
