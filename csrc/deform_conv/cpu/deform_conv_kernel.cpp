@@ -34,6 +34,7 @@ inline void for_each_run(const DeformConvGeom& g, int64_t c_begin, int64_t c_end
 
 // The sample of output row r (image i, position p), deform group dg, kernel tap k; m is the mask value.
 // Rows per parallel task: enough work (about 32K channel samples) to pay for the hand-off.
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 inline int64_t row_grain(const DeformConvGeom& g) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, g.K() * g.C));
 }
@@ -173,20 +174,52 @@ void im2col_coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T
   });
 }
 
+// One sample's share of the scatter: its corners (pixel index, -1 where off the map or not counted at all) and
+// their weights times the mask, as tap_sample gives them.
+template <typename T>
+struct ScatterTap {
+  int64_t index[4];
+  T w[4];
+};
+// Bytes of grad_x that one scatter task owns (a channel slice of the chunk's images): the slice stays in L2 while
+// the task's samples land in it in any order.
+constexpr int64_t kScatterSliceBytes = int64_t(384) << 10;
+
 // grad_x is partitioned by channel: each task owns a channel slice of every pixel, so no two tasks write one address.
+// The samples' corners and weights are computed once (in parallel over rows) and shared by the tasks. Each value of
+// grad_x receives its terms in the order rows, taps, corners, whatever the slices: the same bits for every
+// thread count.
 template <typename T>
 void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvGeom& g, int64_t row0, int64_t row1,
             const ColLayout& GL) {
-  const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
+  const int64_t K = g.K(), P = g.P(), C = g.C, Cdg = g.Cdg(), HW = g.H * g.W, D = g.dgroups;
+  if (row1 <= row0) return;
+  std::vector<ScatterTap<T>> taps((row1 - row0) * D * K);
+  at::parallel_for(row0, row1, row_grain(g), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t dg = 0; dg < D; ++dg) {
+        for (int64_t k = 0; k < K; ++k) {
+          const auto t = tap_sample(g, off, msk, r / P, r % P, dg, k);
+          ScatterTap<T>& st = taps[((r - row0) * D + dg) * K + k];
+          for (int q = 0; q < 4; ++q) {
+            st.index[q] = t.s.inside ? t.s.index[q] : -1;
+            st.w[q] = t.s.weight[q] * t.m;
+          }
+        }
+      }
+    }
+  });
+  const int64_t threads = (row1 - row0) * K * C < (int64_t(1) << 15) ? 1 : at::get_num_threads();
+  // slices of whole vectors, a multiple of the thread count of them, none over the L2 budget where avoidable
+  const int64_t images = (row1 - 1) / P - row0 / P + 1;
+  const int64_t fit = std::max<int64_t>(16, kScatterSliceBytes / (images * HW * int64_t(sizeof(T))) / 16 * 16);
+  const int64_t nslice = threads * ((C + threads * fit - 1) / (threads * fit));
+  const int64_t piece = round_up((C + nslice - 1) / nslice, 16);
   struct Task {
     int64_t gi, dg, c0, c1;
   };
   std::vector<Task> tasks;
-  const int64_t threads = (row1 - row0) * K * C < (int64_t(1) << 15) ? 1 : at::get_num_threads();
-  // One channel slice per thread: every task streams the whole chunk of grad_cols and recomputes
-  // the sample geometry, so more (thinner) tasks only add traffic.
-  const int64_t piece = std::max<int64_t>(16, (C + threads - 1) / threads);
-  for (int64_t dg = 0; dg < g.dgroups; ++dg) {
+  for (int64_t dg = 0; dg < D; ++dg) {
     for_each_run(g, dg * Cdg, (dg + 1) * Cdg, [&](int64_t gi, int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; c += piece) tasks.push_back({gi, dg, c, std::min(c1, c + piece)});
     });
@@ -197,19 +230,13 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
       const Task& task = tasks[ti];
       const int64_t n = task.c1 - task.c0;
       for (int64_t r = row0; r < row1; ++r) {
-        const int64_t i = r / P, p = r % P;
-        T* gxi = gx + i * HW * C + task.c0;
+        T* gxi = gx + (r / P) * HW * C + task.c0;
         const T* row = gcols + GL.base(r);
+        const ScatterTap<T>* st = taps.data() + ((r - row0) * D + task.dg) * K;
         for (int64_t k = 0; k < K; ++k) {
-          const auto t = tap_sample(g, off, msk, i, p, task.dg, k);
-          if (!t.s.inside) continue;
           T* dst[4];
-          T w[4];
-          for (int q = 0; q < 4; ++q) {
-            dst[q] = t.s.index[q] >= 0 ? gxi + t.s.index[q] * C : nullptr;
-            w[q] = t.s.weight[q] * t.m;
-          }
-          vec::axpy4(dst, row + GL.tap(k, task.gi, task.c0), w, n);
+          for (int q = 0; q < 4; ++q) dst[q] = st[k].index[q] >= 0 ? gxi + st[k].index[q] * C : nullptr;
+          if (dst[0] || dst[1] || dst[2] || dst[3]) vec::axpy4(dst, row + GL.tap(k, task.gi, task.c0), st[k].w, n);
         }
       }
     }
@@ -482,7 +509,6 @@ inline void sample_tap_channels(const DeformConvGeom& g, const T* xi, const T* o
   }
 }
 
-inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // Forward tile rows for a budget of bytes (its sampled columns of one tap and its outputs).
 int64_t forward_tile_rows(const DeformConvGeom& g, int64_t bytes) {
@@ -677,7 +703,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   float* gop = gob.data_ptr<float>();
   const auto go_cl = grad_output.contiguous(at::MemoryFormat::ChannelsLast);  // memory [N * P][Cout]
   const float* go_all = go_cl.data_ptr<float>();
-  // rows per task of the first phase: the chunk in equal parts per thread, whole micro-tiles
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
     const auto [b, x, off, msk] = s.block(input, n0);
@@ -687,12 +712,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const float* mp = msk ? msk->data_ptr<float>() : nullptr;
     float* goffp = goff.data_ptr<float>();
     float* gmp = gmsk ? gmsk->data_ptr<float>() : nullptr;
-    const int64_t total = b * P;
+    // chunks of equal size (no short last chunk), each cut for the first phase into a multiple of the thread
+    // count of equal tasks of whole micro-tiles, at most 8 micro-tiles each (a task's grad_cols rows stay in L2)
+    const int64_t total = b * P, step = equal_chunk(total, chunk);
     setup_timer.lap(kSetup, threads);
-    for (int64_t r0 = 0; r0 < total; r0 += chunk) {
-      const int64_t r1 = std::min(total, r0 + chunk), R = r1 - r0;
+    for (int64_t r0 = 0; r0 < total; r0 += step) {
+      const int64_t r1 = std::min(total, r0 + step), R = r1 - r0;
       L.row0 = r0;
-      const int64_t sub = std::min<int64_t>(round_up((R + threads - 1) / threads, MR), 8 * MR);
+      const int64_t ntask = threads * ((R + threads * 8 * MR - 1) / (threads * 8 * MR));
+      const int64_t sub = round_up((R + ntask - 1) / ntask, MR);
       // (1) grad_cols of sub-tiles of rows, then their sampling pass
       at::parallel_for(0, (R + sub - 1) / sub, 1, [&](int64_t t0, int64_t t1) {
         PhaseTimer timer;
@@ -710,7 +738,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           timer.lap(kBwdSample);
         }
       });
-      // (2) grad_weight += grad_out^T @ columns, by column panels (each value's chain runs over rows in order)
+      // (2) grad_input: the scatter of grad_cols, by channel slices (its time counts once, not per thread), while
+      // grad_cols are still in the last-level cache
+      PhaseTimer scatter_timer;
+      CpuKernels::col2im(gcols, off, msk, gx, g, r0, r1, L);
+      scatter_timer.lap(kBwdScatter, threads);
+      // (3) grad_weight += grad_out^T @ columns, by column panels (each value's chain runs over rows in order)
       at::parallel_for(0, g.groups * npan, 1, [&](int64_t t0, int64_t t1) {
         PhaseTimer timer;
         for (int64_t t = t0; t < t1; ++t) {
@@ -720,10 +753,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         }
         timer.lap(kBwdGemmWeight);
       });
-      // (3) grad_input: the scatter of grad_cols, by channel slices (its time counts once, not per thread)
-      PhaseTimer scatter_timer;
-      CpuKernels::col2im(gcols, off, msk, gx, g, r0, r1, L);
-      scatter_timer.lap(kBwdScatter, threads);
     }
     setup_timer = PhaseTimer();
     if (!cl) planes_of_block(gx, res.grad_input, g, n0, b);
