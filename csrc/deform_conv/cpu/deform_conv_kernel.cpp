@@ -109,7 +109,7 @@ inline void sample_channels(T* dst, const T* xi, int64_t C, int64_t c0, int64_t 
 template <typename T>
 void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeom& g, int64_t row0, int64_t row1,
             const ColLayout& L) {
-  const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
+  const int64_t K = g.K(), P = g.P(), C = g.C, Cdg = g.Cdg(), HW = g.H * g.W;
   at::parallel_for(row0, row1, row_grain(g), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r / P, p = r % P;
@@ -133,7 +133,7 @@ void im2col(const T* x, const T* off, const T* msk, T* cols, const DeformConvGeo
 template <typename T>
 void im2col_coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T* cols, T* goff, T* gmsk,
                        const DeformConvGeom& g, int64_t row0, int64_t row1, const ColLayout& GL, const ColLayout& CL) {
-  const int64_t K = g.K(), P = g.P(), C = g.C, Cg = g.Cg(), Cdg = g.Cdg(), HW = g.H * g.W;
+  const int64_t K = g.K(), P = g.P(), C = g.C, Cdg = g.Cdg(), HW = g.H * g.W;
   at::parallel_for(row0, row1, row_grain(g), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t i = r / P, p = r % P;
@@ -674,6 +674,28 @@ at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, cons
   return out;
 }
 
+// Rows [row, row + n) of grad_out (row = image * P + position) into dst (row stride ld): from rows of [N * P][Cout]
+// (channels-last memory), or gathered from its planes [N][Cout][P] in blocks of 16 channels.
+void grad_out_rows(const float* go, bool rows, int64_t Cout, int64_t P, int64_t row, int64_t n, float* dst,
+                   int64_t ld) {
+  if (rows) {
+    for (int64_t a = 0; a < n; ++a) std::memcpy(dst + a * ld, go + (row + a) * Cout, Cout * sizeof(float));
+    return;
+  }
+  for (int64_t a = 0; a < n;) {  // piece by image
+    const int64_t i = (row + a) / P, p0 = (row + a) % P, m = std::min(n - a, P - p0);
+    for (int64_t c0 = 0; c0 < Cout; c0 += 16) {
+      const int64_t nc = std::min<int64_t>(16, Cout - c0);
+      const float* src = go + (i * Cout + c0) * P + p0;
+      for (int64_t j = 0; j < m; ++j) {
+        float* d = dst + (a + j) * ld + c0;
+        for (int64_t c = 0; c < nc; ++c) d[c] = src[c * P + j];
+      }
+    }
+    a += m;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiled(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
     const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g, int64_t chunk) {
@@ -682,7 +704,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const int64_t K = g.K(), Cg = g.Cg(), Cout = g.Cout, Cout_g = g.Cout_g(), P = g.P(), KCg = K * Cg;
   const bool cl = is_channels_last(input);
   PhaseTimer setup_timer;
-  BackwardResults res(grad_output, input, offset, mask, bias, g, at::kFloat);
+  BackwardResults res(grad_output, input, offset, mask, bias, g, at::kFloat, false);
   if (!res.work) return res.finish(weight, g);
   const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 2, false);
   // B(p = co, j = (k, c)) = W[co][(k, c)] in panels of NR columns: [groups][npan][Cout_g][NR]
@@ -701,8 +723,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   float* gcp = gcols.data_ptr<float>();
   float* cp = cols.data_ptr<float>();
   float* gop = gob.data_ptr<float>();
-  const auto go_cl = grad_output.contiguous(at::MemoryFormat::ChannelsLast);  // memory [N * P][Cout]
-  const float* go_all = go_cl.data_ptr<float>();
+  // grad_out rows come straight from its memory: rows of [N * P][Cout] where it is channels-last, else planes
+  const bool go_rows = grad_output.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto go_mem = go_rows ? grad_output : grad_output.contiguous();
+  const float* go_all = go_mem.data_ptr<float>();
+  bool gw_started = false;  // the first grad_weight product writes the accumulator, the later ones add to it
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
     const auto [b, x, off, msk] = s.block(input, n0);
@@ -726,9 +751,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         PhaseTimer timer;
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t a0 = t * sub, a1 = std::min(R, a0 + sub);
-          for (int64_t a = a0; a < a1; ++a) {
-            std::memcpy(gop + a * ldg, go_all + (n0 * P + r0 + a) * Cout, Cout * sizeof(float));
-          }
+          grad_out_rows(go_all, go_rows, Cout, P, n0 * P + r0 + a0, a1 - a0, gop + a0 * ldg, ldg);
           for (int64_t gi = 0; gi < g.groups; ++gi) {
             gemm::gemm_packed(v, a1 - a0, KCg, Cout_g, gop + a0 * ldg + gi * Cout_g, ldg, 1,
                               wpp + gi * npan * Cout_g * NR, Cout_g * NR, gcp + a0 * ldc + gi * KCg, ldc, false);
@@ -749,18 +772,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t gi = t / npan, j = (t % npan) * NR;
           gemm::gemm(v, Cout_g, std::min(NR, KCg - j), R, gop + gi * Cout_g, 1, ldg, cp + gi * KCg + j, ldc,
-                     gwp + gi * Cout_g * KCg + j, KCg, true);
+                     gwp + gi * Cout_g * KCg + j, KCg, gw_started);
         }
         timer.lap(kBwdGemmWeight);
       });
+      gw_started = true;
     }
     setup_timer = PhaseTimer();
     if (!cl) planes_of_block(gx, res.grad_input, g, n0, b);
     setup_timer.lap(kSetup, threads);
   }
-  auto result = res.finish(weight, g);
+  // the weight gradient in the weight's shape: each output channel's [K][Cg] transposed to [Cg][K] in cache
+  auto grad_weight = at::empty(weight.sizes(), weight.options());
+  float* gwo = grad_weight.data_ptr<float>();
+  at::parallel_for(0, Cout, 8, [&](int64_t c0, int64_t c1) {
+    for (int64_t co = c0; co < c1; ++co) {
+      const float* src = gwp + co * KCg;
+      float* dst = gwo + co * KCg;
+      for (int64_t c = 0; c < Cg; ++c) {
+        for (int64_t k = 0; k < K; ++k) dst[c * K + k] = src[k * Cg + c];
+      }
+    }
+  });
   setup_timer.lap(kSetup, threads);
-  return result;
+  return {res.grad_input, grad_weight, res.grad_offset, res.grad_mask, res.grad_bias};
 }
 
 // Tile and chunk sizes: from column_budget() where set; otherwise measured once per kind of call and kept for the
