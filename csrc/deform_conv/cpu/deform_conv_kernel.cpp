@@ -181,10 +181,6 @@ struct ScatterTap {
   int64_t index[4];
   T w[4];
 };
-// Bytes of grad_x that one scatter task owns (a channel slice of the chunk's images): the slice stays in L2 while
-// the task's samples land in it in any order.
-constexpr int64_t kScatterSliceBytes = int64_t(384) << 10;
-
 // grad_x is partitioned by channel: each task owns a channel slice of every pixel, so no two tasks write one address.
 // The samples' corners and weights are computed once (in parallel over rows) and shared by the tasks. Each value of
 // grad_x receives its terms in the order rows, taps, corners, whatever the slices: the same bits for every
@@ -210,11 +206,8 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
     }
   });
   const int64_t threads = (row1 - row0) * K * C < (int64_t(1) << 15) ? 1 : at::get_num_threads();
-  // slices of whole vectors, a multiple of the thread count of them, none over the L2 budget where avoidable
-  const int64_t images = (row1 - 1) / P - row0 / P + 1;
-  const int64_t fit = std::max<int64_t>(16, kScatterSliceBytes / (images * HW * int64_t(sizeof(T))) / 16 * 16);
-  const int64_t nslice = threads * ((C + threads * fit - 1) / (threads * fit));
-  const int64_t piece = round_up((C + nslice - 1) / nslice, 16);
+  // one channel slice per thread (whole vectors): thinner slices would only add calls per sample
+  const int64_t piece = round_up((C + threads - 1) / threads, 16);
   struct Task {
     int64_t gi, dg, c0, c1;
   };
