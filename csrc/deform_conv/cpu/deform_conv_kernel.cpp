@@ -730,20 +730,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const float* mp = msk ? msk->data_ptr<float>() : nullptr;
     float* goffp = goff.data_ptr<float>();
     float* gmp = gmsk ? gmsk->data_ptr<float>() : nullptr;
-    // chunks of equal size (no short last chunk), each cut for the first phase into a multiple of the thread
-    // count of equal tasks of whole micro-tiles, at most 8 micro-tiles each (a task's grad_cols rows stay in L2)
-    const int64_t total = b * P, step = equal_chunk(total, chunk);
+    // chunks of equal size in whole micro-tiles (no short last chunk), each cut for the first phase into a
+    // multiple of the thread count of tasks, at most 8 micro-tiles each (a task's grad_cols rows stay near L2),
+    // the micro-tiles shared out evenly (the threads' task groups differ by one micro-tile at most)
+    const int64_t total = b * P, step = std::min(round_up(equal_chunk(total, chunk), MR), chunk_pad);
     setup_timer.lap(kSetup, threads);
     for (int64_t r0 = 0; r0 < total; r0 += step) {
-      const int64_t r1 = std::min(total, r0 + step), R = r1 - r0;
+      const int64_t r1 = std::min(total, r0 + step), R = r1 - r0, tiles = (R + MR - 1) / MR;
       L.row0 = r0;
-      const int64_t ntask = threads * ((R + threads * 8 * MR - 1) / (threads * 8 * MR));
-      const int64_t sub = round_up((R + ntask - 1) / ntask, MR);
+      const int64_t ntask = threads * ((tiles + threads * 8 - 1) / (threads * 8));
       // (1) grad_cols of sub-tiles of rows, then their sampling pass
-      at::parallel_for(0, (R + sub - 1) / sub, 1, [&](int64_t t0, int64_t t1) {
+      at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
         PhaseTimer timer;
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t a0 = t * sub, a1 = std::min(R, a0 + sub);
+          const int64_t a0 = MR * (t * tiles / ntask), a1 = std::min(R, MR * ((t + 1) * tiles / ntask));
+          if (a0 >= a1) continue;
           grad_out_rows(go_all, go_rows, Cout, P, n0 * P + r0 + a0, a1 - a0, gop + a0 * ldg, ldg);
           for (int64_t gi = 0; gi < g.groups; ++gi) {
             gemm::gemm_packed(v, a1 - a0, KCg, Cout_g, gop + a0 * ldg + gi * Cout_g, ldg, 1,
