@@ -195,4 +195,12 @@ def _on_sigterm(signum, frame):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:
+        # A failed run leaves its process group broken (a peer dead or hanging): tearing it down with the
+        # interpreter can abort the process (a communication thread still running, SIGABRT) and hide the exit
+        # code that says why. The reason is printed and the logs flushed; leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
