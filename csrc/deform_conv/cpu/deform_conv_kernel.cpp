@@ -502,7 +502,6 @@ inline void sample_tap_channels(const DeformConvGeom& g, const T* xi, const T* o
   }
 }
 
-
 // Forward tile rows for a budget of bytes (its sampled columns of one tap and its outputs).
 int64_t forward_tile_rows(const DeformConvGeom& g, int64_t bytes) {
   return std::max<int64_t>(1, bytes / (int64_t(sizeof(float)) * (g.Cg() + g.Cout)));
