@@ -2,7 +2,7 @@
 (`torch.ops.mmdcnv2.set_cpu_profile`), over a few forward and forward+backward calls, beside the wall time
 and a dense 3x3 convolution of the same shape. Run it on a quiet machine.
 
-    python tools/profile_cpu.py [--shapes c3,c4,c5,c3b2,c4dg4,s2,small] [--reps 5]
+    python tools/profile_cpu.py [--shapes c3,c4,c5,c3b2,c4dg4,c5dg4,s2,small] [--reps 5]
 
 For each shape it prints the median wall time of the forward and of the backward alone (ms), the dense
 convolution's, and how the thread time of each splits into phases (% of all thread time of that pass):
@@ -62,7 +62,7 @@ def phases(fn):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="c3,c4,c5,c3b2,c4dg4,s2,small")
+    p.add_argument("--shapes", default="c3,c4,c5,c3b2,c4dg4,c5dg4,s2,small")
     p.add_argument("--reps", type=int, default=5)
     a = p.parse_args(argv)
     if a.reps < 1:
