@@ -32,9 +32,11 @@ inline void for_each_run(const DeformConvGeom& g, int64_t c_begin, int64_t c_end
   }
 }
 
+// a rounded up to a multiple of b
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
 // The sample of output row r (image i, position p), deform group dg, kernel tap k; m is the mask value.
 // Rows per parallel task: enough work (about 32K channel samples) to pay for the hand-off.
-inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 inline int64_t row_grain(const DeformConvGeom& g) {
   return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, g.K() * g.C));
 }
@@ -775,20 +777,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     if (!cl) planes_of_block(gx, res.grad_input, g, n0, b);
     setup_timer.lap(kSetup, threads);
   }
-  // the weight gradient in the weight's shape: each output channel's [K][Cg] transposed to [Cg][K] in cache
-  auto grad_weight = at::empty(weight.sizes(), weight.options());
-  float* gwo = grad_weight.data_ptr<float>();
-  at::parallel_for(0, Cout, 8, [&](int64_t c0, int64_t c1) {
-    for (int64_t co = c0; co < c1; ++co) {
-      const float* src = gwp + co * KCg;
-      float* dst = gwo + co * KCg;
-      for (int64_t c = 0; c < Cg; ++c) {
-        for (int64_t k = 0; k < K; ++k) dst[c * K + k] = src[k * Cg + c];
-      }
-    }
-  });
+  auto result = res.finish(weight, g);
   setup_timer.lap(kSetup, threads);
-  return {res.grad_input, grad_weight, res.grad_offset, res.grad_mask, res.grad_bias};
+  return result;
 }
 
 // Tile and chunk sizes: from column_budget() where set; otherwise measured once per kind of call and kept for the
