@@ -254,6 +254,20 @@ def test_ddp_checkpoints_rank0_only(runs):
             assert len(re.findall(r"Iter\(train\) \[\s*\d+/3\]", f.read())) == ITERS
 
 
+def torchrun_failures(out):
+    """torchrun's failure report: {rank: exit code} over every process it lists, and the
+    (rank, exit code) of the one it names as root cause."""
+    entry = re.compile(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+    assert "Root Cause" in out, out[-3000:]
+    listed, root = out[: out.index("Root Cause")], out[out.index("Root Cause") :]
+    failures = {int(r): e for r, e in entry.findall(listed)}
+    found = entry.findall(root)
+    assert len(found) >= 1, out[-3000:]
+    root_cause = (int(found[0][0]), found[0][1])
+    failures.setdefault(*root_cause)
+    return failures, root_cause
+
+
 # case: (DieHook arguments, rank whose failure torchrun reports first and its exit code, the
 # other rank's last words, the last complete checkpoint)
 FAILURES = {
@@ -303,10 +317,13 @@ def test_distributed_rank_dies(runs, data, case):
     rc, out = torchrun(cfg, "--work-dir", work, "--timeout", 20 if case == "rank1_hangs" else 60)
     assert rc != 0
     assert time.time() - t0 < RUN_TIMEOUT
-    root_cause = out[out.index("Root Cause") :]
-    assert re.search(rf"rank\s*:\s*{failed} \(local_rank: {failed}\)\s*\n\s*exitcode\s*:\s*{exitcode}\b", root_cause), (
-        out[-3000:]
-    )
+    failures, root_cause = torchrun_failures(out)
+    assert failures.get(failed) == exitcode, out[-3000:]
+    # torchrun names as root cause the failure with the earliest time, to the second: when the other
+    # rank finds its peer gone within the same second, it may come first, with exit code 1
+    # (a hanging rank is never the first to fail)
+    allowed = [(failed, exitcode)] + ([(1 - failed, "1")] if exitcode == "-9" else [])
+    assert root_cause in allowed, out[-3000:]
     assert re.search(last_words, out), out[-3000:]
     # the last complete checkpoint is the one last_checkpoint names; nothing later exists
     with open(os.path.join(work, "last_checkpoint")) as f:
