@@ -147,3 +147,23 @@ def test_parallel_loops_are_compiled_for_torchs_openmp():
         return
     gomp = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
     assert len(gomp) <= 1, f"more than one OpenMP runtime loaded: {sorted(gomp)}"
+
+
+def test_tiled_route_scratch_pool_keeps_results_apart():
+    """The route keeps its scratch buffers between calls. With a 1x1 kernel the weight gradient's change of
+    layout is a view of the accumulator: that memory must not go back to the pool, or the next call would
+    overwrite a result the caller holds. release_cpu_scratch empties the pool and says what it held."""
+    case = (1, 64, 9, 11, 48, 1, 1, 1, 0, 1, 1, 1)
+    x, off, w, b, s, p, d, m = make_inputs(case, dtype=torch.float32)
+    with cpu_route("tiled"):
+        _, g1 = grads(deform_conv2d, x, off, w, b, s, p, d, m)
+        kept = [t.clone() for t in g1]
+        for k in range(3):  # other weights: other gradients, through buffers of the same sizes
+            grads(deform_conv2d, x, off, w * (k + 2), b, s, p, d, m, seed=k + 2)
+    for name, a, c in zip(["input", "offset", "weight", "bias", "mask"], g1, kept):
+        assert torch.equal(a, c), f"grad {name} changed after later calls"
+    torch.ops.mmdcnv2.release_cpu_scratch()
+    with cpu_route("tiled"):
+        grads(deform_conv2d, *make_inputs((1, 32, 12, 10, 70, 3, 3, 1, 1, 1, 1, 2), dtype=torch.float32))
+    assert torch.ops.mmdcnv2.release_cpu_scratch() > 0
+    assert torch.ops.mmdcnv2.release_cpu_scratch() == 0

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -556,18 +557,99 @@ std::vector<int64_t> cpu_profile() {
   return r;
 }
 
+// Scratch memory of the tiled route (packed weight, column chunks, grad_out rows, the weight gradient's accumulator,
+// channels-last copies), kept between calls in a small pool. A fresh buffer of tens of MiB comes from the system
+// again whenever the allocator has given its memory back, and its first touch then pays a page fault per 4 KiB
+// (2-6 ms at c5 on this project's AMD machine, at some calls and not others). A buffer returns to the pool when
+// its user is done with it, unless its memory is still held elsewhere (a result that views it); the pool keeps
+// at most kScratchKeep bytes, dropping the oldest first. release_cpu_scratch() empties it.
+constexpr int64_t kScratchKeep = int64_t(256) << 20;
+std::mutex g_scratch_mutex;
+std::vector<at::Tensor> g_scratch;  // free buffers: 1-D float tensors
+
+int64_t scratch_bytes_locked() {
+  int64_t n = 0;
+  for (const auto& t : g_scratch) n += t.numel() * int64_t(sizeof(float));
+  return n;
+}
+
+// At least n floats of scratch, uninitialised (contents of an earlier use where it comes from the pool).
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    n = std::max<int64_t>(1, n);
+    {
+      std::lock_guard<std::mutex> lock(g_scratch_mutex);
+      // the smallest free buffer that fits, if it is not more than twice the size asked for
+      int64_t best = -1;
+      for (int64_t i = 0; i < int64_t(g_scratch.size()); ++i) {
+        const int64_t m = g_scratch[i].numel();
+        if (m >= n && m <= 2 * n && (best < 0 || m < g_scratch[best].numel())) best = i;
+      }
+      if (best >= 0) {
+        t_ = std::move(g_scratch[best]);
+        g_scratch.erase(g_scratch.begin() + best);
+      }
+    }
+    if (!t_.defined()) t_ = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+    n_ = n;
+  }
+  Scratch(Scratch&&) = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  Scratch& operator=(Scratch&&) = delete;
+  ~Scratch() {
+    // back to the pool only if nothing else holds the memory (views taken from it must be gone by now)
+    if (!t_.defined() || t_.use_count() != 1 || t_.storage().use_count() != 1) return;
+    std::lock_guard<std::mutex> lock(g_scratch_mutex);
+    g_scratch.push_back(std::move(t_));
+    while (scratch_bytes_locked() > kScratchKeep) g_scratch.erase(g_scratch.begin());
+  }
+  float* data() const { return t_.data_ptr<float>(); }
+  // the first prod(sizes) floats as a contiguous tensor of that shape
+  at::Tensor view(at::IntArrayRef sizes) const {
+    int64_t m = 1;
+    for (const auto s : sizes) m *= s;
+    return t_.narrow(0, 0, m).view(sizes);
+  }
+
+ private:
+  at::Tensor t_;
+  int64_t n_ = 0;
+};
+
+// Empties the scratch pool; returns the bytes it held.
+int64_t release_cpu_scratch() {
+  std::lock_guard<std::mutex> lock(g_scratch_mutex);
+  const int64_t n = scratch_bytes_locked();
+  g_scratch.clear();
+  return n;
+}
+
+// Images [n0, n0 + b) of the input, channels-last [b][H][W][C]: the input's own memory where it is channels-last,
+// else a copy into scratch (xs, which must outlive the result).
+at::Tensor channels_last_block(const at::Tensor& input, int64_t n0, int64_t b, const DeformConvGeom& g,
+                               std::optional<Scratch>& xs) {
+  const auto blk = input.narrow(0, n0, b).permute({0, 2, 3, 1});
+  if (blk.is_contiguous()) return blk;
+  xs.emplace(b * g.H * g.W * g.C);
+  auto x = xs->view({b, g.H, g.W, g.C});
+  x.copy_(blk);
+  return x;
+}
+
 // The weight [Cout, Cg, kh, kw] in panels of NR columns for the micro-kernels, in one parallel pass:
 // [groups][ceil(cols / NR)][rows][NR], columns past the last zero, with (within a conv group)
 //   forward (for_grad_cols false): rows p = (k, c), columns j = output channel;
 //   backward (true):               rows p = output channel, columns j = (k, c).
-at::Tensor pack_weight_panels(const at::Tensor& weight, const DeformConvGeom& g, int64_t NR, bool for_grad_cols) {
+Scratch pack_weight_panels(const at::Tensor& weight, const DeformConvGeom& g, int64_t NR, bool for_grad_cols) {
   const int64_t K = g.K(), Cg = g.Cg(), Cout_g = g.Cout_g(), KCg = K * Cg;
   const int64_t rows = for_grad_cols ? Cout_g : KCg, cols = for_grad_cols ? KCg : Cout_g;
   const int64_t npan = (cols + NR - 1) / NR;
   const auto w = weight.contiguous();  // [Cout][Cg][K]
-  auto wp = at::empty({g.groups, npan, rows, NR}, weight.options());
+  Scratch wp(g.groups * npan * rows * NR);
   const float* src = w.data_ptr<float>();
-  float* dst = wp.data_ptr<float>();
+  float* dst = wp.data();
   // source offsets within the group's weight: of (output channel co, column j) = row part + column part
   const auto entry = [&](int64_t co, int64_t kc) { return co * Cg * K + (kc % Cg) * K + kc / Cg; };
   at::parallel_for(0, g.groups * npan, 1, [&](int64_t t0, int64_t t1) {
@@ -609,17 +691,19 @@ at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, cons
   const int64_t NR = gemm::tile_nr(v), npan = (Cout_g + NR - 1) / NR;
   // B(p, j) = W[j][p] in panels of NR output channels: [groups][npan][K * Cg][NR]
   const auto wp = pack_weight_panels(weight, g, NR, false);
-  const float* wpp = wp.data_ptr<float>();
+  const float* wpp = wp.data();
   const auto bias_c = bias ? bias->contiguous() : at::Tensor();
   const float* bp = bias ? bias_c.data_ptr<float>() : nullptr;
   const int64_t rows_pad = round_up(rows, gemm::tile_mr(v)), threads = std::max(1, at::get_num_threads());
   const int64_t lda = gemm::padded_ld(Cg), ldo = gemm::padded_ld(Cout);
   float* outp = out.data_ptr<float>();
   for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
-    const auto [b, x, off, msk] = s.block(input, n0);
+    const int64_t b = std::min(s.nb, g.N - n0);
+    std::optional<Scratch> xs;
+    const auto x = channels_last_block(input, n0, b, g, xs);
     const float* xp = x.data_ptr<float>();
-    const float* offp = off.data_ptr<float>();
-    const float* mp = msk ? msk->data_ptr<float>() : nullptr;
+    const float* offp = s.offset.data_ptr<float>() + n0 * s.offset.stride(0);
+    const float* mp = s.mask ? s.mask->data_ptr<float>() + n0 * s.mask->stride(0) : nullptr;
     const int64_t total = b * P, tr = balanced_tile_rows(total, rows, threads, gemm::tile_mr(v));
     const int64_t tiles = (total + tr - 1) / tr;
     setup_timer.lap(kSetup, threads);
@@ -704,19 +788,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   // B(p = co, j = (k, c)) = W[co][(k, c)] in panels of NR columns: [groups][npan][Cout_g][NR]
   const int64_t npan = (KCg + NR - 1) / NR;
   const auto wp = pack_weight_panels(weight, g, NR, true);
-  const float* wpp = wp.data_ptr<float>();
-  float* gwp = res.gw_acc.data_ptr<float>();
+  const float* wpp = wp.data();
+  Scratch gw_acc(g.groups * Cout_g * KCg);  // in place of the accumulator BackwardResults made (never touched)
+  res.gw_acc = gw_acc.view({g.groups, Cout_g, KCg});
+  float* gwp = gw_acc.data();
   // chunk buffers: grad_cols and columns in the row layout with a padded row stride, grad_out rows (+ padding)
   const int64_t ldc = gemm::padded_ld(g.ldc()), ldg = gemm::padded_ld(Cout);
   ColLayout L = ColLayout::rows(g, 0);
   L.ldc = ldc;
   const int64_t chunk_pad = round_up(chunk, MR);
-  auto gcols = at::empty({chunk_pad, ldc}, input.options());
-  auto cols = at::empty({chunk_pad, ldc}, input.options());
-  auto gob = at::zeros({chunk_pad * ldg + MR}, input.options());
-  float* gcp = gcols.data_ptr<float>();
-  float* cp = cols.data_ptr<float>();
-  float* gop = gob.data_ptr<float>();
+  Scratch gcols_mem(chunk_pad * ldc), cols_mem(chunk_pad * ldc), gob(chunk_pad * ldg + MR);
+  const auto gcols = gcols_mem.view({chunk_pad, ldc});
+  float* gcp = gcols_mem.data();
+  float* cp = cols_mem.data();
+  float* gop = gob.data();
+  std::fill(gop, gop + chunk_pad * ldg + MR, 0.f);  // the padding past Cout in each row stays zero
   // grad_out rows come straight from its memory: rows of [N * P][Cout] where it is channels-last, else planes
   const bool go_rows = grad_output.is_contiguous(at::MemoryFormat::ChannelsLast);
   const auto go_mem = go_rows ? grad_output : grad_output.contiguous();
@@ -724,8 +810,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   bool gw_started = false;  // the first grad_weight product writes the accumulator, the later ones add to it
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
-    const auto [b, x, off, msk] = s.block(input, n0);
-    auto [goff, gmsk, gx] = block_grads(res, mask, input, g, cl, n0, b);
+    const int64_t b = std::min(s.nb, g.N - n0);
+    std::optional<Scratch> xs, gxs;
+    const auto x = channels_last_block(input, n0, b, g, xs);
+    const auto off = s.offset.narrow(0, n0, b);
+    const OptTensor msk = s.mask ? OptTensor(s.mask->narrow(0, n0, b)) : kNullopt;
+    auto goff = res.grad_offset.narrow(0, n0, b);
+    const OptTensor gmsk = mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt;
+    // grad_input's block, channels-last, zeroed: the result's memory where it is channels-last, else scratch
+    at::Tensor gx;
+    if (cl) {
+      gx = res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_();
+    } else {
+      gxs.emplace(b * g.H * g.W * g.C);
+      gx = gxs->view({b, g.H, g.W, g.C}).zero_();
+    }
     const float* xp = x.data_ptr<float>();
     const float* offp = off.data_ptr<float>();
     const float* mp = msk ? msk->data_ptr<float>() : nullptr;
@@ -778,6 +877,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     setup_timer.lap(kSetup, threads);
   }
   auto result = res.finish(weight, g);
+  res.gw_acc.reset();  // gw_acc's memory back to the pool (unless the result views it)
   setup_timer.lap(kSetup, threads);
   return result;
 }
@@ -948,6 +1048,8 @@ TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
   // The tiled route's phase timers (tools/profile_cpu.py): on (zeroed) or off, and the thread nanoseconds so far.
   m.def("set_cpu_profile(bool on) -> bool", &mmdcnv2::set_cpu_profile);
   m.def("cpu_profile() -> int[]", &mmdcnv2::cpu_profile);
+  // Empties the tiled route's pool of scratch buffers (kept between calls); returns the bytes it held.
+  m.def("release_cpu_scratch() -> int", &mmdcnv2::release_cpu_scratch);
 }
 
 TORCH_LIBRARY_IMPL(mmdcnv2, CPU, m) {
