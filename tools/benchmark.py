@@ -205,6 +205,10 @@ def peak_memory(fn, device):
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
+    # our CPU route keeps its scratch in a pool between calls: emptied first, the call allocates it where the
+    # profiler sees it (the footprint of a call, whether its scratch is new or the pool's)
+    if hasattr(torch.ops.mmdcnv2, "release_cpu_scratch"):
+        torch.ops.mmdcnv2.release_cpu_scratch()
     with profiler_quiet():
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
