@@ -592,7 +592,6 @@ class Scratch {
       }
     }
     if (!t_.defined()) t_ = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
-    n_ = n;
   }
   Scratch(Scratch&&) = default;
   Scratch(const Scratch&) = delete;
@@ -615,7 +614,6 @@ class Scratch {
 
  private:
   at::Tensor t_;
-  int64_t n_ = 0;
 };
 
 // Empties the scratch pool; returns the bytes it held.
