@@ -565,7 +565,9 @@ std::vector<int64_t> cpu_profile() {
 // at most kScratchKeep bytes, dropping the oldest first. release_cpu_scratch() empties it.
 constexpr int64_t kScratchKeep = int64_t(256) << 20;
 std::mutex g_scratch_mutex;
-std::vector<at::Tensor> g_scratch;  // free buffers: 1-D float tensors
+// free buffers (1-D float tensors); never destroyed, so that no buffer is freed at exit after torch's allocator
+// bookkeeping is gone
+std::vector<at::Tensor>& g_scratch = *new std::vector<at::Tensor>();
 
 int64_t scratch_bytes_locked() {
   int64_t n = 0;
