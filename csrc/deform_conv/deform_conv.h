@@ -109,19 +109,20 @@ struct BackwardResults {
   bool work;
   at::Tensor grad_input, grad_offset, grad_mask, grad_bias, gw_acc;
 
-  // zero_weight false: gw_acc is left uninitialised where there is work (the caller's first product overwrites it)
+  // own_weight_acc false: where there is work, gw_acc is left undefined for the caller to set (the CPU tiled route
+  // takes it from its scratch pool)
   BackwardResults(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
                   const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g, at::ScalarType acc_type,
-                  bool zero_weight = true)
+                  bool own_weight_acc = true)
       : work(g.N > 0 && g.P() > 0 && g.C > 0) {
     const auto gi_opts = input.options().memory_format(result_format(input));
     grad_input = work ? at::empty(input.sizes(), gi_opts) : at::zeros(input.sizes(), gi_opts);
     grad_offset = at::zeros(offset.sizes(), offset.options());
     grad_mask = mask ? at::zeros(mask->sizes(), mask->options()) : at::empty({0}, input.options());
     grad_bias = bias ? grad_output.sum({0, 2, 3}).to(bias->scalar_type()) : at::empty({0}, input.options());
-    const auto gw_opts = input.options().dtype(acc_type);
-    gw_acc = work && !zero_weight ? at::empty({g.groups, g.Cout_g(), g.K() * g.Cg()}, gw_opts)
-                                  : at::zeros({g.groups, g.Cout_g(), g.K() * g.Cg()}, gw_opts);
+    if (own_weight_acc || !work) {
+      gw_acc = at::zeros({g.groups, g.Cout_g(), g.K() * g.Cg()}, input.options().dtype(acc_type));
+    }
   }
   Tuple finish(const at::Tensor& weight, const DeformConvGeom& g) const {
     auto grad_weight = gw_acc.view({g.groups, g.Cout_g(), g.K(), g.Cg()})

@@ -387,19 +387,105 @@ void copy_rows(at::Tensor& t, int64_t n0, int64_t q0, int64_t q1, const at::Tens
   }
 }
 
+// Scratch memory of the tiled route (packed weight, column chunks, grad_out rows, the weight gradient's accumulator,
+// channels-last copies), kept between calls in a small pool. A fresh buffer of tens of MiB comes from the system
+// again whenever the allocator has given its memory back, and its first touch then pays a page fault per 4 KiB
+// (2-6 ms at c5 on this project's AMD machine, at some calls and not others). A buffer returns to the pool when
+// its user is done with it, unless its memory is still held elsewhere (a result that views it); the pool keeps
+// at most kScratchKeep bytes, dropping the oldest first. release_cpu_scratch() empties it.
+constexpr int64_t kScratchKeep = int64_t(256) << 20;
+std::mutex g_scratch_mutex;
+// free buffers (1-D float tensors); never destroyed, so that no buffer is freed at exit after torch's allocator
+// bookkeeping is gone
+std::vector<at::Tensor>& g_scratch = *new std::vector<at::Tensor>();
+
+int64_t scratch_bytes_locked() {
+  int64_t n = 0;
+  for (const auto& t : g_scratch) n += t.numel() * int64_t(sizeof(float));
+  return n;
+}
+
+// At least n floats of scratch, uninitialised (contents of an earlier use where it comes from the pool).
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    n = std::max<int64_t>(1, n);
+    {
+      std::lock_guard<std::mutex> lock(g_scratch_mutex);
+      // the smallest free buffer that fits, if it is not more than twice the size asked for
+      int64_t best = -1;
+      for (int64_t i = 0; i < int64_t(g_scratch.size()); ++i) {
+        const int64_t m = g_scratch[i].numel();
+        if (m >= n && m <= 2 * n && (best < 0 || m < g_scratch[best].numel())) best = i;
+      }
+      if (best >= 0) {
+        t_ = std::move(g_scratch[best]);
+        g_scratch.erase(g_scratch.begin() + best);
+      }
+    }
+    if (!t_.defined()) t_ = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  }
+  Scratch(Scratch&&) = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  Scratch& operator=(Scratch&&) = delete;
+  ~Scratch() {
+    // back to the pool only if nothing else holds the memory (views taken from it must be gone by now)
+    if (!t_.defined() || t_.use_count() != 1 || t_.storage().use_count() != 1) return;
+    std::lock_guard<std::mutex> lock(g_scratch_mutex);
+    g_scratch.push_back(std::move(t_));
+    while (scratch_bytes_locked() > kScratchKeep) g_scratch.erase(g_scratch.begin());
+  }
+  float* data() const { return t_.data_ptr<float>(); }
+  // the first prod(sizes) floats as a contiguous tensor of that shape
+  at::Tensor view(at::IntArrayRef sizes) const {
+    int64_t m = 1;
+    for (const auto s : sizes) m *= s;
+    return t_.narrow(0, 0, m).view(sizes);
+  }
+
+ private:
+  at::Tensor t_;
+};
+
+// Empties the scratch pool; returns the bytes it held.
+int64_t release_cpu_scratch() {
+  std::lock_guard<std::mutex> lock(g_scratch_mutex);
+  const int64_t n = scratch_bytes_locked();
+  g_scratch.clear();
+  return n;
+}
+
+// Images [n0, n0 + b) of the input, channels-last [b][H][W][C]: the input's own memory where it is channels-last,
+// else a copy into scratch (xs, which must outlive the result).
+at::Tensor channels_last_block(const at::Tensor& input, int64_t n0, int64_t b, const DeformConvGeom& g,
+                               std::optional<Scratch>& xs) {
+  const auto blk = input.narrow(0, n0, b).permute({0, 2, 3, 1});
+  if (blk.is_contiguous()) return blk;
+  xs.emplace(b * g.H * g.W * g.C);
+  auto x = xs->view({b, g.H, g.W, g.C});
+  x.copy_(blk);
+  return x;
+}
+
 // A block's gradients (images [n0, n0 + b)): the offset and mask gradients, and the NHWC grad_input the scatter
-// accumulates in: the result itself where it is channels-last (zeroed), else a zeroed buffer that
-// planes_of_block then writes into the NCHW result.
+// accumulates in: the result itself where it is channels-last (zeroed), else a zeroed buffer in scratch (gxs, which
+// must outlive it) that planes_of_block then writes into the NCHW result.
 struct BlockGrads {
   at::Tensor goff;
   OptTensor gmsk;
   at::Tensor gx;
 };
-BlockGrads block_grads(BackwardResults& res, const OptTensor& mask, const at::Tensor& input, const DeformConvGeom& g,
-                       bool cl, int64_t n0, int64_t b) {
-  return {res.grad_offset.narrow(0, n0, b), mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt,
-          cl ? res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_()
-             : at::zeros({b, g.H, g.W, g.C}, input.options())};
+BlockGrads block_grads(BackwardResults& res, const OptTensor& mask, const DeformConvGeom& g, bool cl, int64_t n0,
+                       int64_t b, std::optional<Scratch>& gxs) {
+  at::Tensor gx;
+  if (cl) {
+    gx = res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1});
+  } else {
+    gxs.emplace(b * g.H * g.W * g.C);
+    gx = gxs->view({b, g.H, g.W, g.C});
+  }
+  return {res.grad_offset.narrow(0, n0, b), mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt, gx.zero_()};
 }
 void planes_of_block(const at::Tensor& gx, at::Tensor& grad_input, const DeformConvGeom& g, int64_t n0, int64_t b) {
   for (int64_t i = 0; i < b; ++i) {
@@ -451,7 +537,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const auto go_cl = grad_output.contiguous(at::MemoryFormat::ChannelsLast);  // no copy if it is already
     for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
       const auto [b, x, off, msk] = s.block(input, n0);
-      auto [goff, gmsk, gx] = block_grads(res, mask, input, g, cl, n0, b);
+      std::optional<Scratch> gxs;
+      auto [goff, gmsk, gx] = block_grads(res, mask, g, cl, n0, b, gxs);
       for (int64_t q0 = 0; q0 < b * g.Ho; q0 += rows) {
         const int64_t q1 = std::min(b * g.Ho, q0 + rows), r0 = q0 * g.Wo, r1 = q1 * g.Wo;
         // grad_out rows of this chunk, channels-last: [1, Cout, q1 - q0, Wo] = rows x Cout in memory
@@ -555,87 +642,6 @@ std::vector<int64_t> cpu_profile() {
   std::vector<int64_t> r;
   for (auto& c : g_phase_ns) r.push_back(c.load());
   return r;
-}
-
-// Scratch memory of the tiled route (packed weight, column chunks, grad_out rows, the weight gradient's accumulator,
-// channels-last copies), kept between calls in a small pool. A fresh buffer of tens of MiB comes from the system
-// again whenever the allocator has given its memory back, and its first touch then pays a page fault per 4 KiB
-// (2-6 ms at c5 on this project's AMD machine, at some calls and not others). A buffer returns to the pool when
-// its user is done with it, unless its memory is still held elsewhere (a result that views it); the pool keeps
-// at most kScratchKeep bytes, dropping the oldest first. release_cpu_scratch() empties it.
-constexpr int64_t kScratchKeep = int64_t(256) << 20;
-std::mutex g_scratch_mutex;
-// free buffers (1-D float tensors); never destroyed, so that no buffer is freed at exit after torch's allocator
-// bookkeeping is gone
-std::vector<at::Tensor>& g_scratch = *new std::vector<at::Tensor>();
-
-int64_t scratch_bytes_locked() {
-  int64_t n = 0;
-  for (const auto& t : g_scratch) n += t.numel() * int64_t(sizeof(float));
-  return n;
-}
-
-// At least n floats of scratch, uninitialised (contents of an earlier use where it comes from the pool).
-class Scratch {
- public:
-  explicit Scratch(int64_t n) {
-    n = std::max<int64_t>(1, n);
-    {
-      std::lock_guard<std::mutex> lock(g_scratch_mutex);
-      // the smallest free buffer that fits, if it is not more than twice the size asked for
-      int64_t best = -1;
-      for (int64_t i = 0; i < int64_t(g_scratch.size()); ++i) {
-        const int64_t m = g_scratch[i].numel();
-        if (m >= n && m <= 2 * n && (best < 0 || m < g_scratch[best].numel())) best = i;
-      }
-      if (best >= 0) {
-        t_ = std::move(g_scratch[best]);
-        g_scratch.erase(g_scratch.begin() + best);
-      }
-    }
-    if (!t_.defined()) t_ = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
-  }
-  Scratch(Scratch&&) = default;
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  Scratch& operator=(Scratch&&) = delete;
-  ~Scratch() {
-    // back to the pool only if nothing else holds the memory (views taken from it must be gone by now)
-    if (!t_.defined() || t_.use_count() != 1 || t_.storage().use_count() != 1) return;
-    std::lock_guard<std::mutex> lock(g_scratch_mutex);
-    g_scratch.push_back(std::move(t_));
-    while (scratch_bytes_locked() > kScratchKeep) g_scratch.erase(g_scratch.begin());
-  }
-  float* data() const { return t_.data_ptr<float>(); }
-  // the first prod(sizes) floats as a contiguous tensor of that shape
-  at::Tensor view(at::IntArrayRef sizes) const {
-    int64_t m = 1;
-    for (const auto s : sizes) m *= s;
-    return t_.narrow(0, 0, m).view(sizes);
-  }
-
- private:
-  at::Tensor t_;
-};
-
-// Empties the scratch pool; returns the bytes it held.
-int64_t release_cpu_scratch() {
-  std::lock_guard<std::mutex> lock(g_scratch_mutex);
-  const int64_t n = scratch_bytes_locked();
-  g_scratch.clear();
-  return n;
-}
-
-// Images [n0, n0 + b) of the input, channels-last [b][H][W][C]: the input's own memory where it is channels-last,
-// else a copy into scratch (xs, which must outlive the result).
-at::Tensor channels_last_block(const at::Tensor& input, int64_t n0, int64_t b, const DeformConvGeom& g,
-                               std::optional<Scratch>& xs) {
-  const auto blk = input.narrow(0, n0, b).permute({0, 2, 3, 1});
-  if (blk.is_contiguous()) return blk;
-  xs.emplace(b * g.H * g.W * g.C);
-  auto x = xs->view({b, g.H, g.W, g.C});
-  x.copy_(blk);
-  return x;
 }
 
 // The weight [Cout, Cg, kh, kw] in panels of NR columns for the micro-kernels, in one parallel pass:
@@ -782,14 +788,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const int64_t K = g.K(), Cg = g.Cg(), Cout = g.Cout, Cout_g = g.Cout_g(), P = g.P(), KCg = K * Cg;
   const bool cl = is_channels_last(input);
   PhaseTimer setup_timer;
-  BackwardResults res(grad_output, input, offset, mask, bias, g, at::kFloat, false);
+  BackwardResults res(grad_output, input, offset, mask, bias, g, at::kFloat, /*own_weight_acc=*/false);
   if (!res.work) return res.finish(weight, g);
   const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 2, false);
   // B(p = co, j = (k, c)) = W[co][(k, c)] in panels of NR columns: [groups][npan][Cout_g][NR]
   const int64_t npan = (KCg + NR - 1) / NR;
   const auto wp = pack_weight_panels(weight, g, NR, true);
   const float* wpp = wp.data();
-  Scratch gw_acc(g.groups * Cout_g * KCg);  // in place of the accumulator BackwardResults made (never touched)
+  Scratch gw_acc(g.groups * Cout_g * KCg);  // the weight gradient's accumulator
   res.gw_acc = gw_acc.view({g.groups, Cout_g, KCg});
   float* gwp = gw_acc.data();
   // chunk buffers: grad_cols and columns in the row layout with a padded row stride, grad_out rows (+ padding)
@@ -815,16 +821,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const auto x = channels_last_block(input, n0, b, g, xs);
     const auto off = s.offset.narrow(0, n0, b);
     const OptTensor msk = s.mask ? OptTensor(s.mask->narrow(0, n0, b)) : kNullopt;
-    auto goff = res.grad_offset.narrow(0, n0, b);
-    const OptTensor gmsk = mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt;
-    // grad_input's block, channels-last, zeroed: the result's memory where it is channels-last, else scratch
-    at::Tensor gx;
-    if (cl) {
-      gx = res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1}).zero_();
-    } else {
-      gxs.emplace(b * g.H * g.W * g.C);
-      gx = gxs->view({b, g.H, g.W, g.C}).zero_();
-    }
+    auto [goff, gmsk, gx] = block_grads(res, mask, g, cl, n0, b, gxs);
     const float* xp = x.data_ptr<float>();
     const float* offp = off.data_ptr<float>();
     const float* mp = msk ? msk->data_ptr<float>() : nullptr;
