@@ -64,6 +64,7 @@ if [ ! -x "$PY" ]; then
 fi
 
 if ! have torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION; then
+  need_disk 8 "$VENV" "installing torch $TORCH_VERSION and mmcv into $VENV"
   step_start "installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION (a CUDA build: several GB, a few minutes)"
   pipq torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION "$NUMPY"
   step_done

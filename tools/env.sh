@@ -22,6 +22,7 @@ if [ ! -x "$PY" ]; then
 fi
 
 if ! have torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION; then
+  need_disk 9 "$VENV" "installing torch $TORCH_VERSION, mmcv, mmdet and the build into $VENV"
   say "installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION (about a minute)"
   pipq torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION
 fi

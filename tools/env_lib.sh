@@ -10,6 +10,19 @@ pipq() {
   rm -f "$log"
 }
 
+# need_disk GIB PATH WHAT: stops with a clear message when the file system holding PATH has less than GIB GiB
+# free, before a step that would fail half-way with pip's "No space left on device".
+need_disk() {
+  local gib=$1 path=$2 what=$3 dir=$2 free_kib
+  while [ ! -d "$dir" ]; do dir=$(dirname "$dir"); done
+  free_kib=$(df -Pk "$dir" | awk 'NR==2 {print $4}')
+  if [ "$free_kib" -lt $((gib * 1024 * 1024)) ]; then
+    say "$what needs about $gib GiB free at $path; the file system has $((free_kib / 1024 / 1024)) GiB free."
+    say "Free some space (old clones, ${TMPDIR:-/tmp}/pytest-of-$(id -un), ~/.cache/pip) and run again."
+    exit 1
+  fi
+}
+
 # have name[==version] ...: every distribution installed (at that version, local suffix ignored)
 have() { "$PY" - "$@" <<'PYEOF' >/dev/null 2>&1
 import importlib.metadata as md, sys
