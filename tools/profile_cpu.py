@@ -8,10 +8,12 @@ For each shape it prints the median wall time of the forward and of the backward
 convolution's, and how the thread time of each splits into phases (% of all thread time of that pass):
 
 - forward: sampling (the columns of one tap for a tile of rows, in cache), products (our micro-kernels),
-  output writes (with the bias, into the caller's layout), setup (input to channels-last, weight packing,
-  allocation);
-- backward: grad_cols products, the sampling pass (columns, offset and mask gradients), grad_weight
-  products, the scatter into grad_input, setup (layout copies of grad_out and grad_input, packing).
+  output writes (with the bias, into the caller's layout);
+- backward: grad_cols products (with the gather of grad_out's rows), the sampling pass (columns, offset
+  and mask gradients), grad_weight products, the scatter into grad_input;
+- both, outside their parallel loops: the weight's packing into panels, the layout copies (the input to
+  channels-last; in the backward also grad_input back to planes), the weight gradient into the weight's
+  layout (backward), and the rest of the setup (allocation, zeroing).
 
 Thread time is summed over the threads (a phase timed from outside a parallel loop counts its wall time
 times the thread count). It also says which CPU this is: figures differ by vendor.
@@ -46,7 +48,12 @@ SHAPES = {
 FWD = ["sampling", "products", "output writes"]
 BWD = ["grad_cols products", "sampling pass", "grad_weight products", "scatter"]
 # the order of the kernel's counters (csrc/deform_conv/cpu/deform_conv_kernel.cpp, enum Phase)
-COUNTERS = FWD + BWD + ["setup"]
+COUNTERS = FWD + BWD + ["setup", "packing", "layout copies", "grad_weight layout"]
+# what each pass prints: its own phases, then those outside its parallel loops
+PASS_KEYS = {
+    "fwd": FWD + ["packing", "layout copies", "setup"],
+    "bwd": BWD + ["packing", "layout copies", "grad_weight layout", "setup"],
+}
 
 
 def phases(fn):
@@ -129,7 +136,7 @@ def main(argv=None):
             f"backward {med['bwd']:.1f} ms, dense forward {med['dense']:.1f} ms",
             flush=True,
         )
-        for pas, keys in (("fwd", FWD + ["setup"]), ("bwd", BWD + ["setup"])):
+        for pas, keys in PASS_KEYS.items():
             tot = {k: statistics.median(v) for k, v in parts[pas].items()}
             total = sum(tot[k] for k in keys) or 1.0
             cells = ", ".join(f"{k} {100 * tot[k] / total:.0f}%" for k in keys)

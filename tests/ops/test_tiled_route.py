@@ -167,3 +167,40 @@ def test_tiled_route_scratch_pool_keeps_results_apart():
         grads(deform_conv2d, *make_inputs((1, 32, 12, 10, 70, 3, 3, 1, 1, 1, 1, 2), dtype=torch.float32))
     assert torch.ops.mmdcnv2.release_cpu_scratch() > 0
     assert torch.ops.mmdcnv2.release_cpu_scratch() == 0
+
+
+def test_phase_timers_count_what_each_pass_runs(monkeypatch):
+    """tools/profile_cpu.py's counters (its COUNTERS names them in the kernel's order): off, nothing is counted;
+    on, a forward on a plain (NCHW) input counts its sampling, products, packing and layout copy and none of
+    the backward's phases, on a channels-last input no layout copy; a backward counts its own, the weight
+    gradient's change of layout included."""
+    import importlib
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    tool = importlib.import_module("profile_cpu")
+    x, off, w, b, s, p, d, m = make_inputs(CASE_WIDE, dtype=torch.float32, offset_scale=2.0)
+    leaves = [t.clone().requires_grad_() for t in (x, off, w, b, m)]
+    with cpu_route("tiled"):
+        out = deform_conv2d(leaves[0], leaves[1], leaves[2], leaves[3], s, p, d, leaves[4])
+        torch.ops.mmdcnv2.set_cpu_profile(True)
+        torch.ops.mmdcnv2.set_cpu_profile(False)
+        deform_conv2d(x, off, w, b, s, p, d, m)  # not counted
+        assert not any(torch.ops.mmdcnv2.cpu_profile())
+
+        torch.ops.mmdcnv2.set_cpu_profile(True)
+        deform_conv2d(x, off, w, b, s, p, d, m)
+        fwd = dict(zip(tool.COUNTERS, torch.ops.mmdcnv2.cpu_profile()))
+        torch.ops.mmdcnv2.set_cpu_profile(True)  # on again: counters from zero
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+        bwd = dict(zip(tool.COUNTERS, torch.ops.mmdcnv2.cpu_profile()))
+        torch.ops.mmdcnv2.set_cpu_profile(True)
+        deform_conv2d(x.contiguous(memory_format=torch.channels_last), off, w, b, s, p, d, m)
+        fwd_cl = dict(zip(tool.COUNTERS, torch.ops.mmdcnv2.cpu_profile()))
+        torch.ops.mmdcnv2.set_cpu_profile(False)
+    assert len(torch.ops.mmdcnv2.cpu_profile()) == len(tool.COUNTERS)
+    assert all(fwd[k] > 0 for k in ("sampling", "products", "packing", "layout copies")), fwd
+    assert all(fwd[k] == 0 for k in tool.BWD + ["grad_weight layout"]), fwd
+    assert all(bwd[k] > 0 for k in tool.BWD + ["packing", "layout copies", "grad_weight layout"]), bwd
+    assert all(bwd[k] == 0 for k in tool.FWD), bwd
+    # a channels-last input is read in place: packing but no layout copy
+    assert fwd_cl["packing"] > 0 and fwd_cl["layout copies"] == 0, fwd_cl

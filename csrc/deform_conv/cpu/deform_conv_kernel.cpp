@@ -611,9 +611,23 @@ int64_t backward_chunk_rows_fixed(const DeformConvGeom& g, int64_t rows) {
 // Phase timers of the tiled route for tools/profile_cpu.py: thread time (nanoseconds, summed over threads) per
 // phase, counted only while set_cpu_profile(true) is on (one steady_clock read per phase and tile otherwise
 // skipped). Phases: forward sampling, forward products, forward output writes; backward grad_cols products,
-// sampling pass (columns, offset and mask gradients), grad_weight products, grad_input scatter, and the setup
-// outside the parallel loops of both (layout copies, weight packing, allocation).
-enum Phase { kFwdSample, kFwdGemm, kFwdWrite, kBwdGemmCols, kBwdSample, kBwdGemmWeight, kBwdScatter, kSetup, kPhases };
+// sampling pass (columns, offset and mask gradients), grad_weight products, grad_input scatter; outside the
+// parallel loops of both: the rest of the setup (allocation, zeroing), the weight's packing, the layout copies
+// (the input to channels-last, grad_input back to planes) and the weight gradient into the weight's layout.
+enum Phase {
+  kFwdSample,
+  kFwdGemm,
+  kFwdWrite,
+  kBwdGemmCols,
+  kBwdSample,
+  kBwdGemmWeight,
+  kBwdScatter,
+  kSetup,
+  kPack,
+  kLayout,
+  kWeightLayout,
+  kPhases
+};
 std::atomic<bool> g_profile{false};
 std::atomic<int64_t> g_phase_ns[kPhases];
 
@@ -695,18 +709,22 @@ at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, cons
   const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 1, false);
   const int64_t K = g.K(), Cg = g.Cg(), Cout = g.Cout, Cout_g = g.Cout_g(), P = g.P(), KCg = K * Cg;
   const int64_t NR = gemm::tile_nr(v), npan = (Cout_g + NR - 1) / NR;
+  const int64_t rows_pad = round_up(rows, gemm::tile_mr(v)), threads = std::max(1, at::get_num_threads());
+  setup_timer.lap(kSetup, threads);
   // B(p, j) = W[j][p] in panels of NR output channels: [groups][npan][K * Cg][NR]
   const auto wp = pack_weight_panels(weight, g, NR, false);
+  setup_timer.lap(kPack, threads);
   const float* wpp = wp.data();
   const auto bias_c = bias ? bias->contiguous() : at::Tensor();
   const float* bp = bias ? bias_c.data_ptr<float>() : nullptr;
-  const int64_t rows_pad = round_up(rows, gemm::tile_mr(v)), threads = std::max(1, at::get_num_threads());
   const int64_t lda = gemm::padded_ld(Cg), ldo = gemm::padded_ld(Cout);
   float* outp = out.data_ptr<float>();
   for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
     const int64_t b = std::min(s.nb, g.N - n0);
     std::optional<Scratch> xs;
+    setup_timer.lap(kSetup, threads);
     const auto x = channels_last_block(input, n0, b, g, xs);
+    setup_timer.lap(xs ? kLayout : kSetup, threads);  // a channels-last input: no copy
     const float* xp = x.data_ptr<float>();
     const float* offp = s.offset.data_ptr<float>() + n0 * s.offset.stride(0);
     const float* mp = s.mask ? s.mask->data_ptr<float>() + n0 * s.mask->stride(0) : nullptr;
@@ -793,7 +811,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const DriverSetup<CpuKernels> s(input, weight, offset, mask, g, 2, false);
   // B(p = co, j = (k, c)) = W[co][(k, c)] in panels of NR columns: [groups][npan][Cout_g][NR]
   const int64_t npan = (KCg + NR - 1) / NR;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  setup_timer.lap(kSetup, threads);
   const auto wp = pack_weight_panels(weight, g, NR, true);
+  setup_timer.lap(kPack, threads);
   const float* wpp = wp.data();
   Scratch gw_acc(g.groups * Cout_g * KCg);  // the weight gradient's accumulator
   res.gw_acc = gw_acc.view({g.groups, Cout_g, KCg});
@@ -814,11 +835,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const auto go_mem = go_rows ? grad_output : grad_output.contiguous();
   const float* go_all = go_mem.data_ptr<float>();
   bool gw_started = false;  // the first grad_weight product writes the accumulator, the later ones add to it
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
     const int64_t b = std::min(s.nb, g.N - n0);
     std::optional<Scratch> xs, gxs;
+    setup_timer.lap(kSetup, threads);
     const auto x = channels_last_block(input, n0, b, g, xs);
+    setup_timer.lap(xs ? kLayout : kSetup, threads);  // a channels-last input: no copy
     const auto off = s.offset.narrow(0, n0, b);
     const OptTensor msk = s.mask ? OptTensor(s.mask->narrow(0, n0, b)) : kNullopt;
     auto [goff, gmsk, gx] = block_grads(res, mask, g, cl, n0, b, gxs);
@@ -871,9 +893,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     }
     setup_timer = PhaseTimer();
     if (!cl) planes_of_block(gx, res.grad_input, g, n0, b);
-    setup_timer.lap(kSetup, threads);
+    setup_timer.lap(cl ? kSetup : kLayout, threads);
   }
   auto result = res.finish(weight, g);
+  setup_timer.lap(kWeightLayout, threads);
   res.gw_acc.reset();  // gw_acc's memory back to the pool (unless the result views it)
   setup_timer.lap(kSetup, threads);
   return result;
