@@ -364,7 +364,7 @@ void pixels_to_planes(const T* src, int64_t npix, int64_t C, T* dst, int64_t pla
 // The other direction: planes (channel c's pixel j at src[c * plane + j]) into pixels dst[npix][C], in tiles of
 // 64 pixels x 64 channels (16 KiB of dst, filled in L1 while each plane's run is read once). For an image that fits
 // in L2 with up to 256 channels: there ATen's copy_ of the permuted view takes 1.2-3x as long (a 64-channel 32x32
-// map: 108-119 us against 36-52 us on this project's AMD machine). Beyond, the copy is bound by memory, and with
+// map: 108-131 us against 36-52 us on this project's AMD machine). Beyond, the copy is bound by memory, and with
 // 512 channels (rows of 2 KiB) this tiling's rows fall into few cache sets: ATen's copy is as fast or faster.
 template <typename T>
 void planes_to_pixels(const T* src, int64_t plane, int64_t npix, int64_t C, T* dst) {
@@ -494,7 +494,7 @@ at::Tensor channels_last_block(const at::Tensor& input, int64_t n0, int64_t b, c
     for (int64_t i = 0; i < b; ++i) {
       planes_to_pixels(planes.data_ptr<float>() + i * g.C * HW, HW, HW, g.C, xs->data() + i * HW * g.C);
     }
-  } else {  // neither plain nor channels-last
+  } else {  // larger or wider images (bound by memory), and inputs neither plain nor channels-last
     x.copy_(blk);
   }
   return x;
