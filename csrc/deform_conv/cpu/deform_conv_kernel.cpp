@@ -899,7 +899,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           grad_out_rows(go_all, go_rows, Cout, P, n0 * P + r0 + a0, a1 - a0, gop + a0 * ldg, ldg);
           for (int64_t gi = 0; gi < g.groups; ++gi) {
             gemm::gemm_packed(v, a1 - a0, KCg, Cout_g, gop + a0 * ldg + gi * Cout_g, ldg, 1,
-                              wpp + gi * npan * Cout_g * NR, Cout_g * NR, gcp + a0 * ldc + gi * KCg, ldc, false);
+                              wpp + gi * npan * Cout_g * NR, Cout_g * NR, gcp + a0 * ldc + gi * KCg, ldc, false, true);
           }
           timer.lap(kBwdGemmCols);
           mmdcnv2::im2col_coord_grad<float>(xp, offp, mp, gcp, cp, goffp, gmp, g, r0 + a0, r0 + a1, L, L);
@@ -917,7 +917,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t gi = t / npan, j = (t % npan) * NR;
           gemm::gemm(v, Cout_g, std::min(NR, KCg - j), R, gop + gi * Cout_g, 1, ldg, cp + gi * KCg + j, ldc,
-                     gwp + gi * Cout_g * KCg + j, KCg, gw_started);
+                     gwp + gi * Cout_g * KCg + j, KCg, gw_started, true);
         }
         timer.lap(kBwdGemmWeight);
       });
