@@ -71,6 +71,9 @@ def test_tiled_route_against_reference(case, budget, isa):
 
 
 CASE_BIG = (3, 24, 13, 11, 20, 3, 3, 1, 1, 1, 1, 2)  # 429 output rows: many tiles and chunks with small budgets
+# 40 channels: the scatter's channel slices of grad_input are one of 40 on 1 thread and 32 + 8 on 2 threads (slices
+# of unequal width in the slice-major buffer), against the same slices on a channels-last input in place
+CASE_SLICES = (2, 40, 9, 7, 24, 3, 3, 1, 1, 1, 1, 1)
 
 
 def _all(budget, threads, isa, channels_last=False, mask=True, case=CASE_BIG):
@@ -90,7 +93,7 @@ def _all(budget, threads, isa, channels_last=False, mask=True, case=CASE_BIG):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("mask", [True, False])
-@pytest.mark.parametrize("case", [CASE_BIG, CASE_WIDE], ids=["big", "wide"])
+@pytest.mark.parametrize("case", [CASE_BIG, CASE_WIDE, CASE_SLICES], ids=["big", "wide", "slices"])
 def test_tiled_route_is_bit_identical_across_tiles_threads_and_layouts(isa, mask, case):
     """Tile sizes move rows between whole micro-tiles and masked tails: the kernels must agree bit for bit."""
     base = _all(0, 1, isa, mask=mask, case=case)

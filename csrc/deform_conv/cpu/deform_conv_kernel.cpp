@@ -185,13 +185,36 @@ struct ScatterTap {
   T w[4];
 };
 // grad_x is partitioned by channel: each task owns a channel slice of every pixel, so no two tasks write one address.
+// A slice is a run of at most `piece` channels within one deform group's run of one conv group.
+struct ChannelSlice {
+  int64_t gi, dg, c0, c1;
+};
+std::vector<ChannelSlice> channel_slices(const DeformConvGeom& g, int64_t piece) {
+  std::vector<ChannelSlice> slices;
+  for (int64_t dg = 0; dg < g.dgroups; ++dg) {
+    for_each_run(g, dg * g.Cdg(), (dg + 1) * g.Cdg(), [&](int64_t gi, int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; c += piece) slices.push_back({gi, dg, c, std::min(c1, c + piece)});
+    });
+  }
+  return slices;
+}
+// One channel slice per thread (whole vectors): thinner slices would only add calls per sample.
+int64_t slice_piece(const DeformConvGeom& g, int64_t threads) { return round_up((g.C + threads - 1) / threads, 16); }
+// Where the scatter accumulates: pixels of C channels (NHWC, npix 0), or "slice-major" for npix pixels (the block's
+// images one after the other): slice [c0, c1) of pixel q at c0 * npix + q * (c1 - c0), in slices of `piece`
+// channels, fixed for the whole block. Slice-major keeps each thread's writes in memory of its own: with the slices
+// side by side in each pixel (NHWC), two threads writing their halves of the same pixels took as long as one
+// thread writing both (2-core AMD EPYC, 2026-12-06), though no two write one cache line.
+struct ScatterDst {
+  int64_t npix = 0, piece = 0;
+};
 // The samples' corners and weights are computed once (in parallel over rows) and shared by the tasks. Each value of
 // grad_x receives its terms in the order rows, taps, corners, whatever the slices: the same bits for every
-// thread count.
+// thread count and either layout.
 template <typename T>
 void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvGeom& g, int64_t row0, int64_t row1,
-            const ColLayout& GL) {
-  const int64_t K = g.K(), P = g.P(), C = g.C, Cdg = g.Cdg(), HW = g.H * g.W, D = g.dgroups;
+            const ColLayout& GL, const ScatterDst& dst_layout = ScatterDst()) {
+  const int64_t K = g.K(), P = g.P(), C = g.C, HW = g.H * g.W, D = g.dgroups;
   if (row1 <= row0) return;
   std::vector<ScatterTap<T>> taps((row1 - row0) * D * K);
   at::parallel_for(row0, row1, row_grain(g), [&](int64_t r0, int64_t r1) {
@@ -209,29 +232,23 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
     }
   });
   const int64_t threads = (row1 - row0) * K * C < (int64_t(1) << 15) ? 1 : at::get_num_threads();
-  // one channel slice per thread (whole vectors): thinner slices would only add calls per sample
-  const int64_t piece = round_up((C + threads - 1) / threads, 16);
-  struct Task {
-    int64_t gi, dg, c0, c1;
-  };
-  std::vector<Task> tasks;
-  for (int64_t dg = 0; dg < D; ++dg) {
-    for_each_run(g, dg * Cdg, (dg + 1) * Cdg, [&](int64_t gi, int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; c += piece) tasks.push_back({gi, dg, c, std::min(c1, c + piece)});
-    });
-  }
+  const bool sliced = dst_layout.npix > 0;
+  const auto tasks = channel_slices(g, sliced ? dst_layout.piece : slice_piece(g, threads));
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
   at::parallel_for(0, ntasks, threads == 1 ? ntasks : 1, [&](int64_t t0, int64_t t1) {
     for (int64_t ti = t0; ti < t1; ++ti) {
-      const Task& task = tasks[ti];
+      const ChannelSlice& task = tasks[ti];
       const int64_t n = task.c1 - task.c0;
+      // this slice of pixel q at base + q * stride
+      T* base = sliced ? gx + task.c0 * dst_layout.npix : gx + task.c0;
+      const int64_t stride = sliced ? n : C;
       for (int64_t r = row0; r < row1; ++r) {
-        T* gxi = gx + (r / P) * HW * C + task.c0;
+        T* gxi = base + (r / P) * HW * stride;
         const T* row = gcols + GL.base(r);
         const ScatterTap<T>* st = taps.data() + ((r - row0) * D + task.dg) * K;
         for (int64_t k = 0; k < K; ++k) {
           T* dst[4];
-          for (int q = 0; q < 4; ++q) dst[q] = st[k].index[q] >= 0 ? gxi + st[k].index[q] * C : nullptr;
+          for (int q = 0; q < 4; ++q) dst[q] = st[k].index[q] >= 0 ? gxi + st[k].index[q] * stride : nullptr;
           if (dst[0] || dst[1] || dst[2] || dst[3]) vec::axpy4(dst, row + GL.tap(k, task.gi, task.c0), st[k].w, n);
         }
       }
@@ -268,10 +285,11 @@ struct CpuKernels {
     col2im(gcols, off, msk, gx, g, r0, r1, ColLayout::rows(g, r0));
   }
   static void col2im(const at::Tensor& gcols, const at::Tensor& off, const OptTensor& msk, at::Tensor& gx,
-                     const DeformConvGeom& g, int64_t r0, int64_t r1, const ColLayout& GL) {
+                     const DeformConvGeom& g, int64_t r0, int64_t r1, const ColLayout& GL,
+                     const ScatterDst& dst = ScatterDst()) {
     AT_DISPATCH_FLOATING_TYPES(gcols.scalar_type(), "deform_conv2d_col2im", [&] {
       mmdcnv2::col2im<scalar_t>(gcols.data_ptr<scalar_t>(), off.data_ptr<scalar_t>(), opt_ptr<scalar_t>(msk),
-                                gx.data_ptr<scalar_t>(), g, r0, r1, GL);
+                                gx.data_ptr<scalar_t>(), g, r0, r1, GL, dst);
     });
   }
   static void im2col_coord_grad(const at::Tensor& x, const at::Tensor& off, const OptTensor& msk,
@@ -500,28 +518,39 @@ at::Tensor channels_last_block(const at::Tensor& input, int64_t n0, int64_t b, c
   return x;
 }
 
-// A block's gradients (images [n0, n0 + b)): the offset and mask gradients, and the NHWC grad_input the scatter
-// accumulates in: the result itself where it is channels-last (zeroed), else a zeroed buffer in scratch (gxs, which
-// must outlive it) that planes_of_block then writes into the NCHW result.
+// A block's gradients (images [n0, n0 + b)): the offset and mask gradients, and the grad_input the scatter
+// accumulates in (zeroed), with its layout: the result itself where it is channels-last (NHWC), else a slice-major
+// buffer in scratch (gxs, which must outlive it) that planes_of_block then writes into the NCHW result.
 struct BlockGrads {
   at::Tensor goff;
   OptTensor gmsk;
   at::Tensor gx;
+  ScatterDst dst;
 };
 BlockGrads block_grads(BackwardResults& res, const OptTensor& mask, const DeformConvGeom& g, bool cl, int64_t n0,
                        int64_t b, std::optional<Scratch>& gxs) {
   at::Tensor gx;
+  ScatterDst dst;
   if (cl) {
     gx = res.grad_input.narrow(0, n0, b).permute({0, 2, 3, 1});
   } else {
     gxs.emplace(b * g.H * g.W * g.C);
-    gx = gxs->view({b, g.H, g.W, g.C});
+    gx = gxs->view({b * g.H * g.W * g.C});
+    dst = {b * g.H * g.W, slice_piece(g, std::max(1, at::get_num_threads()))};
   }
-  return {res.grad_offset.narrow(0, n0, b), mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt, gx.zero_()};
+  return {res.grad_offset.narrow(0, n0, b), mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt, gx.zero_(),
+          dst};
 }
-void planes_of_block(const at::Tensor& gx, at::Tensor& grad_input, const DeformConvGeom& g, int64_t n0, int64_t b) {
-  for (int64_t i = 0; i < b; ++i) {
-    pixels_to_planes(gx.select(0, i), g.H * g.W, g.C, grad_input, (n0 + i) * g.C * g.H * g.W, g.H * g.W);
+// The slice-major gx of a block (ScatterDst) into the NCHW grad_input, slice by slice and image by image.
+void planes_of_block(const at::Tensor& gx, const ScatterDst& dst, at::Tensor& grad_input, const DeformConvGeom& g,
+                     int64_t n0, int64_t b) {
+  const int64_t HW = g.H * g.W;
+  for (const auto& s : channel_slices(g, dst.piece)) {
+    const int64_t w = s.c1 - s.c0;
+    for (int64_t i = 0; i < b; ++i) {
+      pixels_to_planes<float>(gx.data_ptr<float>() + s.c0 * dst.npix + i * HW * w, HW, w,
+                              grad_input.data_ptr<float>() + ((n0 + i) * g.C + s.c0) * HW, HW);
+    }
   }
 }
 
@@ -570,7 +599,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
       const auto [b, x, off, msk] = s.block(input, n0);
       std::optional<Scratch> gxs;
-      auto [goff, gmsk, gx] = block_grads(res, mask, g, cl, n0, b, gxs);
+      auto [goff, gmsk, gx, dst] = block_grads(res, mask, g, cl, n0, b, gxs);
       for (int64_t q0 = 0; q0 < b * g.Ho; q0 += rows) {
         const int64_t q1 = std::min(b * g.Ho, q0 + rows), r0 = q0 * g.Wo, r1 = q1 * g.Wo;
         // grad_out rows of this chunk, channels-last: [1, Cout, q1 - q0, Wo] = rows x Cout in memory
@@ -588,9 +617,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           auto acc = res.gw_acc[gi];
           acc.addmm_(gor.narrow(1, gi * Cout_g, Cout_g).t(), cb.narrow(1, gi * K * Cg, K * Cg));
         }
-        CpuKernels::col2im(gimg, off, msk, gx, g, r0, r1, ColLayout::image_rows(g, r0));
+        CpuKernels::col2im(gimg, off, msk, gx, g, r0, r1, ColLayout::image_rows(g, r0), dst);
       }
-      if (!cl) planes_of_block(gx, res.grad_input, g, n0, b);
+      if (!cl) planes_of_block(gx, dst, res.grad_input, g, n0, b);
     }
   }
   return res.finish(weight, g);
@@ -875,7 +904,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     setup_timer.lap(xs ? kLayout : kSetup, threads);  // a channels-last input: no copy
     const auto off = s.offset.narrow(0, n0, b);
     const OptTensor msk = s.mask ? OptTensor(s.mask->narrow(0, n0, b)) : kNullopt;
-    auto [goff, gmsk, gx] = block_grads(res, mask, g, cl, n0, b, gxs);
+    auto [goff, gmsk, gx, dst] = block_grads(res, mask, g, cl, n0, b, gxs);
     const float* xp = x.data_ptr<float>();
     const float* offp = off.data_ptr<float>();
     const float* mp = msk ? msk->data_ptr<float>() : nullptr;
@@ -909,7 +938,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       // (2) grad_input: the scatter of grad_cols, by channel slices (its time counts once, not per thread), while
       // grad_cols are still in the last-level cache
       PhaseTimer scatter_timer;
-      CpuKernels::col2im(gcols, off, msk, gx, g, r0, r1, L);
+      CpuKernels::col2im(gcols, off, msk, gx, g, r0, r1, L, dst);
       scatter_timer.lap(kBwdScatter, threads);
       // (3) grad_weight += grad_out^T @ columns, by column panels (each value's chain runs over rows in order)
       at::parallel_for(0, g.groups * npan, 1, [&](int64_t t0, int64_t t1) {
@@ -924,7 +953,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       gw_started = true;
     }
     setup_timer = PhaseTimer();
-    if (!cl) planes_of_block(gx, res.grad_input, g, n0, b);
+    if (!cl) planes_of_block(gx, dst, res.grad_input, g, n0, b);
     setup_timer.lap(cl ? kSetup : kLayout, threads);
   }
   auto result = res.finish(weight, g);
