@@ -196,9 +196,9 @@ MMDCNV2_AVX2 void ukr_avx2_full(int64_t kdim, const float* A, int64_t s, const f
 // C[m x n] (+)= A(i, p) B(p, j) over p < kdim, in micro-tiles of the ISA v (kAvx2 or kAvx512): A(i, p) =
 // A[i * ai + p * ap] must be readable for i up to m rounded up to the micro-tile rows; B(p, j) = B[p * ldb + j].
 // Single-threaded: callers parallelise over tiles. stream_c: C is far from the core (a large result written once, or
-// an accumulator larger than the cache); each call then prefetches the next micro-tile's rows of C, so that their
-// cache misses overlap this tile's products instead of stalling the next one (2-4% on such products, alone on one
-// core of this project's AMD EPYC machine).
+// an accumulator larger than the cache); each micro-kernel call is then preceded by prefetches of the next tile's
+// rows of C, so that their cache misses overlap this tile's products instead of stalling the next call (2-4% on
+// such products, alone on one core of this project's AMD EPYC machine).
 inline void gemm(int v, int64_t m, int64_t n, int64_t kdim, const float* A, int64_t ai, int64_t ap, const float* B,
                  int64_t ldb, float* C, int64_t ldc, bool acc, bool stream_c = false) {
 #if MMDCNV2_X86_DISPATCH
@@ -211,14 +211,17 @@ inline void gemm(int v, int64_t m, int64_t n, int64_t kdim, const float* A, int6
       const bool full = mr == MR && nr == NR && (ap == 1 || ai == 1);
       const float* a = A + i * ai;
       float* c = C + i * ldc + j;
-      const int64_t ni = i + MR < m ? i + MR : 0, nj = i + MR < m ? j : j + NR;  // the next tile
-      if (stream_c && nj < n) {
+      // the next tile; after the last row tile, the first rows of the next column block, which is the caller's next
+      // call where it hands over one block at a time (past the end of C a prefetch is a wasted hint, never a fault)
+      const int64_t ni = i + MR < m ? i + MR : 0, nj = i + MR < m ? j : j + NR;
+      if (stream_c) {
         const int64_t nm = std::min<int64_t>(MR, m - ni);
         for (int64_t r = 0; r < nm; ++r) {
-          _mm_prefetch(reinterpret_cast<const char*>(C + (ni + r) * ldc + nj), _MM_HINT_T0);
-          if (std::min<int64_t>(NR, n - nj) > 16) {
-            _mm_prefetch(reinterpret_cast<const char*>(C + (ni + r) * ldc + nj + 16), _MM_HINT_T0);
-          }
+          // a row's NR floats: 2 or 3 cache lines (NR = 32) or 1 or 2 (NR = 16), as its start is aligned or not
+          const char* row = reinterpret_cast<const char*>(C + (ni + r) * ldc + nj);
+          _mm_prefetch(row, _MM_HINT_T0);
+          if (NR > 16) _mm_prefetch(row + 64, _MM_HINT_T0);
+          _mm_prefetch(row + NR * sizeof(float) - 1, _MM_HINT_T0);
         }
       }
       if (v == kAvx512 && full) {

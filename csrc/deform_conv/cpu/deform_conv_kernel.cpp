@@ -201,10 +201,11 @@ std::vector<ChannelSlice> channel_slices(const DeformConvGeom& g, int64_t piece)
 // One channel slice per thread (whole vectors): thinner slices would only add calls per sample.
 int64_t slice_piece(const DeformConvGeom& g, int64_t threads) { return round_up((g.C + threads - 1) / threads, 16); }
 // Where the scatter accumulates: pixels of C channels (NHWC, npix 0), or "slice-major" for npix pixels (the block's
-// images one after the other): slice [c0, c1) of pixel q at c0 * npix + q * (c1 - c0), in slices of `piece`
-// channels, fixed for the whole block. Slice-major keeps each thread's writes in memory of its own: with the slices
-// side by side in each pixel (NHWC), two threads writing their halves of the same pixels took as long as one
-// thread writing both (2-core AMD EPYC, 2026-12-06), though no two write one cache line.
+// images one after the other): slice [c0, c1) of pixel q at c0 * npix + q * (c1 - c0), the slices those of
+// channel_slices(g, piece) (at most `piece` channels each, within group runs), fixed for the whole block. Slice-major
+// keeps each thread's writes in memory of its own: with the slices side by side in each pixel (NHWC), two threads
+// writing their halves of the same pixels took as long as one thread writing both (2-core AMD EPYC, 2026-12-06), though
+// no two write one cache line.
 struct ScatterDst {
   int64_t npix = 0, piece = 0;
 };
