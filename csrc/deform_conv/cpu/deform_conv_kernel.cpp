@@ -11,6 +11,7 @@
 #include <mutex>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../../common/bilinear.h"
@@ -362,6 +363,39 @@ at::Tensor column_image(const at::Tensor& buf, const DeformConvGeom& g, int64_t 
   return buf.narrow(0, 0, rows * g.Wo * g.ldc()).view({1, g.kh * rows, g.kw * g.Wo, g.C}).permute({0, 3, 1, 2});
 }
 
+// dst[j * ldd + i] = src[i * lds + j] for i, j < 8: one 8 x 8 block of floats transposed in AVX2 registers (the
+// layout copies below use it where the processor has AVX2; other types and processors copy value by value).
+template <typename T>
+inline bool transpose8x8_ok() {
+  return std::is_same<T, float>::value && vec::has_avx2();
+}
+#if MMDCNV2_X86_DISPATCH
+MMDCNV2_AVX2 inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // then pairs of pairs: columns of four rows in each 128-bit lane
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {  // the lanes of rows 0-3 and 4-7 joined
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+template <typename T>
+inline void transpose8x8(const T* src, int64_t lds, T* dst, int64_t ldd) {
+  for (int i = 0; i < 8; ++i) {
+    for (int j = 0; j < 8; ++j) dst[j * ldd + i] = src[i * lds + j];
+  }
+}
+
 // dst[c * plane + p] = src[p * C + c] for pixels p < npix: channel vectors to channel planes (NHWC -> NCHW),
 // in tiles of pixels that stay in L1 (contiguous writes of a tile's run of each plane), on all threads.
 // ATen's copy_ takes 2-4x longer for this direction of the transpose.
@@ -373,7 +407,17 @@ void pixels_to_planes(const T* src, int64_t npix, int64_t C, T* dst, int64_t pla
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t p0 = t * kTile, n = std::min(kTile, npix - p0);
       const T* s = src + p0 * C;
-      for (int64_t c = 0; c < C; ++c) {
+      int64_t c = 0;
+      if (transpose8x8_ok<T>()) {  // 8 x 8 blocks, then the pixels and channels left over one by one
+        const int64_t n8 = n / 8 * 8;
+        for (; c + 8 <= C; c += 8) {
+          for (int64_t j = 0; j < n8; j += 8) transpose8x8(s + j * C + c, C, dst + c * plane + p0 + j, plane);
+          for (int64_t cc = c; cc < c + 8; ++cc) {
+            for (int64_t j = n8; j < n; ++j) dst[cc * plane + p0 + j] = s[j * C + cc];
+          }
+        }
+      }
+      for (; c < C; ++c) {
         T* d = dst + c * plane + p0;
         for (int64_t j = 0; j < n; ++j) d[j] = s[j * C + c];
       }
@@ -395,7 +439,17 @@ void planes_to_pixels(const T* src, int64_t plane, int64_t npix, int64_t C, T* d
       T* d = dst + p0 * C;
       for (int64_t c0 = 0; c0 < C; c0 += kTile) {
         const int64_t c1 = std::min(C, c0 + kTile);
-        for (int64_t c = c0; c < c1; ++c) {
+        int64_t c = c0;
+        if (transpose8x8_ok<T>()) {  // 8 x 8 blocks, then the pixels and channels left over one by one
+          const int64_t n8 = n / 8 * 8;
+          for (; c + 8 <= c1; c += 8) {
+            for (int64_t j = 0; j < n8; j += 8) transpose8x8(src + c * plane + p0 + j, plane, d + j * C + c, C);
+            for (int64_t j = n8; j < n; ++j) {
+              for (int64_t cc = c; cc < c + 8; ++cc) d[j * C + cc] = src[cc * plane + p0 + j];
+            }
+          }
+        }
+        for (; c < c1; ++c) {
           const T* s = src + c * plane + p0;
           for (int64_t j = 0; j < n; ++j) d[j * C + c] = s[j];
         }
@@ -641,17 +695,140 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 // sizes are therefore free to be chosen by measurement: the first call of a shape times a few candidates
 // on its own data (the result is the same with any) and keeps the fastest for the process.
 
-// The tap's sample of output row (i, p), channels [c0, c1) of one conv group, mask applied, into dst.
+// The columns of tap k for the rows [r0, r1) and channels [c0, c1) of one conv group, into dst (row stride ld): the
+// values of tap_sample and sample_channels per row and deform group run (the same operations, so the same bits as
+// im2col), with each row's image and position stepped instead of divided and the channel loops inlined, compiled
+// for the micro-kernels' ISA (element by element, so the same bits for either width).
 template <typename T>
-inline void sample_tap_channels(const DeformConvGeom& g, const T* xi, const T* off, const T* msk, int64_t i, int64_t p,
-                                int64_t k, int64_t c0, int64_t c1, T* dst) {
-  const int64_t Cdg = g.Cdg(), C = g.C;
-  for (int64_t c = c0; c < c1;) {
-    const int64_t dg = c / Cdg;
-    const int64_t e = std::min(c1, (dg + 1) * Cdg), n = e - c;
-    sample_channels(dst + (c - c0), xi, C, c, n, tap_sample(g, off, msk, i, p, dg, k));
-    c = e;
+MMDCNV2_INLINE void sample_tap_rows_body(const DeformConvGeom& g, const T* x, const T* off, const T* msk, int64_t r0,
+                                         int64_t r1, int64_t k, int64_t c0, int64_t c1, T* dst, int64_t ld) {
+  const int64_t P = g.P(), K = g.K(), C = g.C, Cdg = g.Cdg(), HWC = g.H * g.W * g.C;
+  const int64_t ki = k / g.kw, kj = k % g.kw;
+  int64_t i = r0 / P, p = r0 % P, ho = p / g.Wo, wo = p % g.Wo;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xi = x + i * HWC;
+    T* d = dst + (r - r0) * ld - c0;
+    for (int64_t c = c0; c < c1;) {
+      const int64_t dg = c / Cdg, e = std::min(c1, (dg + 1) * Cdg), n = e - c;
+      const int64_t tap = (i * g.dgroups + dg) * K + k, oy = tap * 2 * P + p;
+      const T y = static_cast<T>(ho * g.sh - g.ph + ki * g.dh) + off[oy];
+      const T xx = static_cast<T>(wo * g.sw - g.pw + kj * g.dw) + off[oy + P];
+      const T m = msk ? msk[tap * P + p] : T(1);
+      const auto s = bilinear_sample<T>(y, xx, g.H, g.W);
+      if (s.all4) {
+        vec::body::lerp4(d + c, xi + s.index[0] * C + c, xi + s.index[1] * C + c, xi + s.index[2] * C + c,
+                         xi + s.index[3] * C + c, s.weight[0] * m, s.weight[1] * m, s.weight[2] * m, s.weight[3] * m,
+                         n);
+      } else {
+        for (int64_t j = 0; j < n; ++j) d[c + j] = T(0);
+        for (int q = 0; q < 4; ++q) {
+          if (s.index[q] >= 0) vec::body::axpy(d + c, xi + s.index[q] * C + c, s.weight[q] * m, n);
+        }
+      }
+      c = e;
+    }
+    if (++p == P) {
+      p = ho = wo = 0;
+      ++i;
+    } else if (++wo == g.Wo) {
+      wo = 0;
+      ++ho;
+    }
   }
+}
+#if MMDCNV2_X86_DISPATCH
+MMDCNV2_AVX512 void sample_tap_rows_avx512(const DeformConvGeom& g, const float* x, const float* off, const float* msk,
+                                           int64_t r0, int64_t r1, int64_t k, int64_t c0, int64_t c1, float* dst,
+                                           int64_t ld) {
+  sample_tap_rows_body<float>(g, x, off, msk, r0, r1, k, c0, c1, dst, ld);
+}
+MMDCNV2_AVX2 void sample_tap_rows_avx2(const DeformConvGeom& g, const float* x, const float* off, const float* msk,
+                                       int64_t r0, int64_t r1, int64_t k, int64_t c0, int64_t c1, float* dst,
+                                       int64_t ld) {
+  sample_tap_rows_body<float>(g, x, off, msk, r0, r1, k, c0, c1, dst, ld);
+}
+#endif
+void sample_tap_rows(int v, const DeformConvGeom& g, const float* x, const float* off, const float* msk, int64_t r0,
+                     int64_t r1, int64_t k, int64_t c0, int64_t c1, float* dst, int64_t ld) {
+#if MMDCNV2_X86_DISPATCH
+  if (v == gemm::kAvx512) return sample_tap_rows_avx512(g, x, off, msk, r0, r1, k, c0, c1, dst, ld);
+  if (v == gemm::kAvx2) return sample_tap_rows_avx2(g, x, off, msk, r0, r1, k, c0, c1, dst, ld);
+#endif
+  sample_tap_rows_body<float>(g, x, off, msk, r0, r1, k, c0, c1, dst, ld);
+}
+
+// The tiled backward's sampling pass over rows [r0, r1) (row0: the chunk's first row): what im2col_coord_grad
+// computes in the row layout with row stride ldc, with each row's image and position stepped instead of divided and
+// the channel loops inlined, compiled for AVX2. The sums over channels for the offset and mask gradients may be
+// vectorized in another order than im2col_coord_grad's (last bits of those two gradients differ from the other
+// routes); every row goes through this one function, so the route stays bit-reproducible.
+template <typename T>
+MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, const T* off, const T* msk,
+                                         const T* gcols, T* cols, T* goff, T* gmsk, int64_t row0, int64_t ldc,
+                                         int64_t r0, int64_t r1) {
+  const int64_t K = g.K(), P = g.P(), C = g.C, Cdg = g.Cdg(), Cg = g.Cg(), HWC = g.H * g.W * g.C;
+  int64_t i = r0 / P, p = r0 % P, ho = p / g.Wo, wo = p % g.Wo;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xi = x + i * HWC;
+    const T* grow = gcols + (r - row0) * ldc;
+    T* crow = cols + (r - row0) * ldc;
+    for (int64_t dg = 0; dg < g.dgroups; ++dg) {
+      for (int64_t k = 0, ki = 0, kj = 0; k < K; ++k) {
+        const int64_t tap = (i * g.dgroups + dg) * K + k, oy = tap * 2 * P + p;
+        const T y = static_cast<T>(ho * g.sh - g.ph + ki * g.dh) + off[oy];
+        const T xx = static_cast<T>(wo * g.sw - g.pw + kj * g.dw) + off[oy + P];
+        const T m = msk ? msk[tap * P + p] : T(1);
+        const auto s = bilinear_sample<T>(y, xx, g.H, g.W);
+        T S[4] = {0, 0, 0, 0};
+        for (int64_t c = dg * Cdg, c_end = (dg + 1) * Cdg; c < c_end;) {  // the runs of the deform group per conv group
+          const int64_t gi = c / Cg, e = std::min(c_end, (gi + 1) * Cg), n = e - c;
+          const int64_t at = gi * K * Cg + k * Cg + (c - gi * Cg);
+          T* dst = crow + at;
+          const T* src = grow + at;
+          if (s.all4) {
+            vec::body::lerp4_dot4(dst, src, xi + s.index[0] * C + c, xi + s.index[1] * C + c, xi + s.index[2] * C + c,
+                                  xi + s.index[3] * C + c, s.weight[0] * m, s.weight[1] * m, s.weight[2] * m,
+                                  s.weight[3] * m, S, n);
+          } else {
+            for (int64_t j = 0; j < n; ++j) dst[j] = T(0);
+            for (int q = 0; q < 4; ++q) {
+              if (s.index[q] < 0) continue;
+              vec::body::axpy(dst, xi + s.index[q] * C + c, s.weight[q] * m, n);
+              S[q] += vec::body::dot(src, xi + s.index[q] * C + c, n);
+            }
+          }
+          c = e;
+        }
+        T value, d_h, d_w;
+        bilinear_backward(s, S, value, d_h, d_w);
+        goff[oy] = s.inside ? m * d_h : T(0);  // off the map: zero gradient whatever the mask
+        goff[oy + P] = s.inside ? m * d_w : T(0);
+        if (gmsk) gmsk[tap * P + p] = value;
+        if (++kj == g.kw) kj = 0, ++ki;
+      }
+    }
+    if (++p == P) {
+      p = ho = wo = 0;
+      ++i;
+    } else if (++wo == g.Wo) {
+      wo = 0;
+      ++ho;
+    }
+  }
+}
+#if MMDCNV2_X86_DISPATCH
+MMDCNV2_AVX2 void coord_grad_rows_avx2(const DeformConvGeom& g, const float* x, const float* off, const float* msk,
+                                       const float* gcols, float* cols, float* goff, float* gmsk, int64_t row0,
+                                       int64_t ldc, int64_t r0, int64_t r1) {
+  coord_grad_rows_body<float>(g, x, off, msk, gcols, cols, goff, gmsk, row0, ldc, r0, r1);
+}
+#endif
+void coord_grad_rows(const DeformConvGeom& g, const float* x, const float* off, const float* msk, const float* gcols,
+                     float* cols, float* goff, float* gmsk, int64_t row0, int64_t ldc, int64_t r0, int64_t r1) {
+#if MMDCNV2_X86_DISPATCH
+  if (vec::has_avx2()) return coord_grad_rows_avx2(g, x, off, msk, gcols, cols, goff, gmsk, row0, ldc, r0, r1);
+#endif
+  coord_grad_rows_body<float>(g, x, off, msk, gcols, cols, goff, gmsk, row0, ldc, r0, r1);
 }
 
 // Forward tile rows for a budget of bytes (its sampled columns of one tap and its outputs).
@@ -800,11 +977,7 @@ at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, cons
         const int64_t r0 = t * tr, r1 = std::min(total, r0 + tr), R = r1 - r0;
         for (int64_t gi = 0; gi < g.groups; ++gi) {
           for (int64_t k = 0; k < K; ++k) {
-            for (int64_t r = r0; r < r1; ++r) {
-              const int64_t i = r / P, p = r % P;
-              sample_tap_channels<float>(g, xp + i * g.H * g.W * g.C, offp, mp, i, p, k, gi * Cg, (gi + 1) * Cg,
-                                         abuf.data() + (r - r0) * lda);
-            }
+            sample_tap_rows(v, g, xp, offp, mp, r0, r1, k, gi * Cg, (gi + 1) * Cg, abuf.data(), lda);
             timer.lap(kFwdSample);
             gemm::gemm_packed(v, R, Cout_g, Cg, abuf.data(), lda, 1, wpp + (gi * npan * KCg + k * Cg) * NR, KCg * NR,
                               cbuf.data() + gi * Cout_g, ldo, k > 0);
@@ -932,7 +1105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                               wpp + gi * npan * Cout_g * NR, Cout_g * NR, gcp + a0 * ldc + gi * KCg, ldc, false, true);
           }
           timer.lap(kBwdGemmCols);
-          mmdcnv2::im2col_coord_grad<float>(xp, offp, mp, gcp, cp, goffp, gmp, g, r0 + a0, r0 + a1, L, L);
+          coord_grad_rows(g, xp, offp, mp, gcp, cp, goffp, gmp, r0, ldc, r0 + a0, r0 + a1);
           timer.lap(kBwdSample);
         }
       });
