@@ -210,13 +210,49 @@ int64_t slice_piece(const DeformConvGeom& g, int64_t threads) { return round_up(
 struct ScatterDst {
   int64_t npix = 0, piece = 0;
 };
+// One task's share of col2im: rows [row0, row1) of grad_cols, every tap, into the channel slice `task` of grad_x (slice
+// of pixel q at base + q * stride). Element by element, so the AVX2 copy (float) gives the same bits as the other.
+template <typename T>
+MMDCNV2_INLINE void scatter_slice_body(const T* gcols, const ScatterTap<T>* taps, const ColLayout& GL,
+                                       const DeformConvGeom& g, int64_t row0, int64_t row1, const ChannelSlice& task,
+                                       T* base, int64_t stride) {
+  const int64_t K = g.K(), P = g.P(), HW = g.H * g.W, D = g.dgroups, n = task.c1 - task.c0;
+  for (int64_t r = row0; r < row1; ++r) {
+    T* gxi = base + (r / P) * HW * stride;
+    const T* row = gcols + GL.base(r);
+    const ScatterTap<T>* st = taps + ((r - row0) * D + task.dg) * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* a = row + GL.tap(k, task.gi, task.c0);
+      for (int q = 0; q < 4; ++q) {
+        if (st[k].index[q] >= 0) vec::body::axpy(gxi + st[k].index[q] * stride, a, st[k].w[q], n);
+      }
+    }
+  }
+}
+#if MMDCNV2_X86_DISPATCH
+MMDCNV2_AVX2 void scatter_slice_avx2(const float* gcols, const ScatterTap<float>* taps, const ColLayout& GL,
+                                     const DeformConvGeom& g, int64_t row0, int64_t row1, const ChannelSlice& task,
+                                     float* base, int64_t stride) {
+  scatter_slice_body<float>(gcols, taps, GL, g, row0, row1, task, base, stride);
+}
+#endif
+template <typename T>
+void scatter_slice(const T* gcols, const ScatterTap<T>* taps, const ColLayout& GL, const DeformConvGeom& g,
+                   int64_t row0, int64_t row1, const ChannelSlice& task, T* base, int64_t stride) {
+#if MMDCNV2_X86_DISPATCH
+  if constexpr (std::is_same<T, float>::value) {
+    if (vec::has_avx2()) return scatter_slice_avx2(gcols, taps, GL, g, row0, row1, task, base, stride);
+  }
+#endif
+  scatter_slice_body<T>(gcols, taps, GL, g, row0, row1, task, base, stride);
+}
 // The samples' corners and weights are computed once (in parallel over rows) and shared by the tasks. Each value of
 // grad_x receives its terms in the order rows, taps, corners, whatever the slices: the same bits for every
 // thread count and either layout.
 template <typename T>
 void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvGeom& g, int64_t row0, int64_t row1,
             const ColLayout& GL, const ScatterDst& dst_layout = ScatterDst()) {
-  const int64_t K = g.K(), P = g.P(), C = g.C, HW = g.H * g.W, D = g.dgroups;
+  const int64_t K = g.K(), P = g.P(), C = g.C, D = g.dgroups;
   if (row1 <= row0) return;
   std::vector<ScatterTap<T>> taps((row1 - row0) * D * K);
   at::parallel_for(row0, row1, row_grain(g), [&](int64_t r0, int64_t r1) {
@@ -244,16 +280,7 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
       // this slice of pixel q at base + q * stride
       T* base = sliced ? gx + task.c0 * dst_layout.npix : gx + task.c0;
       const int64_t stride = sliced ? n : C;
-      for (int64_t r = row0; r < row1; ++r) {
-        T* gxi = base + (r / P) * HW * stride;
-        const T* row = gcols + GL.base(r);
-        const ScatterTap<T>* st = taps.data() + ((r - row0) * D + task.dg) * K;
-        for (int64_t k = 0; k < K; ++k) {
-          T* dst[4];
-          for (int q = 0; q < 4; ++q) dst[q] = st[k].index[q] >= 0 ? gxi + st[k].index[q] * stride : nullptr;
-          if (dst[0] || dst[1] || dst[2] || dst[3]) vec::axpy4(dst, row + GL.tap(k, task.gi, task.c0), st[k].w, n);
-        }
-      }
+      scatter_slice(gcols, taps.data(), GL, g, row0, row1, task, base, stride);
     }
   });
 }
