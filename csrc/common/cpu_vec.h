@@ -41,13 +41,6 @@ MMDCNV2_INLINE void axpy(T* __restrict__ dst, const T* __restrict__ a, T w, int6
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) dst[j] += w * a[j];
 }
-// d[q] += w[q] a for the corners q with d[q] set (one call for the four: a stays in cache, one dispatch)
-template <typename T>
-MMDCNV2_INLINE void axpy4(T* const* d, const T* __restrict__ a, const T* w, int64_t n) {
-  for (int q = 0; q < 4; ++q) {
-    if (d[q]) axpy(d[q], a, w[q], n);
-  }
-}
 // s[q] += sum_j g[j] * x_q[j] for the four corners
 template <typename T>
 MMDCNV2_INLINE void dot4(const T* __restrict__ g, const T* __restrict__ a, const T* __restrict__ b,
@@ -120,19 +113,6 @@ void axpy_base(T* dst, const T* a, T w, int64_t n) {
 template <typename T>
 inline void axpy(T* dst, const T* a, T w, int64_t n) {
   has_avx2() ? axpy_avx2(dst, a, w, n) : axpy_base(dst, a, w, n);
-}
-
-template <typename T>
-MMDCNV2_AVX2 void axpy4_avx2(T* const* d, const T* a, const T* w, int64_t n) {
-  body::axpy4(d, a, w, n);
-}
-template <typename T>
-void axpy4_base(T* const* d, const T* a, const T* w, int64_t n) {
-  body::axpy4(d, a, w, n);
-}
-template <typename T>
-inline void axpy4(T* const* d, const T* a, const T* w, int64_t n) {
-  has_avx2() ? axpy4_avx2(d, a, w, n) : axpy4_base(d, a, w, n);
 }
 
 template <typename T>

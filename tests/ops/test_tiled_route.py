@@ -103,6 +103,15 @@ def test_tiled_route_is_bit_identical_across_tiles_threads_and_layouts(isa, mask
             assert torch.equal(a, c), f"result {i} differs at budget {budget}, {threads} threads, channels_last {cl}"
 
 
+@pytest.mark.skipif(len(ISAS) < 2, reason="needs AVX-512 (to compare with the AVX2 kernels)")
+@pytest.mark.parametrize("case", [CASE_BIG, CASE_WIDE, CASE_SLICES], ids=["big", "wide", "slices"])
+def test_tiled_route_is_bit_identical_across_isas(case):
+    """The AVX-512 and AVX2 kernels run the same chain of fused multiply-adds per value: 24, 40 and 70 channels
+    leave runs that the AVX-512 sampling finishes with 256-bit or scalar steps, which must fuse as well."""
+    for i, (a, c) in enumerate(zip(_all(0, 2, 2, case=case), _all(0, 2, 1, case=case))):
+        assert torch.equal(a, c), f"result {i} differs between the AVX-512 and the AVX2 kernels"
+
+
 def test_tiled_route_measures_each_kind_of_call_once():
     x, off, w, b, s, p, d, m = make_inputs((1, 5, 9, 7, 3, 3, 3, 1, 1, 1, 1, 1), dtype=torch.float32)
     with cpu_route("tiled"):

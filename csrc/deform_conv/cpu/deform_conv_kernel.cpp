@@ -211,7 +211,8 @@ struct ScatterDst {
   int64_t npix = 0, piece = 0;
 };
 // One task's share of col2im: rows [row0, row1) of grad_cols, every tap, into the channel slice `task` of grad_x (slice
-// of pixel q at base + q * stride). Element by element, so the AVX2 copy (float) gives the same bits as the other.
+// of pixel q at base + q * stride). The AVX2 copy (float and double) is what vec::axpy's AVX2 copy computed before:
+// the same bits.
 template <typename T>
 MMDCNV2_INLINE void scatter_slice_body(const T* gcols, const ScatterTap<T>* taps, const ColLayout& GL,
                                        const DeformConvGeom& g, int64_t row0, int64_t row1, const ChannelSlice& task,
@@ -230,19 +231,18 @@ MMDCNV2_INLINE void scatter_slice_body(const T* gcols, const ScatterTap<T>* taps
   }
 }
 #if MMDCNV2_X86_DISPATCH
-MMDCNV2_AVX2 void scatter_slice_avx2(const float* gcols, const ScatterTap<float>* taps, const ColLayout& GL,
+template <typename T>
+MMDCNV2_AVX2 void scatter_slice_avx2(const T* gcols, const ScatterTap<T>* taps, const ColLayout& GL,
                                      const DeformConvGeom& g, int64_t row0, int64_t row1, const ChannelSlice& task,
-                                     float* base, int64_t stride) {
-  scatter_slice_body<float>(gcols, taps, GL, g, row0, row1, task, base, stride);
+                                     T* base, int64_t stride) {
+  scatter_slice_body<T>(gcols, taps, GL, g, row0, row1, task, base, stride);
 }
 #endif
 template <typename T>
 void scatter_slice(const T* gcols, const ScatterTap<T>* taps, const ColLayout& GL, const DeformConvGeom& g,
                    int64_t row0, int64_t row1, const ChannelSlice& task, T* base, int64_t stride) {
 #if MMDCNV2_X86_DISPATCH
-  if constexpr (std::is_same<T, float>::value) {
-    if (vec::has_avx2()) return scatter_slice_avx2(gcols, taps, GL, g, row0, row1, task, base, stride);
-  }
+  if (vec::has_avx2()) return scatter_slice_avx2<T>(gcols, taps, GL, g, row0, row1, task, base, stride);
 #endif
   scatter_slice_body<T>(gcols, taps, GL, g, row0, row1, task, base, stride);
 }
@@ -390,8 +390,8 @@ at::Tensor column_image(const at::Tensor& buf, const DeformConvGeom& g, int64_t 
   return buf.narrow(0, 0, rows * g.Wo * g.ldc()).view({1, g.kh * rows, g.kw * g.Wo, g.C}).permute({0, 3, 1, 2});
 }
 
-// dst[j * ldd + i] = src[i * lds + j] for i, j < 8: one 8 x 8 block of floats transposed in AVX2 registers (the
-// layout copies below use it where the processor has AVX2; other types and processors copy value by value).
+// Whether the layout copies below go in 8 x 8 blocks (transpose8x8): floats, where the processor has AVX2; other
+// types and processors copy value by value.
 template <typename T>
 inline bool transpose8x8_ok() {
   return std::is_same<T, float>::value && vec::has_avx2();
@@ -402,6 +402,7 @@ template <typename T>
 inline int64_t transpose_grain(int64_t C) {
   return std::max<int64_t>(1, (transpose8x8_ok<T>() ? 512 : 4096) / std::max<int64_t>(1, C));
 }
+// dst[j * ldd + i] = src[i * lds + j] for i, j < 8: one 8 x 8 block of floats transposed in AVX2 registers.
 #if MMDCNV2_X86_DISPATCH
 MMDCNV2_AVX2 inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m256 r[8], t[8];
@@ -461,9 +462,9 @@ void pixels_to_planes(const T* src, int64_t npix, int64_t C, T* dst, int64_t pla
 // 64 pixels x 64 channels (16 KiB of dst, filled in L1 while each plane's run is read once). With the 8 x 8 AVX2
 // blocks, ATen's copy_ of the permuted view takes 4-7x as long where the image is in L2 (AMD EPYC, 2026-12-06: 64
 // channels at 32x32 14-18 us against 98-104 us, 256 channels 96-110 us against 385-418 us), and about 1.5x on
-// larger images (c3's 128 channels at 100x167: 0.65-0.82 ms against 1.1-1.2 ms in the forward). The value-by-value
-// copy (without AVX2) is used only where the image fits in L2 with up to 256 channels; beyond, ATen's copy is as
-// fast or faster than it.
+// larger images (c3's 128 channels at 100x167: 0.65-0.82 ms against 1.1-1.2 ms in the forward; c5's 512 channels
+// at 25x42: 0.22-0.28 ms against 0.38-0.45 ms). Its one caller, the tiled route, runs only where AVX2 is; the
+// value-by-value copy is there for other processors and types.
 template <typename T>
 void planes_to_pixels(const T* src, int64_t plane, int64_t npix, int64_t C, T* dst) {
   constexpr int64_t kTile = 64;
@@ -597,13 +598,12 @@ at::Tensor channels_last_block(const at::Tensor& input, int64_t n0, int64_t b, c
   xs.emplace(b * g.H * g.W * g.C);
   auto x = xs->view({b, g.H, g.W, g.C});
   const auto planes = input.narrow(0, n0, b);
-  const bool small = g.C <= 256 && g.C * g.H * g.W * int64_t(sizeof(float)) <= (int64_t(2) << 20);
-  if (planes.is_contiguous() && (transpose8x8_ok<float>() || small)) {
+  if (planes.is_contiguous()) {  // the tiled route, the only caller, runs where AVX2 is: the 8 x 8 transposes
     const int64_t HW = g.H * g.W;
     for (int64_t i = 0; i < b; ++i) {
       planes_to_pixels(planes.data_ptr<float>() + i * g.C * HW, HW, HW, g.C, xs->data() + i * HW * g.C);
     }
-  } else {  // without AVX2, larger or wider images (bound by memory); inputs neither plain nor channels-last
+  } else {  // inputs neither plain nor channels-last
     x.copy_(blk);
   }
   return x;
@@ -734,7 +734,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 // The columns of tap k for the rows [r0, r1) and channels [c0, c1) of one conv group, into dst (row stride ld): the
 // values of tap_sample and sample_channels per row and deform group run (the same operations, so the same bits as
 // im2col), with each row's image and position stepped instead of divided and the channel loops inlined, compiled
-// for the micro-kernels' ISA (element by element, so the same bits for either width).
+// for the micro-kernels' ISA (element by element, every multiply-add fused in both copies: the same bits for both).
 template <typename T>
 MMDCNV2_INLINE void sample_tap_rows_body(const DeformConvGeom& g, const T* x, const T* off, const T* msk, int64_t r0,
                                          int64_t r1, int64_t k, int64_t c0, int64_t c1, T* dst, int64_t ld) {
@@ -743,7 +743,7 @@ MMDCNV2_INLINE void sample_tap_rows_body(const DeformConvGeom& g, const T* x, co
   int64_t i = r0 / P, p = r0 % P, ho = p / g.Wo, wo = p % g.Wo;
   for (int64_t r = r0; r < r1; ++r) {
     const T* xi = x + i * HWC;
-    T* d = dst + (r - r0) * ld - c0;
+    T* d = dst + (r - r0) * ld;
     for (int64_t c = c0; c < c1;) {
       const int64_t dg = c / Cdg, e = std::min(c1, (dg + 1) * Cdg), n = e - c;
       const int64_t tap = (i * g.dgroups + dg) * K + k, oy = tap * 2 * P + p;
@@ -752,13 +752,13 @@ MMDCNV2_INLINE void sample_tap_rows_body(const DeformConvGeom& g, const T* x, co
       const T m = msk ? msk[tap * P + p] : T(1);
       const auto s = bilinear_sample<T>(y, xx, g.H, g.W);
       if (s.all4) {
-        vec::body::lerp4(d + c, xi + s.index[0] * C + c, xi + s.index[1] * C + c, xi + s.index[2] * C + c,
+        vec::body::lerp4(d + (c - c0), xi + s.index[0] * C + c, xi + s.index[1] * C + c, xi + s.index[2] * C + c,
                          xi + s.index[3] * C + c, s.weight[0] * m, s.weight[1] * m, s.weight[2] * m, s.weight[3] * m,
                          n);
       } else {
-        for (int64_t j = 0; j < n; ++j) d[c + j] = T(0);
+        for (int64_t j = 0; j < n; ++j) d[c - c0 + j] = T(0);
         for (int q = 0; q < 4; ++q) {
-          if (s.index[q] >= 0) vec::body::axpy(d + c, xi + s.index[q] * C + c, s.weight[q] * m, n);
+          if (s.index[q] >= 0) vec::body::axpy(d + (c - c0), xi + s.index[q] * C + c, s.weight[q] * m, n);
         }
       }
       c = e;
@@ -773,9 +773,12 @@ MMDCNV2_INLINE void sample_tap_rows_body(const DeformConvGeom& g, const T* x, co
   }
 }
 #if MMDCNV2_X86_DISPATCH
-MMDCNV2_AVX512 void sample_tap_rows_avx512(const DeformConvGeom& g, const float* x, const float* off, const float* msk,
-                                           int64_t r0, int64_t r1, int64_t k, int64_t c0, int64_t c1, float* dst,
-                                           int64_t ld) {
+// with FMA: -mavx512f alone fuses the 512-bit loops' multiply-adds but not those of the 256-bit and 128-bit loops
+// that finish a run, whose values would then differ in the last bits from the AVX2 copy's and im2col's
+__attribute__((target("avx512f,fma"))) void sample_tap_rows_avx512(const DeformConvGeom& g, const float* x,
+                                                                   const float* off, const float* msk, int64_t r0,
+                                                                   int64_t r1, int64_t k, int64_t c0, int64_t c1,
+                                                                   float* dst, int64_t ld) {
   sample_tap_rows_body<float>(g, x, off, msk, r0, r1, k, c0, c1, dst, ld);
 }
 MMDCNV2_AVX2 void sample_tap_rows_avx2(const DeformConvGeom& g, const float* x, const float* off, const float* msk,
