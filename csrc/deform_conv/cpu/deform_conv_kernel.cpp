@@ -731,6 +731,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 // sizes are therefore free to be chosen by measurement: the first call of a shape times a few candidates
 // on its own data (the result is the same with any) and keeps the fastest for the process.
 
+// Output row r's image i and position p = (ho, wo), stepped row by row (no divisions per row).
+struct RowCursor {
+  int64_t i, p, ho, wo;
+  RowCursor(const DeformConvGeom& g, int64_t r) : i(r / g.P()), p(r % g.P()), ho(p / g.Wo), wo(p % g.Wo) {}
+  MMDCNV2_INLINE void next(const DeformConvGeom& g) {
+    if (++p == g.P()) {
+      p = ho = wo = 0;
+      ++i;
+    } else if (++wo == g.Wo) {
+      wo = 0;
+      ++ho;
+    }
+  }
+};
+
 // The columns of tap k for the rows [r0, r1) and channels [c0, c1) of one conv group, into dst (row stride ld): the
 // values of tap_sample and sample_channels per row and deform group run (the same operations, so the same bits as
 // im2col), with each row's image and position stepped instead of divided and the channel loops inlined, compiled
@@ -740,8 +755,9 @@ MMDCNV2_INLINE void sample_tap_rows_body(const DeformConvGeom& g, const T* x, co
                                          int64_t r1, int64_t k, int64_t c0, int64_t c1, T* dst, int64_t ld) {
   const int64_t P = g.P(), K = g.K(), C = g.C, Cdg = g.Cdg(), HWC = g.H * g.W * g.C;
   const int64_t ki = k / g.kw, kj = k % g.kw;
-  int64_t i = r0 / P, p = r0 % P, ho = p / g.Wo, wo = p % g.Wo;
+  RowCursor row(g, r0);
   for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i = row.i, p = row.p, ho = row.ho, wo = row.wo;
     const T* xi = x + i * HWC;
     T* d = dst + (r - r0) * ld;
     for (int64_t c = c0; c < c1;) {
@@ -763,13 +779,7 @@ MMDCNV2_INLINE void sample_tap_rows_body(const DeformConvGeom& g, const T* x, co
       }
       c = e;
     }
-    if (++p == P) {
-      p = ho = wo = 0;
-      ++i;
-    } else if (++wo == g.Wo) {
-      wo = 0;
-      ++ho;
-    }
+    row.next(g);
   }
 }
 #if MMDCNV2_X86_DISPATCH
@@ -806,8 +816,9 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
                                          const T* gcols, T* cols, T* goff, T* gmsk, int64_t row0, int64_t ldc,
                                          int64_t r0, int64_t r1) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cdg = g.Cdg(), Cg = g.Cg(), HWC = g.H * g.W * g.C;
-  int64_t i = r0 / P, p = r0 % P, ho = p / g.Wo, wo = p % g.Wo;
+  RowCursor row(g, r0);
   for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i = row.i, p = row.p, ho = row.ho, wo = row.wo;
     const T* xi = x + i * HWC;
     const T* grow = gcols + (r - row0) * ldc;
     T* crow = cols + (r - row0) * ldc;
@@ -846,13 +857,7 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
         if (++kj == g.kw) kj = 0, ++ki;
       }
     }
-    if (++p == P) {
-      p = ho = wo = 0;
-      ++i;
-    } else if (++wo == g.Wo) {
-      wo = 0;
-      ++ho;
-    }
+    row.next(g);
   }
 }
 #if MMDCNV2_X86_DISPATCH
