@@ -137,7 +137,7 @@ def deform_conv2d(
         Tensor[N, C_out, H_out, W_out], in the input's memory format, as ``torch.nn.functional.conv2d``:
         channels-last out (and channels-last input gradient) for an input that is channels-last and not
         also plain contiguous, plain contiguous otherwise (torchvision and mmcv always return plain
-        NCHW). A channels-last input saves the CPU kernels the layout copies they make of plain NCHW data.
+        NCHW). A channels-last input saves the CPU kernels the copies of the input they make of plain NCHW data.
 
     Raises:
         TypeError: ``input``, ``offset`` or ``weight`` is not a Tensor.

@@ -267,8 +267,8 @@ def test_opcheck_channels_last(mask, bias):
 )
 @pytest.mark.parametrize("budget", [0, 20 << 10])
 def test_channels_last_results_follow_the_input(dtype, route, budget):
-    """A channels-last input gives a channels-last output and grad_input (written in place, no layout
-    copies), bit-identical to the plain NCHW call; a plain input gives plain contiguous results.
+    """A channels-last input gives a channels-last output and grad_input (no copy of the input), bit-identical
+    to the plain NCHW call; a plain input gives plain contiguous results.
     A small budget cuts the conv route's chunks inside images."""
     from mmdcnv2.ops import column_budget, cpu_route
 

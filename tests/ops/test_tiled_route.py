@@ -72,7 +72,7 @@ def test_tiled_route_against_reference(case, budget, isa):
 
 CASE_BIG = (3, 24, 13, 11, 20, 3, 3, 1, 1, 1, 1, 2)  # 429 output rows: many tiles and chunks with small budgets
 # 40 channels: on an NCHW input the scatter's channel slices of grad_input are one of 40 on 1 thread and 32 + 8 on
-# 2 threads (slices of unequal width in the slice-major buffer); a channels-last input is scattered in place
+# 2 threads (slices of unequal width in the slice-major buffer, which then goes to NCHW planes or channels-last pixels)
 CASE_SLICES = (2, 40, 9, 7, 24, 3, 3, 1, 1, 1, 1, 1)
 
 
