@@ -12,8 +12,8 @@ convolution's, and how the thread time of each splits into phases (% of all thre
 - backward: grad_cols products (with the gather of grad_out's rows), the sampling pass (columns, offset
   and mask gradients), grad_weight products, the scatter into grad_input;
 - both, outside their parallel loops: the weight's packing into panels, the layout copies (the input to
-  channels-last; in the backward also grad_input back to planes), the weight gradient into the weight's
-  layout (backward), and the rest of the setup (allocation, zeroing).
+  channels-last; in the backward also grad_input into the result's planes or pixels), the weight gradient
+  into the weight's layout (backward), and the rest of the setup (allocation, zeroing).
 
 Thread time is summed over the threads (a phase timed from outside a parallel loop counts its wall time
 times the thread count). It also says which CPU this is: figures differ by vendor.

@@ -81,18 +81,23 @@ struct TapSample {
   int64_t off_y;  // index of the dy offset of this tap in the block's offset tensor
 };
 
+// The same with the position p = (ho, wo) and the tap k = (ki, kj) already split (loops that step them).
+template <typename T>
+MMDCNV2_INLINE TapSample<T> tap_sample_at(const DeformConvGeom& g, const T* off, const T* msk, int64_t i, int64_t p,
+                                          int64_t ho, int64_t wo, int64_t dg, int64_t k, int64_t ki, int64_t kj) {
+  const int64_t P = g.P(), tap = (i * g.dgroups + dg) * g.K() + k;
+  TapSample<T> t;
+  t.off_y = tap * 2 * P + p;
+  const T y = static_cast<T>(ho * g.sh - g.ph + ki * g.dh) + off[t.off_y];
+  const T x = static_cast<T>(wo * g.sw - g.pw + kj * g.dw) + off[t.off_y + P];
+  t.m = msk ? msk[tap * P + p] : T(1);
+  t.s = bilinear_sample<T>(y, x, g.H, g.W);
+  return t;
+}
 template <typename T>
 inline TapSample<T> tap_sample(const DeformConvGeom& g, const T* off, const T* msk, int64_t i, int64_t p, int64_t dg,
                                int64_t k) {
-  const int64_t K = g.K(), P = g.P();
-  const int64_t ho = p / g.Wo, wo = p % g.Wo, ki = k / g.kw, kj = k % g.kw;
-  TapSample<T> t;
-  t.off_y = ((i * g.dgroups + dg) * K + k) * 2 * P + p;
-  const T y = static_cast<T>(ho * g.sh - g.ph + ki * g.dh) + off[t.off_y];
-  const T x = static_cast<T>(wo * g.sw - g.pw + kj * g.dw) + off[t.off_y + P];
-  t.m = msk ? msk[((i * g.dgroups + dg) * K + k) * P + p] : T(1);
-  t.s = bilinear_sample<T>(y, x, g.H, g.W);
-  return t;
+  return tap_sample_at(g, off, msk, i, p, p / g.Wo, p % g.Wo, dg, k, k / g.kw, k % g.kw);
 }
 
 // The masked sample t of channels [c0, c0 + n) of an NHWC image xi (C channels per pixel) into dst.
@@ -770,20 +775,17 @@ struct RowCursor {
 template <typename T>
 MMDCNV2_INLINE void sample_tap_rows_body(const DeformConvGeom& g, const T* x, const T* off, const T* msk, int64_t r0,
                                          int64_t r1, int64_t k, int64_t c0, int64_t c1, T* dst, int64_t ld) {
-  const int64_t P = g.P(), K = g.K(), C = g.C, Cdg = g.Cdg(), HWC = g.H * g.W * g.C;
+  const int64_t C = g.C, Cdg = g.Cdg(), HWC = g.H * g.W * g.C;
   const int64_t ki = k / g.kw, kj = k % g.kw;
   RowCursor row(g, r0);
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t i = row.i, p = row.p, ho = row.ho, wo = row.wo;
-    const T* xi = x + i * HWC;
+    const T* xi = x + row.i * HWC;
     T* d = dst + (r - r0) * ld;
     for (int64_t c = c0; c < c1;) {
       const int64_t dg = c / Cdg, e = std::min(c1, (dg + 1) * Cdg), n = e - c;
-      const int64_t tap = (i * g.dgroups + dg) * K + k, oy = tap * 2 * P + p;
-      const T y = static_cast<T>(ho * g.sh - g.ph + ki * g.dh) + off[oy];
-      const T xx = static_cast<T>(wo * g.sw - g.pw + kj * g.dw) + off[oy + P];
-      const T m = msk ? msk[tap * P + p] : T(1);
-      const auto s = bilinear_sample<T>(y, xx, g.H, g.W);
+      const auto t = tap_sample_at(g, off, msk, row.i, row.p, row.ho, row.wo, dg, k, ki, kj);
+      const auto& s = t.s;
+      const T m = t.m;
       if (s.all4) {
         vec::body::lerp4(d + (c - c0), xi + s.index[0] * C + c, xi + s.index[1] * C + c, xi + s.index[2] * C + c,
                          xi + s.index[3] * C + c, s.weight[0] * m, s.weight[1] * m, s.weight[2] * m, s.weight[3] * m,
@@ -835,17 +837,14 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
   const int64_t K = g.K(), P = g.P(), C = g.C, Cdg = g.Cdg(), Cg = g.Cg(), HWC = g.H * g.W * g.C;
   RowCursor row(g, r0);
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t i = row.i, p = row.p, ho = row.ho, wo = row.wo;
-    const T* xi = x + i * HWC;
+    const T* xi = x + row.i * HWC;
     const T* grow = gcols + (r - row0) * ldc;
     T* crow = cols + (r - row0) * ldc;
     for (int64_t dg = 0; dg < g.dgroups; ++dg) {
       for (int64_t k = 0, ki = 0, kj = 0; k < K; ++k) {
-        const int64_t tap = (i * g.dgroups + dg) * K + k, oy = tap * 2 * P + p;
-        const T y = static_cast<T>(ho * g.sh - g.ph + ki * g.dh) + off[oy];
-        const T xx = static_cast<T>(wo * g.sw - g.pw + kj * g.dw) + off[oy + P];
-        const T m = msk ? msk[tap * P + p] : T(1);
-        const auto s = bilinear_sample<T>(y, xx, g.H, g.W);
+        const auto t = tap_sample_at(g, off, msk, row.i, row.p, row.ho, row.wo, dg, k, ki, kj);
+        const auto& s = t.s;
+        const T m = t.m;
         T S[4] = {0, 0, 0, 0};
         for (int64_t c = dg * Cdg, c_end = (dg + 1) * Cdg; c < c_end;) {  // the runs of the deform group per conv group
           const int64_t gi = c / Cg, e = std::min(c_end, (gi + 1) * Cg), n = e - c;
@@ -868,9 +867,9 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
         }
         T value, d_h, d_w;
         bilinear_backward(s, S, value, d_h, d_w);
-        goff[oy] = s.inside ? m * d_h : T(0);  // off the map: zero gradient whatever the mask
-        goff[oy + P] = s.inside ? m * d_w : T(0);
-        if (gmsk) gmsk[tap * P + p] = value;
+        goff[t.off_y] = s.inside ? m * d_h : T(0);  // off the map: zero gradient whatever the mask
+        goff[t.off_y + P] = s.inside ? m * d_w : T(0);
+        if (gmsk) gmsk[((row.i * g.dgroups + dg) * K + k) * P + row.p] = value;
         if (++kj == g.kw) kj = 0, ++ki;
       }
     }
