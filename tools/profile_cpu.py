@@ -15,6 +15,12 @@ convolution's, and how the thread time of each splits into phases (% of all thre
   channels-last; in the backward also grad_input into the result's planes or pixels), the weight gradient
   into the weight's layout (backward), and the rest of the setup (allocation, zeroing).
 
+It then gives each product's rate (GFLOP/s per thread) and the dense forward's, as shares of the peak of the
+micro-kernels' multiply-adds (`torch.ops.mmdcnv2.cpu_fma_peak`: from registers alone, all threads at once, measured
+before and after each shape): how far the products are from what the cores can do at all. Where the two peaks differ
+by more than 10%, the cores' speed changed during the shape (on a virtual machine, another guest on the same physical
+cores can halve it for seconds at a time) and the shape's figures are marked as unreliable.
+
 Thread time is summed over the threads (a phase timed from outside a parallel loop counts its wall time
 times the thread count). It also says which CPU this is: figures differ by vendor.
 """
@@ -112,6 +118,7 @@ def main(argv=None):
             with torch.no_grad():
                 F.conv2d(x, w, b, s, 1)
 
+        peak_before = torch.ops.mmdcnv2.cpu_fma_peak(0.1)
         with cpu_route("tiled"):
             fwd(), bwd(), dense()  # the first call of a shape measures its tile sizes
             rows = {"fwd": [], "bwd": [], "dense": []}
@@ -141,6 +148,23 @@ def main(argv=None):
             total = sum(tot[k] for k in keys) or 1.0
             cells = ", ".join(f"{k} {100 * tot[k] / total:.0f}%" for k in keys)
             print(f"  {'forward' if pas == 'fwd' else 'backward'} thread time {total:.1f} ms: {cells}", flush=True)
+        # each product (and the dense forward) is 2 * rows * Cout * 9 * C floating-point operations
+        flop = 2 * N * Ho * Wo * C * 9 * C
+        rates = {
+            k: flop / (statistics.median(parts[pas][k]) * 1e6)
+            for pas, k in (("fwd", "products"), ("bwd", "grad_cols products"), ("bwd", "grad_weight products"))
+        }
+        dense_rate = flop / (med["dense"] * torch.get_num_threads() * 1e6)
+        peak_after = torch.ops.mmdcnv2.cpu_fma_peak(0.1)
+        peak = (peak_before + peak_after) / 2
+        cells = ", ".join(f"{k} {r:.0f} ({100 * r / peak:.0f}%)" for k, r in rates.items())
+        print(
+            f"  GFLOP/s per thread (% of the {isa} multiply-add peak, {peak_before:.0f} before and {peak_after:.0f} "
+            f"after): {cells}; dense forward {dense_rate:.0f} ({100 * dense_rate / peak:.0f}%)",
+            flush=True,
+        )
+        if abs(peak_before - peak_after) > 0.1 * max(peak_before, peak_after):
+            print("  UNRELIABLE: the cores' speed changed during this shape (peak before and after differ by >10%)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 
 #include "cpu_vec.h"
@@ -191,7 +192,57 @@ MMDCNV2_AVX2 void ukr_avx2_full(int64_t kdim, const float* A, int64_t s, const f
   }
 }
 
+// The rate of a loop of independent chains of fused multiply-adds in registers (no memory): what a micro-kernel's
+// products can reach at most on this core. Returns the multiply-adds' lanes times the chains' steps (times 2 for
+// FLOPs); `scale` close to 1 keeps the values finite.
+template <int Chains>
+MMDCNV2_AVX512 float fma_chains_avx512(int64_t steps, float scale) {
+  __m512 c[Chains];
+  const __m512 a = _mm512_set1_ps(scale), b = _mm512_set1_ps(1e-3f);
+  for (int i = 0; i < Chains; ++i) c[i] = _mm512_set1_ps(float(i));
+  for (int64_t s = 0; s < steps; ++s) {
+#pragma GCC unroll 32
+    for (int i = 0; i < Chains; ++i) c[i] = _mm512_fmadd_ps(a, c[i], b);
+  }
+  for (int i = 1; i < Chains; ++i) c[0] = _mm512_add_ps(c[0], c[i]);
+  float out[16];
+  _mm512_storeu_ps(out, c[0]);
+  float sum = 0.f;
+  for (float x : out) sum += x;
+  return sum;
+}
+template <int Chains>
+MMDCNV2_AVX2 float fma_chains_avx2(int64_t steps, float scale) {
+  __m256 c[Chains];
+  const __m256 a = _mm256_set1_ps(scale), b = _mm256_set1_ps(1e-3f);
+  for (int i = 0; i < Chains; ++i) c[i] = _mm256_set1_ps(float(i));
+  for (int64_t s = 0; s < steps; ++s) {
+#pragma GCC unroll 32
+    for (int i = 0; i < Chains; ++i) c[i] = _mm256_fmadd_ps(a, c[i], b);
+  }
+  for (int i = 1; i < Chains; ++i) c[0] = _mm256_add_ps(c[0], c[i]);
+  float out[8];
+  _mm256_storeu_ps(out, c[0]);
+  float sum = 0.f;
+  for (float x : out) sum += x;
+  return sum;
+}
+
 #endif  // MMDCNV2_X86_DISPATCH
+
+// Steps of fma_chains in the ISA v (kAvx2 or kAvx512) on the calling thread, and the floating-point operations they
+// make (lanes times chains times 2 per step: as many independent chains as the micro-kernel keeps accumulators, 24
+// AVX-512, 12 AVX2); `sink` keeps the result.
+inline double fma_steps(int v, int64_t steps, volatile float& sink) {
+#if MMDCNV2_X86_DISPATCH
+  volatile float scale = 0.999999f;  // read at run time
+  sink = sink + (v == kAvx512 ? fma_chains_avx512<24>(steps, scale) : fma_chains_avx2<12>(steps, scale));
+  return 2.0 * (v == kAvx512 ? 16 * 24 : 8 * 12) * double(steps);
+#else
+  (void)v, (void)steps, (void)sink;
+  return 0.0;
+#endif
+}
 
 // C[m x n] (+)= A(i, p) B(p, j) over p < kdim, in micro-tiles of the ISA v (kAvx2 or kAvx512): A(i, p) =
 // A[i * ai + p * ap] must be readable for i up to m rounded up to the micro-tile rows; B(p, j) = B[p * ldb + j].

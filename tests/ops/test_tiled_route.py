@@ -216,3 +216,23 @@ def test_phase_timers_count_what_each_pass_runs(monkeypatch):
     assert all(bwd[k] == 0 for k in tool.FWD), bwd
     # a channels-last input is read in place: packing but no layout copy
     assert fwd_cl["packing"] > 0 and fwd_cl["layout copies"] == 0, fwd_cl
+
+
+@pytest.mark.parametrize("cap", ISAS)
+def test_fma_peak_and_profile_report(cap, monkeypatch, capsys):
+    """cpu_fma_peak: a positive rate for each micro-kernel ISA, a clear error for a bad duration; tools/profile_cpu.py
+    prints it and each product's rate as a share of it."""
+    import importlib
+
+    with isa_cap(cap):
+        rate = torch.ops.mmdcnv2.cpu_fma_peak(0.01)
+    assert 0 < rate < float("inf")
+    for bad in (0.0, -1.0, 11.0):
+        with pytest.raises(ValueError, match="seconds"):
+            torch.ops.mmdcnv2.cpu_fma_peak(bad)
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    tool = importlib.import_module("profile_cpu")
+    with isa_cap(cap):
+        tool.main(["--shapes", "small", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert "GFLOP/s per thread (% of the" in out and "multiply-add peak" in out, out

@@ -1362,6 +1362,40 @@ std::tuple<int64_t, int64_t, int64_t> cpu_tiled_info() {
   return {gemm::isa(), g_tile_measurements, openmp};
 }
 
+// GFLOP/s per thread of the micro-kernels' fused multiply-adds from registers alone, all threads at once (as the
+// products run): the ceiling of the products' rate (tools/profile_cpu.py). The loop's length is set on the calling
+// thread to take about `seconds`; the mean over the threads is returned. 0 where the tiled route has no micro-kernel.
+double cpu_fma_peak(double seconds) {
+  TORCH_CHECK_VALUE(seconds > 0 && seconds <= 10, "cpu_fma_peak: seconds must be in (0, 10], got ", seconds);
+  const int v = gemm::isa();
+  if (v == gemm::kNone) return 0.0;
+  volatile float sink = 0.f;
+  int64_t steps = 1 << 12;
+  for (;;) {  // a loop of about a tenth of `seconds` on this thread, then scaled up
+    const auto t0 = std::chrono::steady_clock::now();
+    gemm::fma_steps(v, steps, sink);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (dt >= seconds / 10 || steps >= (int64_t(1) << 40)) {
+      steps = std::max<int64_t>(1, int64_t(double(steps) * seconds / std::max(dt, 1e-9)));
+      break;
+    }
+    steps *= 2;
+  }
+  const int64_t threads = std::max(1, at::get_num_threads());
+  std::vector<double> rate(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      volatile float own = 0.f;
+      const auto a = std::chrono::steady_clock::now();
+      const double flop = gemm::fma_steps(v, steps, own);
+      rate[t] = flop / std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count() / 1e9;
+    }
+  });
+  double sum = 0;
+  for (const double r : rate) sum += r;
+  return sum / double(threads);
+}
+
 bool is_reduced(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 OptTensor to_float(const OptTensor& t) { return t ? OptTensor(t->to(at::kFloat)) : kNullopt; }
 
@@ -1423,6 +1457,8 @@ TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
   // The tiled route's micro-kernel: a cap on the ISA (tests), and what it uses now with the measurement count.
   m.def("set_cpu_isa(int cap) -> int", &mmdcnv2::set_cpu_isa);
   m.def("cpu_tiled_info() -> (int, int, int)", &mmdcnv2::cpu_tiled_info);
+  // GFLOP/s per thread of the micro-kernels' multiply-adds, from registers, all threads at once (about `seconds`).
+  m.def("cpu_fma_peak(float seconds) -> float", &mmdcnv2::cpu_fma_peak);
   // The tiled route's phase timers (tools/profile_cpu.py): on (zeroed) or off, and the thread nanoseconds so far.
   m.def("set_cpu_profile(bool on) -> bool", &mmdcnv2::set_cpu_profile);
   m.def("cpu_profile() -> int[]", &mmdcnv2::cpu_profile);
