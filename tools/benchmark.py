@@ -106,13 +106,22 @@ def _own_cpu_seconds():
 
 class QuietWatch:
     """Measures how much CPU time other processes took while the benchmark ran (from /proc/stat minus this
-    process's own CPU time), and a fixed calibration workload before and after."""
+    process's own CPU time), and a fixed calibration workload before and after. On the CPU it also samples the
+    cores' multiply-add rate (`torch.ops.mmdcnv2.cpu_fma_peak`, all threads at once) before each layer: on a
+    virtual machine another guest on the same physical cores can slow them for seconds, between two
+    calibrations."""
 
     def __init__(self, device):
         self.device = device
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.peaks = []  # (before what, GFLOP/s per thread)
         self.calib_before = self.calibrate()
         self.j0, self.c0, self.t0 = _cpu_jiffies(), _own_cpu_seconds(), time.perf_counter()
+
+    def sample(self, label):
+        """The multiply-add rate now (CPU with the tiled route's micro-kernels only), noted as before `label`."""
+        if self.device == "cpu" and torch.ops.mmdcnv2.cpu_tiled_info()[0]:
+            self.peaks.append((label, torch.ops.mmdcnv2.cpu_fma_peak(0.1)))
 
     def calibrate(self):
         """Median ms of a fixed workload: a 768^2 float32 GEMM and a 64 MiB copy."""
@@ -124,6 +133,7 @@ class QuietWatch:
     def finish(self):
         wall = time.perf_counter() - self.t0
         j1, c1 = _cpu_jiffies(), _own_cpu_seconds()
+        self.sample("the end")
         after = self.calibrate()
         report = dict(
             calibration_before_ms=self.calib_before,
@@ -149,6 +159,15 @@ class QuietWatch:
                 f"the calibration workload took {self.calib_before:.1f} ms before and {after:.1f} ms after the run "
                 f"({100 * report['calibration_change']:+.0f}%): the machine's speed changed during the run"
             )
+        if self.peaks:
+            rates = [r for _, r in self.peaks]
+            low = min(self.peaks, key=lambda p: p[1])
+            report["fma_peak"] = dict(median=statistics.median(rates), min=min(rates), max=max(rates), low=low[0])
+            if min(rates) < 0.9 * max(rates):
+                report["warnings"].append(
+                    f"the cores' multiply-add rate went from {max(rates):.0f} down to {min(rates):.0f} GFLOP/s per "
+                    f"thread (lowest before {low[0]}): the machine's speed changed during the run"
+                )
         for w in report["warnings"]:
             print(f"\n!!! WARNING: {w} !!!", flush=True)
         return report
@@ -252,10 +271,12 @@ def conv_impls(device, dtype):
     return impls
 
 
-def bench_conv(device, dtype, reps, shapes):
+def bench_conv(device, dtype, reps, shapes, watch=None):
     rows = []
     impls = conv_impls(device, dtype)
     for name, (N, C, H, W), s, dg in shapes:
+        if watch is not None:
+            watch.sample(f"{name} ({dtype})".replace("torch.", ""))
         Ho, Wo = (H + 2 - 3) // s + 1, (W + 2 - 3) // s + 1
         g = torch.Generator().manual_seed(0)
         mk = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device, dtype)  # noqa: E731
@@ -488,7 +509,13 @@ def write_report(results, out_dir):
         lines += [
             f"Calibration workload {q['calibration_before_ms']:.1f} ms before, {q['calibration_after_ms']:.1f} ms "
             f"after; other processes' share of the CPU during the run: "
-            f"{100 * q.get('other_cpu_fraction', float('nan')):.1f}%.",
+            f"{100 * q.get('other_cpu_fraction', float('nan')):.1f}%."
+            + (
+                f" Multiply-add peak per thread, all threads at once, sampled before each layer: median "
+                f"{q['fma_peak']['median']:.0f} GFLOP/s [{q['fma_peak']['min']:.0f}-{q['fma_peak']['max']:.0f}]."
+                if "fma_peak" in q
+                else ""
+            ),
             "",
         ]
     for dtype, rows in results["conv"].items():
@@ -636,11 +663,13 @@ def main():
     watch = QuietWatch(a.device)
     for dt in dtypes:
         print(f"[conv {dt}]", flush=True)
-        results["conv"][dt] = bench_conv(a.device, getattr(torch, dt), reps, shapes)
+        results["conv"][dt] = bench_conv(a.device, getattr(torch, dt), reps, shapes, watch)
+    watch.sample("RoI pooling")
     print("[roi pool]", flush=True)
     results["roi_pool"] = bench_roi_pool(a.device, torch.float32, reps)
     if not a.no_detector:
         side = 320 if a.device == "cpu" else 800
+        watch.sample("the detector")
         print(f"[detector, {side}px]", flush=True)
         dreps = a.detector_reps or (10 if a.device == "cpu" else 20)
         results["detector"], results["detector_losses"] = bench_detector(a.device, dreps, side)
