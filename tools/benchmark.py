@@ -115,13 +115,37 @@ class QuietWatch:
         self.device = device
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.peaks = []  # (before what, GFLOP/s per thread)
+        self.slowed = []  # what was measured while the cores ran slow
         self.calib_before = self.calibrate()
         self.j0, self.c0, self.t0 = _cpu_jiffies(), _own_cpu_seconds(), time.perf_counter()
 
     def sample(self, label):
-        """The multiply-add rate now (CPU with the tiled route's micro-kernels only), noted as before `label`."""
+        """The multiply-add rate now (CPU with the tiled route's micro-kernels only; else None), noted as before
+        `label`."""
         if self.device == "cpu" and torch.ops.mmdcnv2.cpu_tiled_info()[0]:
-            self.peaks.append((label, torch.ops.mmdcnv2.cpu_fma_peak(0.1)))
+            rate = torch.ops.mmdcnv2.cpu_fma_peak(0.1)
+            self.peaks.append((label, rate))
+            return rate
+        return None
+
+    def fast(self, rate):
+        """Whether a rate is within 10% of the best seen so far in the run."""
+        return rate is None or rate >= 0.9 * max(r for _, r in self.peaks)
+
+    def settle(self, label, max_wait_s=30.0):
+        """Before a layer: where the cores run more than 10% below the best rate seen, waits (2 s at a time, at
+        most max_wait_s) for them to come back, and says so. Returns the seconds waited."""
+        waited = 0.0
+        rate = self.sample(label)
+        while not self.fast(rate) and waited < max_wait_s:
+            if waited == 0:
+                print(f"  (the cores run at {rate:.0f} GFLOP/s per thread, below the run's best: waiting)", flush=True)
+            time.sleep(2.0)
+            waited += 2.0
+            rate = self.sample(label)
+        if not self.fast(rate):
+            self.slowed.append(f"{label} (still slow after {waited:.0f} s)")
+        return waited
 
     def calibrate(self):
         """Median ms of a fixed workload: a 768^2 float32 GEMM and a 64 MiB copy."""
@@ -163,10 +187,11 @@ class QuietWatch:
             rates = [r for _, r in self.peaks]
             low = min(self.peaks, key=lambda p: p[1])
             report["fma_peak"] = dict(median=statistics.median(rates), min=min(rates), max=max(rates), low=low[0])
-            if min(rates) < 0.9 * max(rates):
+            if self.slowed:
                 report["warnings"].append(
-                    f"the cores' multiply-add rate went from {max(rates):.0f} down to {min(rates):.0f} GFLOP/s per "
-                    f"thread (lowest before {low[0]}): the machine's speed changed during the run"
+                    f"the cores' multiply-add rate fell more than 10% below the run's best ({max(rates):.0f} GFLOP/s "
+                    f"per thread; lowest {min(rates):.0f}, before {low[0]}) around: {', '.join(self.slowed)}; "
+                    "those figures are not those of a quiet machine"
                 )
         for w in report["warnings"]:
             print(f"\n!!! WARNING: {w} !!!", flush=True)
@@ -275,8 +300,9 @@ def bench_conv(device, dtype, reps, shapes, watch=None):
     rows = []
     impls = conv_impls(device, dtype)
     for name, (N, C, H, W), s, dg in shapes:
+        label = f"{name} ({dtype})".replace("torch.", "")
         if watch is not None:
-            watch.sample(f"{name} ({dtype})".replace("torch.", ""))
+            watch.settle(label)
         Ho, Wo = (H + 2 - 3) // s + 1, (W + 2 - 3) // s + 1
         g = torch.Generator().manual_seed(0)
         mk = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device, dtype)  # noqa: E731
@@ -326,6 +352,12 @@ def bench_conv(device, dtype, reps, shapes, watch=None):
                 f"peak {mem[impl] / 2**20:7.1f} MiB",
                 flush=True,
             )
+        if watch is not None:  # the cores slowed down during the layer: its figures are marked
+            rate = watch.sample(f"after {label}")
+            row["slowed"] = not watch.fast(rate) or not watch.fast(watch.peaks[-2][1])
+            if row["slowed"]:
+                watch.slowed.append(label)
+                print(f"  {name}: the cores slowed down during this layer ({rate:.0f} GFLOP/s per thread after it)")
         rows.append(row)
     return rows
 
@@ -511,8 +543,10 @@ def write_report(results, out_dir):
             f"after; other processes' share of the CPU during the run: "
             f"{100 * q.get('other_cpu_fraction', float('nan')):.1f}%."
             + (
-                f" Multiply-add peak per thread, all threads at once, sampled before each layer: median "
-                f"{q['fma_peak']['median']:.0f} GFLOP/s [{q['fma_peak']['min']:.0f}-{q['fma_peak']['max']:.0f}]."
+                f" Multiply-add peak per thread, all threads at once, sampled before and after each layer: median "
+                f"{q['fma_peak']['median']:.0f} GFLOP/s [{q['fma_peak']['min']:.0f}-{q['fma_peak']['max']:.0f}]; "
+                "a layer marked (slowed) had a sample more than 10% below the run's best before or after it (before "
+                "each layer the run waits up to 30 s for the cores to come back to speed)."
                 if "fma_peak" in q
                 else ""
             ),
@@ -538,7 +572,7 @@ def write_report(results, out_dir):
             convr = r.get("mmdcnv2 conv route", {})
             d = r.get("dense conv2d", {})
             cells = [
-                r["shape"],
+                r["shape"] + (" (slowed)" if r.get("slowed") else ""),
                 r["size"],
                 fmt(ours.get("fwd")),
                 f"{fmt(ours.get('fwd_bwd'))} [{fmt(sp[0])}-{fmt(sp[1])}]",
@@ -664,12 +698,12 @@ def main():
     for dt in dtypes:
         print(f"[conv {dt}]", flush=True)
         results["conv"][dt] = bench_conv(a.device, getattr(torch, dt), reps, shapes, watch)
-    watch.sample("RoI pooling")
+    watch.settle("RoI pooling")
     print("[roi pool]", flush=True)
     results["roi_pool"] = bench_roi_pool(a.device, torch.float32, reps)
     if not a.no_detector:
         side = 320 if a.device == "cpu" else 800
-        watch.sample("the detector")
+        watch.settle("the detector")
         print(f"[detector, {side}px]", flush=True)
         dreps = a.detector_reps or (10 if a.device == "cpu" else 20)
         results["detector"], results["detector_losses"] = bench_detector(a.device, dreps, side)
