@@ -120,8 +120,8 @@ class QuietWatch:
         self.j0, self.c0, self.t0 = _cpu_jiffies(), _own_cpu_seconds(), time.perf_counter()
 
     def sample(self, label):
-        """The multiply-add rate now (CPU with the tiled route's micro-kernels only; else None), noted as before
-        `label`."""
+        """The multiply-add rate now (CPU with the tiled route's micro-kernels only; else None), noted with `label`
+        (where in the run: "before ..." or "after ...")."""
         if self.device == "cpu" and torch.ops.mmdcnv2.cpu_tiled_info()[0]:
             rate = torch.ops.mmdcnv2.cpu_fma_peak(0.1)
             self.peaks.append((label, rate))
@@ -136,13 +136,13 @@ class QuietWatch:
         """Before a layer: where the cores run more than 10% below the best rate seen, waits (2 s at a time, at
         most max_wait_s) for them to come back, and says so. Returns the seconds waited."""
         waited = 0.0
-        rate = self.sample(label)
+        rate = self.sample(f"before {label}")
         while not self.fast(rate) and waited < max_wait_s:
             if waited == 0:
                 print(f"  (the cores run at {rate:.0f} GFLOP/s per thread, below the run's best: waiting)", flush=True)
             time.sleep(2.0)
             waited += 2.0
-            rate = self.sample(label)
+            rate = self.sample(f"before {label}")
         if not self.fast(rate):
             self.slowed.append(f"{label} (still slow after {waited:.0f} s)")
         return waited
@@ -157,7 +157,7 @@ class QuietWatch:
     def finish(self):
         wall = time.perf_counter() - self.t0
         j1, c1 = _cpu_jiffies(), _own_cpu_seconds()
-        self.sample("the end")
+        self.sample("at the end")
         after = self.calibrate()
         report = dict(
             calibration_before_ms=self.calib_before,
@@ -190,7 +190,7 @@ class QuietWatch:
             if self.slowed:
                 report["warnings"].append(
                     f"the cores' multiply-add rate fell more than 10% below the run's best ({max(rates):.0f} GFLOP/s "
-                    f"per thread; lowest {min(rates):.0f}, before {low[0]}) around: {', '.join(self.slowed)}; "
+                    f"per thread; lowest {min(rates):.0f}, {low[0]}) around: {', '.join(self.slowed)}; "
                     "those figures are not those of a quiet machine"
                 )
         for w in report["warnings"]:
