@@ -111,41 +111,55 @@ class QuietWatch:
     virtual machine another guest on the same physical cores can slow them for seconds, between two
     calibrations."""
 
-    def __init__(self, device):
+    def __init__(self, device, rate_fn=None):
         self.device = device
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.peaks = []  # (before what, GFLOP/s per thread)
+        if rate_fn is None and device == "cpu" and torch.ops.mmdcnv2.cpu_tiled_info()[0]:
+            rate_fn = lambda: torch.ops.mmdcnv2.cpu_fma_peak(0.1)  # noqa: E731
+        self.rate_fn = rate_fn  # GFLOP/s per thread now; None: not sampled (GPU, or no micro-kernel)
+        self.sleep = time.sleep
+        self.peaks = []  # (where in the run, GFLOP/s per thread)
         self.slowed = []  # what was measured while the cores ran slow
+        self.last_before = None
         self.calib_before = self.calibrate()
         self.j0, self.c0, self.t0 = _cpu_jiffies(), _own_cpu_seconds(), time.perf_counter()
 
     def sample(self, label):
-        """The multiply-add rate now (CPU with the tiled route's micro-kernels only; else None), noted with `label`
-        (where in the run: "before ..." or "after ...")."""
-        if self.device == "cpu" and torch.ops.mmdcnv2.cpu_tiled_info()[0]:
-            rate = torch.ops.mmdcnv2.cpu_fma_peak(0.1)
-            self.peaks.append((label, rate))
-            return rate
-        return None
+        """The multiply-add rate now (None where not sampled), noted with `label` (where in the run: "before ...",
+        "after ...")."""
+        if self.rate_fn is None:
+            return None
+        rate = self.rate_fn()
+        self.peaks.append((label, rate))
+        return rate
 
     def fast(self, rate):
-        """Whether a rate is within 10% of the best seen so far in the run."""
+        """Whether a rate is within 10% of the best seen so far in the run (None: nothing known, taken as fast)."""
         return rate is None or rate >= 0.9 * max(r for _, r in self.peaks)
 
     def settle(self, label, max_wait_s=30.0):
-        """Before a layer: where the cores run more than 10% below the best rate seen, waits (2 s at a time, at
+        """Before a measurement: where the cores run more than 10% below the best rate seen, waits (2 s at a time, at
         most max_wait_s) for them to come back, and says so. Returns the seconds waited."""
         waited = 0.0
         rate = self.sample(f"before {label}")
         while not self.fast(rate) and waited < max_wait_s:
             if waited == 0:
                 print(f"  (the cores run at {rate:.0f} GFLOP/s per thread, below the run's best: waiting)", flush=True)
-            time.sleep(2.0)
+            self.sleep(2.0)
             waited += 2.0
             rate = self.sample(f"before {label}")
-        if not self.fast(rate):
-            self.slowed.append(f"{label} (still slow after {waited:.0f} s)")
+        self.last_before = rate
         return waited
+
+    def done(self, label):
+        """After a measurement: whether the cores ran slow around it (its sample before, or the one now, more than
+        10% below the run's best); such measurements are named in the warning."""
+        rate = self.sample(f"after {label}")
+        slowed = not self.fast(rate) or not self.fast(self.last_before)
+        if slowed:
+            self.slowed.append(label)
+            print(f"  {label}: the cores ran slow around this measurement (see the warning)", flush=True)
+        return slowed
 
     def calibrate(self):
         """Median ms of a fixed workload: a 768^2 float32 GEMM and a 64 MiB copy."""
@@ -187,6 +201,7 @@ class QuietWatch:
             rates = [r for _, r in self.peaks]
             low = min(self.peaks, key=lambda p: p[1])
             report["fma_peak"] = dict(median=statistics.median(rates), min=min(rates), max=max(rates), low=low[0])
+            report["slowed"] = list(self.slowed)
             if self.slowed:
                 report["warnings"].append(
                     f"the cores' multiply-add rate fell more than 10% below the run's best ({max(rates):.0f} GFLOP/s "
@@ -352,12 +367,8 @@ def bench_conv(device, dtype, reps, shapes, watch=None):
                 f"peak {mem[impl] / 2**20:7.1f} MiB",
                 flush=True,
             )
-        if watch is not None:  # the cores slowed down during the layer: its figures are marked
-            rate = watch.sample(f"after {label}")
-            row["slowed"] = not watch.fast(rate) or not watch.fast(watch.peaks[-2][1])
-            if row["slowed"]:
-                watch.slowed.append(label)
-                print(f"  {name}: the cores slowed down during this layer ({rate:.0f} GFLOP/s per thread after it)")
+        if watch is not None:  # the cores slowed down around the layer: its figures are marked
+            row["slowed"] = watch.done(label)
         rows.append(row)
     return rows
 
@@ -701,12 +712,14 @@ def main():
     watch.settle("RoI pooling")
     print("[roi pool]", flush=True)
     results["roi_pool"] = bench_roi_pool(a.device, torch.float32, reps)
+    watch.done("RoI pooling")
     if not a.no_detector:
         side = 320 if a.device == "cpu" else 800
         watch.settle("the detector")
         print(f"[detector, {side}px]", flush=True)
         dreps = a.detector_reps or (10 if a.device == "cpu" else 20)
         results["detector"], results["detector_losses"] = bench_detector(a.device, dreps, side)
+        watch.done("the detector")
         results["detector_side"], results["detector_reps"] = side, dreps
     results["quiet"] = watch.finish()
     write_report(results, a.out)

@@ -32,3 +32,26 @@ def test_bad_repetitions_are_refused(capsys, monkeypatch):
             benchmark.main()
         assert e.value.code == 2
         assert f"{flag} must be at least 1" in capsys.readouterr().err
+
+
+def test_quiet_watch_waits_for_slow_cores_and_names_what_ran_slow():
+    """The benchmark's watch over the cores' multiply-add rate, fed a scripted sequence of rates: it waits while the
+    rate is more than 10% below the run's best (at most max_wait_s), and names every measurement with a low sample
+    before or after it in its warning."""
+    rates = iter([100, 100, 50, 50, 98, 60, 40, 40, 100, 100])
+    watch = benchmark.QuietWatch("cpu", rate_fn=lambda: next(rates))
+    slept = []
+    watch.sleep = slept.append
+    assert watch.settle("a") == 0 and not watch.done("a")
+    assert watch.settle("b") == 4.0 and slept == [2.0, 2.0]  # 50, 50, then 98: within 10% of 100
+    assert watch.done("b")  # 60 after it
+    assert watch.settle("c", max_wait_s=2.0) == 2.0  # still 40 when the wait runs out
+    assert watch.done("c")  # fast after, slow before
+    report = watch.finish()
+    assert report["slowed"] == ["b", "c"]
+    assert report["fma_peak"]["min"] == 40 and report["fma_peak"]["low"] == "before c"
+    assert any("around: b, c" in w for w in report["warnings"]), report["warnings"]
+    # nothing sampled (a GPU, or a CPU without the micro-kernels): no waiting, nothing marked
+    quiet = benchmark.QuietWatch("cuda" if torch.cuda.is_available() else "cpu", rate_fn=None)
+    quiet.rate_fn = None
+    assert quiet.settle("x") == 0 and not quiet.done("x")
