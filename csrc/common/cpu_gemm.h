@@ -192,9 +192,9 @@ MMDCNV2_AVX2 void ukr_avx2_full(int64_t kdim, const float* A, int64_t s, const f
   }
 }
 
-// The rate of a loop of independent chains of fused multiply-adds in registers (no memory): what a micro-kernel's
-// products can reach at most on this core. Returns the multiply-adds' lanes times the chains' steps (times 2 for
-// FLOPs); `scale` close to 1 keeps the values finite.
+// `steps` rounds of independent chains of fused multiply-adds in registers (no memory), for the rate a micro-kernel's
+// products can reach at most on this core (fma_steps). Returns the sum of the chains' values, for the caller to keep
+// (so that the loop is not dropped); `scale` close to 1 keeps the values finite.
 template <int Chains>
 MMDCNV2_AVX512 float fma_chains_avx512(int64_t steps, float scale) {
   __m512 c[Chains];
