@@ -79,6 +79,7 @@ struct TapSample {
   BilinearSample<T> s;
   T m;
   int64_t off_y;  // index of the dy offset of this tap in the block's offset tensor
+  int64_t m_at;   // index of this tap's mask value (and of its gradient) in the block's mask tensor
 };
 
 // The same with the position p = (ho, wo) and the tap k = (ki, kj) already split (loops that step them).
@@ -88,9 +89,10 @@ MMDCNV2_INLINE TapSample<T> tap_sample_at(const DeformConvGeom& g, const T* off,
   const int64_t P = g.P(), tap = (i * g.dgroups + dg) * g.K() + k;
   TapSample<T> t;
   t.off_y = tap * 2 * P + p;
+  t.m_at = tap * P + p;
   const T y = static_cast<T>(ho * g.sh - g.ph + ki * g.dh) + off[t.off_y];
   const T x = static_cast<T>(wo * g.sw - g.pw + kj * g.dw) + off[t.off_y + P];
-  t.m = msk ? msk[tap * P + p] : T(1);
+  t.m = msk ? msk[t.m_at] : T(1);
   t.s = bilinear_sample<T>(y, x, g.H, g.W);
   return t;
 }
@@ -176,7 +178,7 @@ void im2col_coord_grad(const T* x, const T* off, const T* msk, const T* gcols, T
           // off the map: zero gradient whatever the mask (a NaN mask must not leak in as 0 * NaN)
           goff[t.off_y] = s.inside ? t.m * d_h : T(0);
           goff[t.off_y + P] = s.inside ? t.m * d_w : T(0);
-          if (gmsk) gmsk[((i * g.dgroups + dg) * K + k) * P + p] = value;
+          if (gmsk) gmsk[t.m_at] = value;
         }
       }
     }
@@ -216,8 +218,8 @@ struct ScatterDst {
   int64_t npix = 0, piece = 0;
 };
 // One task's share of col2im: rows [row0, row1) of grad_cols, every tap, into the channel slice `task` of grad_x (slice
-// of pixel q at base + q * stride). The AVX2 copy (float and double) is what vec::axpy's AVX2 copy computed before:
-// the same bits.
+// of pixel q at base + q * stride). Element by element, as vec::axpy: the AVX2 copy (float and double) and the baseline
+// give the same bits.
 template <typename T>
 MMDCNV2_INLINE void scatter_slice_body(const T* gcols, const ScatterTap<T>* taps, const ColLayout& GL,
                                        const DeformConvGeom& g, int64_t row0, int64_t row1, const ChannelSlice& task,
@@ -869,7 +871,7 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
         bilinear_backward(s, S, value, d_h, d_w);
         goff[t.off_y] = s.inside ? m * d_h : T(0);  // off the map: zero gradient whatever the mask
         goff[t.off_y + P] = s.inside ? m * d_w : T(0);
-        if (gmsk) gmsk[((row.i * g.dgroups + dg) * K + k) * P + row.p] = value;
+        if (gmsk) gmsk[t.m_at] = value;
         if (++kj == g.kw) kj = 0, ++ki;
       }
     }
@@ -1038,11 +1040,10 @@ Scratch pack_weight_panels(const at::Tensor& weight, const DeformConvGeom& g, in
       } else {
         const int64_t j0 = u * NR, nj = std::min(NR, cols - j0);
         float* d = d_g + u * rows * NR;
+        int64_t col[64];  // column j's place in an output channel's weight row (NR <= 64)
+        for (int64_t jj = 0; jj < nj; ++jj) col[jj] = ((j0 + jj) % Cg) * K + (j0 + jj) / Cg;
         for (int64_t co = 0; co < Cout_g; ++co) {
-          for (int64_t jj = 0; jj < nj; ++jj) {
-            const int64_t j = j0 + jj;
-            d[co * NR + jj] = w_g[co * KCg + (j % Cg) * K + j / Cg];
-          }
+          for (int64_t jj = 0; jj < nj; ++jj) d[co * NR + jj] = w_g[co * KCg + col[jj]];
           for (int64_t jj = nj; jj < NR; ++jj) d[co * NR + jj] = 0.f;
         }
       }
