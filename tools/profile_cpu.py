@@ -17,9 +17,10 @@ convolution's, and how the thread time of each splits into phases (% of all thre
 
 It then gives each product's rate (GFLOP/s per thread) and the dense forward's, as shares of the peak of the
 micro-kernels' multiply-adds (`torch.ops.mmdcnv2.cpu_fma_peak`: from registers alone, all threads at once, measured
-before and after each shape): how far the products are from what the cores can do at all. Where the two peaks differ
-by more than 10%, the cores' speed changed during the shape (on a virtual machine, another guest on the same physical
-cores can halve it for seconds at a time) and the shape's figures are marked as unreliable.
+before and after each shape): how far the products are from what the cores can do at all. The peak is watched as
+tools/benchmark.py watches it (its QuietWatch): before each shape the tool waits, up to 30 s, while the cores run more
+than 10% below the best rate seen (on a virtual machine, another guest on the same physical cores can halve them for
+seconds at a time); a shape with a low sample before or after it is named in a warning at the end.
 
 Thread time is summed over the threads (a phase timed from outside a parallel loop counts its wall time
 times the thread count). It also says which CPU this is: figures differ by vendor.
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchmark import cpu_model  # noqa: E402
+from benchmark import QuietWatch, cpu_model  # noqa: E402
 from mmdcnv2.ops import cpu_route, deform_conv2d  # noqa: E402
 
 # name: (N, C, H, W, stride, deform groups); ResNet-50's 3x3 layers at 800x1333, as tools/benchmark.py
@@ -93,6 +94,7 @@ def main(argv=None):
         f"{isa} micro-kernels, {time.strftime('%Y-%m-%d')}",
         flush=True,
     )
+    watch = QuietWatch("cpu")
     for name in names:
         N, C, H, W, s, dg = SHAPES[name]
         Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1
@@ -118,7 +120,8 @@ def main(argv=None):
             with torch.no_grad():
                 F.conv2d(x, w, b, s, 1)
 
-        peak_before = torch.ops.mmdcnv2.cpu_fma_peak(0.1)
+        watch.settle(name)
+        peak_before = watch.last_before
         with cpu_route("tiled"):
             fwd(), bwd(), dense()  # the first call of a shape measures its tile sizes
             rows = {"fwd": [], "bwd": [], "dense": []}
@@ -155,7 +158,8 @@ def main(argv=None):
             for pas, k in (("fwd", "products"), ("bwd", "grad_cols products"), ("bwd", "grad_weight products"))
         }
         dense_rate = flop / (med["dense"] * torch.get_num_threads() * 1e6)
-        peak_after = torch.ops.mmdcnv2.cpu_fma_peak(0.1)
+        watch.done(name)
+        peak_after = watch.peaks[-1][1]
         peak = (peak_before + peak_after) / 2
         cells = ", ".join(f"{k} {r:.0f} ({100 * r / peak:.0f}%)" for k, r in rates.items())
         print(
@@ -163,8 +167,7 @@ def main(argv=None):
             f"after): {cells}; dense forward {dense_rate:.0f} ({100 * dense_rate / peak:.0f}%)",
             flush=True,
         )
-        if abs(peak_before - peak_after) > 0.1 * max(peak_before, peak_after):
-            print("  UNRELIABLE: the cores' speed changed during this shape (peak before and after differ by >10%)")
+    watch.finish()
 
 
 if __name__ == "__main__":

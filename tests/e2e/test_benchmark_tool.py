@@ -52,6 +52,6 @@ def test_quiet_watch_waits_for_slow_cores_and_names_what_ran_slow():
     assert report["fma_peak"]["min"] == 40 and report["fma_peak"]["low"] == "before c"
     assert any("around: b, c" in w for w in report["warnings"]), report["warnings"]
     # nothing sampled (a GPU, or a CPU without the micro-kernels): no waiting, nothing marked
-    quiet = benchmark.QuietWatch("cuda" if torch.cuda.is_available() else "cpu", rate_fn=None)
+    quiet = benchmark.QuietWatch("cpu")
     quiet.rate_fn = None
     assert quiet.settle("x") == 0 and not quiet.done("x")
