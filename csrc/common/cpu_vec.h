@@ -3,7 +3,9 @@
 // the processor has it: one binary stays portable and still uses the wide units.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define MMDCNV2_X86_DISPATCH 1
@@ -77,6 +79,61 @@ MMDCNV2_INLINE void lerp4_dot4(T* __restrict__ dst, const T* __restrict__ g, con
   s[1] += s1;
   s[2] += s2;
   s[3] += s3;
+}
+// lerp4_dot4 of floats with the results going to panels: value e of the run to dst[q * ps + jj] where q * np + jj =
+// j0 + e (panels of np values, ps apart), and each sum over the run taken in 8 lanes
+// (value e in lane e % 8, whatever the panels; whole groups of 8 in one vector of the compiler's generic vector type,
+// which the ISA's copy of the caller turns into its own instructions), the lanes added in order at the end. ahead > 0:
+// each piece's place `ahead` values on is fetched for writing (the same place a few rows on, in panels, where rows
+// are written a piece per panel and no stream of lines is there for the processor to foresee).
+typedef float Float8 __attribute__((vector_size(32)));
+MMDCNV2_INLINE void lerp4_dot4_panels(float* __restrict__ dst, int64_t j0, int64_t np, int64_t ps, int64_t ahead,
+                                      const float* __restrict__ g, const float* __restrict__ a,
+                                      const float* __restrict__ b, const float* __restrict__ c,
+                                      const float* __restrict__ d, float w0, float w1, float w2, float w3, float* s,
+                                      int64_t n) {
+  Float8 l0 = {}, l1 = {}, l2 = {}, l3 = {};
+  const auto one = [&](float* o, int64_t e) {
+    const float av = a[e], bv = b[e], cv = c[e], dv = d[e], gv = g[e];
+    *o = w0 * av + w1 * bv + w2 * cv + w3 * dv;
+    l0[e % 8] += gv * av;
+    l1[e % 8] += gv * bv;
+    l2[e % 8] += gv * cv;
+    l3[e % 8] += gv * dv;
+  };
+  int64_t q = j0 / np, jj = j0 - q * np;  // the first piece's panel and place in it; the next ones start panels
+  for (int64_t e = 0; e < n; ++q, jj = 0) {
+    const int64_t m = std::min(n - e, np - jj);
+    float* __restrict__ o = dst + q * ps + jj - e;  // value x of this piece at o[x]
+    if (ahead > 0) {
+      __builtin_prefetch(o + e + ahead, 1, 3);
+      __builtin_prefetch(o + e + ahead + (m - 1), 1, 3);
+    }
+    int64_t x = e;
+    for (; x < e + m && x % 8 != 0; ++x) one(o + x, x);
+    for (; x + 8 <= e + m; x += 8) {
+      Float8 av, bv, cv, dv, gv;
+      std::memcpy(&av, a + x, sizeof(av));
+      std::memcpy(&bv, b + x, sizeof(bv));
+      std::memcpy(&cv, c + x, sizeof(cv));
+      std::memcpy(&dv, d + x, sizeof(dv));
+      std::memcpy(&gv, g + x, sizeof(gv));
+      const Float8 v = w0 * av + w1 * bv + w2 * cv + w3 * dv;
+      std::memcpy(o + x, &v, sizeof(v));
+      l0 += gv * av;
+      l1 += gv * bv;
+      l2 += gv * cv;
+      l3 += gv * dv;
+    }
+    for (; x < e + m; ++x) one(o + x, x);
+    e += m;
+  }
+  for (int l = 0; l < 8; ++l) {
+    s[0] += l0[l];
+    s[1] += l1[l];
+    s[2] += l2[l];
+    s[3] += l3[l];
+  }
 }
 template <typename T>
 MMDCNV2_INLINE T dot(const T* __restrict__ g, const T* __restrict__ a, int64_t n) {

@@ -34,6 +34,19 @@ class isa_cap:
         torch.ops.mmdcnv2.set_cpu_isa(self.prev)
 
 
+class col_panels:
+    """The backward's columns in rows (0) or in panels (1) instead of the measured layout (-1)."""
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def __enter__(self):
+        self.prev = torch.ops.mmdcnv2.set_cpu_col_panels(self.mode)
+
+    def __exit__(self, *exc):
+        torch.ops.mmdcnv2.set_cpu_col_panels(self.prev)
+
+
 def _abs_args(args):
     x, off, w, b, s, p, d, m = args
     return x.abs(), off, w.abs(), None if b is None else b.abs(), s, p, d, m
@@ -76,7 +89,7 @@ CASE_BIG = (3, 24, 13, 11, 20, 3, 3, 1, 1, 1, 1, 2)  # 429 output rows: many til
 CASE_SLICES = (2, 40, 9, 7, 24, 3, 3, 1, 1, 1, 1, 1)
 
 
-def _all(budget, threads, isa, channels_last=False, mask=True, case=CASE_BIG):
+def _all(budget, threads, isa, channels_last=False, mask=True, case=CASE_BIG, panels=-1):
     torch.manual_seed(0)
     x, off, w, b, s, p, d, m = make_inputs(case, dtype=torch.float32, offset_scale=2.0, mask=mask)
     if channels_last:
@@ -84,31 +97,49 @@ def _all(budget, threads, isa, channels_last=False, mask=True, case=CASE_BIG):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with isa_cap(isa), cpu_route("tiled"), column_budget(budget):
+        with isa_cap(isa), cpu_route("tiled"), column_budget(budget), col_panels(panels):
             out, g = grads(deform_conv2d, x, off, w, b, s, p, d, m)
     finally:
         torch.set_num_threads(old)
     return [out.contiguous()] + [t.contiguous() for t in g]
 
 
+CASES_BITS = [CASE_BIG, CASE_WIDE, CASE_SLICES, CASE_WIDE_GROUPS]
+IDS_BITS = ["big", "wide", "slices", "groups"]
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("mask", [True, False])
-@pytest.mark.parametrize("case", [CASE_BIG, CASE_WIDE, CASE_SLICES], ids=["big", "wide", "slices"])
+@pytest.mark.parametrize("case", CASES_BITS, ids=IDS_BITS)
 def test_tiled_route_is_bit_identical_across_tiles_threads_and_layouts(isa, mask, case):
-    """Tile sizes move rows between whole micro-tiles and masked tails: the kernels must agree bit for bit."""
-    base = _all(0, 1, isa, mask=mask, case=case)
-    for budget, threads, cl in [(0, 2, False), (1 << 10, 2, False), (7 << 10, 1, False), (40 << 10, 2, True)]:
-        other = _all(budget, threads, isa, channels_last=cl, mask=mask, case=case)
+    """Tile sizes move rows between whole micro-tiles and masked tails, and the backward's columns go in rows or in
+    panels of the micro-kernel's width (24 channels: panels across taps; 2 conv groups: panels per group): the kernels
+    must agree bit for bit."""
+    base = _all(0, 1, isa, mask=mask, case=case, panels=0)
+    for budget, threads, cl, panels in [
+        (0, 2, False, 0),
+        (0, 1, False, 1),
+        (1 << 10, 2, False, 1),
+        (7 << 10, 1, False, 0),
+        (40 << 10, 2, True, 1),
+        (0, 2, False, -1),
+    ]:
+        other = _all(budget, threads, isa, channels_last=cl, mask=mask, case=case, panels=panels)
         for i, (a, c) in enumerate(zip(base, other)):
-            assert torch.equal(a, c), f"result {i} differs at budget {budget}, {threads} threads, channels_last {cl}"
+            assert torch.equal(a, c), (
+                f"result {i} differs at budget {budget}, {threads} threads, channels_last {cl}, panels {panels}"
+            )
 
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="needs AVX-512 (to compare with the AVX2 kernels)")
-@pytest.mark.parametrize("case", [CASE_BIG, CASE_WIDE, CASE_SLICES], ids=["big", "wide", "slices"])
-def test_tiled_route_is_bit_identical_across_isas(case):
+@pytest.mark.parametrize("panels", [0, 1])
+@pytest.mark.parametrize("case", CASES_BITS, ids=IDS_BITS)
+def test_tiled_route_is_bit_identical_across_isas(case, panels):
     """The AVX-512 and AVX2 kernels run the same chain of fused multiply-adds per value: 24, 40 and 70 channels
-    leave runs that the AVX-512 sampling finishes with 256-bit or scalar steps, which must fuse as well."""
-    for i, (a, c) in enumerate(zip(_all(0, 2, 2, case=case), _all(0, 2, 1, case=case))):
+    leave runs that the AVX-512 sampling finishes with 256-bit or scalar steps, which must fuse as well; the
+    backward's column panels are 32 columns wide for one and 16 for the other."""
+    results = [_all(0, 2, cap, case=case, panels=panels) for cap in (2, 1)]
+    for i, (a, c) in enumerate(zip(*results)):
         assert torch.equal(a, c), f"result {i} differs between the AVX-512 and the AVX2 kernels"
 
 
@@ -147,6 +178,13 @@ def test_set_cpu_isa_refuses_bad_values():
         torch.ops.mmdcnv2.set_cpu_isa(0)
     with pytest.raises(ValueError, match="cap"):
         torch.ops.mmdcnv2.set_cpu_isa(5)
+
+
+def test_set_cpu_col_panels_refuses_bad_values():
+    for bad in (-2, 2):
+        with pytest.raises(ValueError, match="mode"):
+            torch.ops.mmdcnv2.set_cpu_col_panels(bad)
+    assert torch.ops.mmdcnv2.set_cpu_col_panels(-1) == -1  # left as measured
 
 
 def test_parallel_loops_are_compiled_for_torchs_openmp():

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -13,6 +14,10 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../../common/bilinear.h"
 #include "../../common/cpu_gemm.h"
@@ -563,7 +568,7 @@ class Scratch {
         g_scratch.erase(g_scratch.begin() + best);
       }
     }
-    if (!t_.defined()) t_ = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+    if (!t_.defined()) t_ = fresh(n);
   }
   Scratch(Scratch&&) = default;
   Scratch(const Scratch&) = delete;
@@ -585,6 +590,25 @@ class Scratch {
   }
 
  private:
+  // A new buffer of n floats. On Linux, one of 4 MiB or more is made of 2 MiB pages where the kernel allows them
+  // (transparent huge pages on request, madvise): the route's large buffers are read and written in rows and panels
+  // far apart (a row of c5's columns is 18 KiB, a chunk's column panels 48 KiB apart), which on 4 KiB pages miss the
+  // TLB at nearly every row or panel.
+  static at::Tensor fresh(int64_t n) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    constexpr size_t kHuge = size_t(2) << 20;
+    const size_t bytes = size_t(n) * sizeof(float);
+    if (bytes >= 2 * kHuge) {
+      const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
+      if (void* mem = std::aligned_alloc(kHuge, size)) {
+        madvise(mem, size, MADV_HUGEPAGE);  // a hint: without it, 4 KiB pages
+        return at::from_blob(mem, {n}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kFloat));
+      }
+    }
+#endif
+    return at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  }
+
   at::Tensor t_;
 };
 
@@ -755,6 +779,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 // sizes are therefore free to be chosen by measurement: the first call of a shape times a few candidates
 // on its own data (the result is the same with any) and keeps the fastest for the process.
 
+// Where the backward's sampling pass puts the columns for the grad_weight product. Element j of a conv group's
+// columns in chunk row `row` goes to base + (gi * npan + j / np) * stride + row * ld + j % np:
+// - rows (np = K * Cg, npan = 1, stride = K * Cg, ld the row stride): each row's columns side by side, as the
+//   forward's tiles hold them;
+// - panels (np = NR, the micro-kernel's columns, ld = NR): panel q of a group holds columns [q * NR, q * NR + NR) of
+//   every row of the chunk, so that the product reads a panel in order, as it reads the packed weight, instead of NR
+//   values from each of several hundred rows 18 KiB apart (c5); the sampling pass then writes each row a piece per
+//   panel.
+// The sampling pass computes a run of channels straight into place where all four corners are on the map, else into
+// `run` (the calling thread's buffer of a conv group's channels), and puts it there.
+template <typename T>
+struct ColPanels {
+  T* base;
+  int64_t npan, stride, np, ld;
+  T* run;
+  T* row(int64_t gi, int64_t r) const { return base + gi * npan * stride + r * ld; }
+  // in panels, writes are fetched two rows ahead (vec::body::lerp4_dot4_panels)
+  int64_t ahead() const { return npan > 1 || np == ld ? 2 * ld : 0; }
+  // columns [j, j + n) of conv group gi in chunk row r
+  MMDCNV2_INLINE void put(const T* v, int64_t gi, int64_t j, int64_t n, int64_t r) const {
+    T* d0 = row(gi, r);
+    for (int64_t q = j / np, jj = j - q * np; n > 0; ++q, jj = 0) {
+      const int64_t m = std::min(n, np - jj);
+      std::memcpy(d0 + q * stride + jj, v, m * sizeof(T));
+      v += m, n -= m;
+    }
+  }
+};
+
 // Output row r's image i and position p = (ho, wo), stepped row by row (no divisions per row).
 struct RowCursor {
   int64_t i, p, ho, wo;
@@ -834,14 +887,14 @@ void sample_tap_rows(int v, const DeformConvGeom& g, const float* x, const float
 // routes); every row goes through this one function, so the route stays bit-reproducible.
 template <typename T>
 MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, const T* off, const T* msk,
-                                         const T* gcols, T* cols, T* goff, T* gmsk, int64_t row0, int64_t ldc,
-                                         int64_t r0, int64_t r1) {
+                                         const T* gcols, const ColPanels<T>& cols, T* goff, T* gmsk, int64_t row0,
+                                         int64_t ldc, int64_t r0, int64_t r1) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cdg = g.Cdg(), Cg = g.Cg(), HWC = g.H * g.W * g.C;
+  T* run = cols.run;  // a run's columns, then copied into their panels
   RowCursor row(g, r0);
   for (int64_t r = r0; r < r1; ++r) {
     const T* xi = x + row.i * HWC;
     const T* grow = gcols + (r - row0) * ldc;
-    T* crow = cols + (r - row0) * ldc;
     for (int64_t dg = 0; dg < g.dgroups; ++dg) {
       for (int64_t k = 0, ki = 0, kj = 0; k < K; ++k) {
         const auto t = tap_sample_at(g, off, msk, row.i, row.p, row.ho, row.wo, dg, k, ki, kj);
@@ -850,13 +903,14 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
         T S[4] = {0, 0, 0, 0};
         for (int64_t c = dg * Cdg, c_end = (dg + 1) * Cdg; c < c_end;) {  // the runs of the deform group per conv group
           const int64_t gi = c / Cg, e = std::min(c_end, (gi + 1) * Cg), n = e - c;
-          const int64_t at = gi * K * Cg + k * Cg + (c - gi * Cg);
-          T* dst = crow + at;
+          const int64_t at = gi * K * Cg + k * Cg + (c - gi * Cg), j = k * Cg + (c - gi * Cg);
+          T* dst = run;
           const T* src = grow + at;
           if (s.all4) {
-            vec::body::lerp4_dot4(dst, src, xi + s.index[0] * C + c, xi + s.index[1] * C + c, xi + s.index[2] * C + c,
-                                  xi + s.index[3] * C + c, s.weight[0] * m, s.weight[1] * m, s.weight[2] * m,
-                                  s.weight[3] * m, S, n);
+            vec::body::lerp4_dot4_panels(cols.row(gi, r - row0), j, cols.np, cols.stride, cols.ahead(), src,
+                                         xi + s.index[0] * C + c, xi + s.index[1] * C + c, xi + s.index[2] * C + c,
+                                         xi + s.index[3] * C + c, s.weight[0] * m, s.weight[1] * m, s.weight[2] * m,
+                                         s.weight[3] * m, S, n);
           } else {
             for (int64_t j = 0; j < n; ++j) dst[j] = T(0);
             for (int q = 0; q < 4; ++q) {
@@ -864,6 +918,7 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
               vec::body::axpy(dst, xi + s.index[q] * C + c, s.weight[q] * m, n);
               S[q] += vec::body::dot(src, xi + s.index[q] * C + c, n);
             }
+            cols.put(run, gi, j, n, r - row0);
           }
           c = e;
         }
@@ -880,13 +935,14 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
 }
 #if MMDCNV2_X86_DISPATCH
 MMDCNV2_AVX2 void coord_grad_rows_avx2(const DeformConvGeom& g, const float* x, const float* off, const float* msk,
-                                       const float* gcols, float* cols, float* goff, float* gmsk, int64_t row0,
-                                       int64_t ldc, int64_t r0, int64_t r1) {
+                                       const float* gcols, const ColPanels<float>& cols, float* goff, float* gmsk,
+                                       int64_t row0, int64_t ldc, int64_t r0, int64_t r1) {
   coord_grad_rows_body<float>(g, x, off, msk, gcols, cols, goff, gmsk, row0, ldc, r0, r1);
 }
 #endif
 void coord_grad_rows(const DeformConvGeom& g, const float* x, const float* off, const float* msk, const float* gcols,
-                     float* cols, float* goff, float* gmsk, int64_t row0, int64_t ldc, int64_t r0, int64_t r1) {
+                     const ColPanels<float>& cols, float* goff, float* gmsk, int64_t row0, int64_t ldc, int64_t r0,
+                     int64_t r1) {
 #if MMDCNV2_X86_DISPATCH
   if (vec::has_avx2()) return coord_grad_rows_avx2(g, x, off, msk, gcols, cols, goff, gmsk, row0, ldc, r0, r1);
 #endif
@@ -1159,7 +1215,7 @@ void grad_out_rows(const float* go, bool rows, int64_t Cout, int64_t P, int64_t 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiled(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-    const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g, int64_t chunk) {
+    const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g, int64_t chunk, bool panels) {
   const int v = gemm::isa();
   const int64_t MR = gemm::tile_mr(v), NR = gemm::tile_nr(v);
   const int64_t K = g.K(), Cg = g.Cg(), Cout = g.Cout, Cout_g = g.Cout_g(), P = g.P(), KCg = K * Cg;
@@ -1178,12 +1234,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   Scratch gw_acc(g.groups * Cout_g * KCg);  // the weight gradient's accumulator
   res.gw_acc = gw_acc.view({g.groups, Cout_g, KCg});
   float* gwp = gw_acc.data();
-  // chunk buffers: grad_cols and columns in the row layout with a padded row stride, grad_out rows (+ padding)
+  // chunk buffers: grad_cols in the row layout with a padded row stride, the columns (ColPanels), grad_out rows
+  // (+ padding)
   const int64_t ldc = gemm::padded_ld(g.ldc()), ldg = gemm::padded_ld(Cout);
   ColLayout L = ColLayout::rows(g, 0);
   L.ldc = ldc;
   const int64_t chunk_pad = round_up(chunk, MR);
-  Scratch gcols_mem(chunk_pad * ldc), cols_mem(chunk_pad * ldc), gob(chunk_pad * ldg + MR);
+  // the columns in rows or in panels (ColPanels); a panel's stride off a multiple of 4 KiB, so that the panels' rows
+  // of one chunk row do not share cache sets
+  const int64_t cps = chunk_pad * NR + 16;
+  Scratch gcols_mem(chunk_pad * ldc), cols_mem(panels ? g.groups * npan * cps : chunk_pad * ldc),
+      gob(chunk_pad * ldg + MR);
   const auto gcols = gcols_mem.view({chunk_pad, ldc});
   float* gcp = gcols_mem.data();
   float* cp = cols_mem.data();
@@ -1209,17 +1270,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     float* goffp = goff.data_ptr<float>();
     float* gmp = gmsk ? gmsk->data_ptr<float>() : nullptr;
     // chunks of equal size in whole micro-tiles (no short last chunk), each cut for the first phase into a
-    // multiple of the thread count of tasks, at most 8 micro-tiles each (a task's grad_cols rows stay near L2),
-    // the micro-tiles shared out evenly (the threads' task groups differ by one micro-tile at most)
+    // multiple of the thread count of tasks, at most 16 micro-tiles each (each task streams the whole packed weight
+    // through its product: at c5, 192 rows make that product about 3% faster than 96, alone on one core), the
+    // micro-tiles shared out evenly (the threads' task groups differ by one micro-tile at most)
     const int64_t total = b * P, step = std::min(round_up(equal_chunk(total, chunk), MR), chunk_pad);
     setup_timer.lap(kSetup, threads);
     for (int64_t r0 = 0; r0 < total; r0 += step) {
       const int64_t r1 = std::min(total, r0 + step), R = r1 - r0, tiles = (R + MR - 1) / MR;
       L.row0 = r0;
-      const int64_t ntask = threads * ((tiles + threads * 8 - 1) / (threads * 8));
+      const int64_t ntask = threads * ((tiles + threads * 16 - 1) / (threads * 16));
       // (1) grad_cols of sub-tiles of rows, then their sampling pass
       at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
         PhaseTimer timer;
+        std::vector<float> run(Cg);
+        const ColPanels<float> colp = panels ? ColPanels<float>{cp, npan, cps, NR, NR, run.data()}
+                                             : ColPanels<float>{cp, 1, KCg, KCg, ldc, run.data()};
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t a0 = MR * (t * tiles / ntask), a1 = std::min(R, MR * ((t + 1) * tiles / ntask));
           if (a0 >= a1) continue;
@@ -1229,7 +1294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                               wpp + gi * npan * Cout_g * NR, Cout_g * NR, gcp + a0 * ldc + gi * KCg, ldc, false, true);
           }
           timer.lap(kBwdGemmCols);
-          coord_grad_rows(g, xp, offp, mp, gcp, cp, goffp, gmp, r0, ldc, r0 + a0, r0 + a1);
+          coord_grad_rows(g, xp, offp, mp, gcp, colp, goffp, gmp, r0, ldc, r0 + a0, r0 + a1);
           timer.lap(kBwdSample);
         }
       });
@@ -1243,7 +1308,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         PhaseTimer timer;
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t gi = t / npan, j = (t % npan) * NR;
-          gemm::gemm(v, Cout_g, std::min(NR, KCg - j), R, gop + gi * Cout_g, 1, ldg, cp + gi * KCg + j, ldc,
+          const float* b = panels ? cp + t * cps : cp + gi * KCg + j;
+          gemm::gemm(v, Cout_g, std::min(NR, KCg - j), R, gop + gi * Cout_g, 1, ldg, b, panels ? NR : ldc,
                      gwp + gi * Cout_g * KCg + j, KCg, gw_started, true);
         }
         timer.lap(kBwdGemmWeight);
@@ -1295,10 +1361,14 @@ constexpr int64_t kBackwardRows[] = {192, 384, 768};
 
 int64_t g_tile_measurements = 0;  // how many shapes were measured (tests)
 constexpr int kMeasureRounds = 2;
+constexpr int kVariantRounds = 3;
 
-template <typename Run, typename Rows, typename Budget, size_t n>
-auto run_measured(int direction, const DeformConvGeom& g, bool masked, const int64_t (&candidates)[n], Rows rows_of,
-                  Budget rows_of_budget, Run run) {
+// The setting of a kind of call (what `rows_of` makes of a candidate, passed to `run`): each candidate's, then `then`
+// of the best of them (a variant of it; -1: none), and the fastest kept.
+template <typename Run, typename Rows, typename Budget, size_t n, typename Then = int64_t (*)(int64_t)>
+auto run_measured(
+    int direction, const DeformConvGeom& g, bool masked, const int64_t (&candidates)[n], Rows rows_of,
+    Budget rows_of_budget, Run run, Then then = [](int64_t) -> int64_t { return -1; }) {
   if (column_budget() > 0) return run(rows_of_budget(column_budget()));
   const auto key = tile_key(direction, g, masked);
   {
@@ -1309,6 +1379,12 @@ auto run_measured(int direction, const DeformConvGeom& g, bool masked, const int
   int64_t best_rows = rows_of(candidates[0]);
   double best = -1;
   decltype(run(best_rows)) result;
+  const auto time = [&](int64_t rows) {
+    const auto t0 = std::chrono::steady_clock::now();
+    result = run(rows);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (best < 0 || dt < best) best = dt, best_rows = rows;
+  };
   // each candidate twice, in turn, its best time kept: one timing alone is at the mercy of a moment's noise
   for (int round = 0; round < kMeasureRounds; ++round) {
     int64_t last = -1;
@@ -1316,11 +1392,24 @@ auto run_measured(int direction, const DeformConvGeom& g, bool masked, const int
       const int64_t rows = rows_of(c);
       if (rows == last) continue;  // candidates that come to the same size
       last = rows;
-      const auto t0 = std::chrono::steady_clock::now();
-      result = run(rows);
-      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (best < 0 || dt < best) best = dt, best_rows = rows;
+      time(rows);
     }
+  }
+  // the variant of the best against the best, in turn, the best time of each kept
+  const int64_t variant = then(best_rows);
+  if (variant >= 0) {
+    const int64_t first = best_rows;
+    double t_first = -1, t_variant = -1;
+    for (int round = 0; round < kVariantRounds; ++round) {
+      for (const int64_t setting : {variant, first}) {
+        const auto t0 = std::chrono::steady_clock::now();
+        result = run(setting);
+        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        double& t = setting == first ? t_first : t_variant;
+        if (t < 0 || dt < t) t = dt;
+      }
+    }
+    best_rows = t_variant < t_first ? variant : first;
   }
   std::lock_guard<std::mutex> lock(g_tile_mutex);
   g_tile_cache.emplace(key, best_rows);
@@ -1335,13 +1424,29 @@ at::Tensor forward_tiled_route(const at::Tensor& input, const at::Tensor& weight
                       [&](int64_t rows) { return forward_tiled(input, weight, offset, mask, bias, g, rows); });
 }
 
+// The backward's columns in rows or in panels (ColPanels): -1 as measured (below), 0 rows, 1 panels (tests).
+std::atomic<int> g_col_panels{-1};
+int64_t set_cpu_col_panels(int64_t mode) {
+  TORCH_CHECK_VALUE(mode >= -1 && mode <= 1,
+                    "set_cpu_col_panels: mode must be -1 (measured), 0 (rows) or 1 (panels), got ", mode);
+  return g_col_panels.exchange(static_cast<int>(mode));
+}
+
+// The backward measures its chunk rows in the row layout, then the best of them in panels as well, and keeps the
+// faster layout with them (a setting is rows * 2 + panels). Panels speed up the grad_weight product where a row of
+// columns is long (c5: 4608 values, 18 KiB) and cost the sampling pass its sequential writes where it is short (c3:
+// 1152 values), so that neither layout wins everywhere; the results are the same bits in both.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiled_route(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
     const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g) {
+  const int forced = g_col_panels.load(std::memory_order_relaxed);
+  const auto run = [&](int64_t setting) {
+    const bool panels = forced >= 0 ? forced == 1 : setting % 2 == 1;
+    return backward_tiled(grad_output, input, weight, offset, mask, bias, g, setting / 2, panels);
+  };
   return run_measured(
-      1, g, mask.has_value(), kBackwardRows, [&](int64_t rows) { return backward_chunk_rows_fixed(g, rows); },
-      [&](int64_t bytes) { return backward_chunk_rows(g, bytes); },
-      [&](int64_t rows) { return backward_tiled(grad_output, input, weight, offset, mask, bias, g, rows); });
+      1, g, mask.has_value(), kBackwardRows, [&](int64_t rows) { return 2 * backward_chunk_rows_fixed(g, rows); },
+      [&](int64_t bytes) { return 2 * backward_chunk_rows(g, bytes); }, run, [](int64_t best) { return best + 1; });
 }
 
 // Micro-kernel ISA cap for tests: 2 AVX-512, 1 AVX2, -1 what the processor has. Returns the old cap.
@@ -1457,6 +1562,8 @@ TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
   m.def("set_cpu_route(int route) -> int", &mmdcnv2::set_cpu_route);
   // The tiled route's micro-kernel: a cap on the ISA (tests), and what it uses now with the measurement count.
   m.def("set_cpu_isa(int cap) -> int", &mmdcnv2::set_cpu_isa);
+  // The backward's columns: -1 the measured layout, 0 rows, 1 panels (tests; the same results). Returns the old one.
+  m.def("set_cpu_col_panels(int mode) -> int", &mmdcnv2::set_cpu_col_panels);
   m.def("cpu_tiled_info() -> (int, int, int)", &mmdcnv2::cpu_tiled_info);
   // GFLOP/s per thread of the micro-kernels' multiply-adds, from registers, all threads at once (about `seconds`).
   m.def("cpu_fma_peak(float seconds) -> float", &mmdcnv2::cpu_fma_peak);
