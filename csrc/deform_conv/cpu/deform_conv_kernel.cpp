@@ -6,7 +6,7 @@
 
 #include <atomic>
 #include <chrono>
-#include <cstdlib>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -590,23 +590,25 @@ class Scratch {
   }
 
  private:
-  // A new buffer of n floats. On Linux, one of 4 MiB or more is made of 2 MiB pages where the kernel allows them
-  // (transparent huge pages on request, madvise): the route's large buffers are read and written in rows and panels
-  // far apart (a row of c5's columns is 18 KiB, a chunk's column panels 48 KiB apart), which on 4 KiB pages miss the
-  // TLB at nearly every row or panel.
+  // A new buffer of n floats, from torch's allocator (so that its memory profiler and the benchmark's peak memory
+  // see it). On Linux, one of 4 MiB or more starts at a 2 MiB boundary inside a block 2 MiB larger, and its whole
+  // 2 MiB pages are asked for as transparent huge pages (madvise; where the kernel has them, the first touch maps
+  // them): the route's large buffers are read and written in rows and panels far apart (a row of c5's columns is
+  // 18 KiB, a chunk's column panels 48 KiB apart), which on 4 KiB pages miss the TLB at nearly every row or panel.
   static at::Tensor fresh(int64_t n) {
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    constexpr size_t kHuge = size_t(2) << 20;
-    const size_t bytes = size_t(n) * sizeof(float);
+    constexpr int64_t kHuge = int64_t(2) << 20;
+    const int64_t bytes = n * int64_t(sizeof(float));
     if (bytes >= 2 * kHuge) {
-      const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
-      if (void* mem = std::aligned_alloc(kHuge, size)) {
-        madvise(mem, size, MADV_HUGEPAGE);  // a hint: without it, 4 KiB pages
-        return at::from_blob(mem, {n}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kFloat));
-      }
+      auto t = at::empty({n + kHuge / int64_t(sizeof(float))}, opts);
+      const auto p = reinterpret_cast<uintptr_t>(t.data_ptr<float>());
+      const uintptr_t start = (p + kHuge - 1) / kHuge * kHuge;
+      madvise(reinterpret_cast<void*>(start), size_t(bytes / kHuge * kHuge), MADV_HUGEPAGE);  // a hint
+      return t.narrow(0, int64_t(start - p) / int64_t(sizeof(float)), n);
     }
 #endif
-    return at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+    return at::empty({n}, opts);
   }
 
   at::Tensor t_;
