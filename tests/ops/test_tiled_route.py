@@ -23,28 +23,27 @@ if not ISAS:
     pytest.skip("the tiled route needs AVX2+FMA or AVX-512 (this CPU has neither)", allow_module_level=True)
 
 
-class isa_cap:
-    def __init__(self, cap):
-        self.cap = cap
+class _op_setting:
+    """A setting of the extension (an op that sets it and returns the old value) for a with block."""
+
+    def __init__(self, op, value):
+        self.op, self.value = op, value
 
     def __enter__(self):
-        self.prev = torch.ops.mmdcnv2.set_cpu_isa(self.cap)
+        self.prev = self.op(self.value)
 
     def __exit__(self, *exc):
-        torch.ops.mmdcnv2.set_cpu_isa(self.prev)
+        self.op(self.prev)
 
 
-class col_panels:
+def isa_cap(cap):
+    """The micro-kernels' ISA capped: 2 AVX-512, 1 AVX2."""
+    return _op_setting(torch.ops.mmdcnv2.set_cpu_isa, cap)
+
+
+def col_panels(mode):
     """The backward's columns in rows (0) or in panels (1) instead of the measured layout (-1)."""
-
-    def __init__(self, mode):
-        self.mode = mode
-
-    def __enter__(self):
-        self.prev = torch.ops.mmdcnv2.set_cpu_col_panels(self.mode)
-
-    def __exit__(self, *exc):
-        torch.ops.mmdcnv2.set_cpu_col_panels(self.prev)
+    return _op_setting(torch.ops.mmdcnv2.set_cpu_col_panels, mode)
 
 
 def _abs_args(args):
