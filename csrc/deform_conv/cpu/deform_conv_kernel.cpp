@@ -795,10 +795,17 @@ template <typename T>
 struct ColPanels {
   T* base;
   int64_t npan, stride, np, ld;
+  bool panels;
   T* run;
+  static ColPanels rows(T* base, int64_t KCg, int64_t ldc) { return {base, 1, KCg, KCg, ldc, false, nullptr}; }
+  static ColPanels in_panels(T* base, int64_t npan, int64_t stride, int64_t NR) {
+    return {base, npan, stride, NR, NR, true, nullptr};
+  }
   T* row(int64_t gi, int64_t r) const { return base + gi * npan * stride + r * ld; }
+  // column j of conv group gi in the chunk's first row (the grad_weight product's B, with row stride ld)
+  T* at(int64_t gi, int64_t j) const { return row(gi, 0) + (j / np) * stride + j % np; }
   // in panels, writes are fetched two rows ahead (vec::body::lerp4_dot4_panels)
-  int64_t ahead() const { return npan > 1 || np == ld ? 2 * ld : 0; }
+  int64_t ahead() const { return panels ? 2 * ld : 0; }
   // columns [j, j + n) of conv group gi in chunk row r
   MMDCNV2_INLINE void put(const T* v, int64_t gi, int64_t j, int64_t n, int64_t r) const {
     T* d0 = row(gi, r);
@@ -892,7 +899,6 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
                                          const T* gcols, const ColPanels<T>& cols, T* goff, T* gmsk, int64_t row0,
                                          int64_t ldc, int64_t r0, int64_t r1) {
   const int64_t K = g.K(), P = g.P(), C = g.C, Cdg = g.Cdg(), Cg = g.Cg(), HWC = g.H * g.W * g.C;
-  T* run = cols.run;  // a run's columns, then copied into their panels
   RowCursor row(g, r0);
   for (int64_t r = r0; r < r1; ++r) {
     const T* xi = x + row.i * HWC;
@@ -905,22 +911,22 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
         T S[4] = {0, 0, 0, 0};
         for (int64_t c = dg * Cdg, c_end = (dg + 1) * Cdg; c < c_end;) {  // the runs of the deform group per conv group
           const int64_t gi = c / Cg, e = std::min(c_end, (gi + 1) * Cg), n = e - c;
-          const int64_t at = gi * K * Cg + k * Cg + (c - gi * Cg), j = k * Cg + (c - gi * Cg);
-          T* dst = run;
-          const T* src = grow + at;
+          const int64_t col = k * Cg + (c - gi * Cg);  // the run's first column in its conv group
+          const T* src = grow + gi * K * Cg + col;
           if (s.all4) {
-            vec::body::lerp4_dot4_panels(cols.row(gi, r - row0), j, cols.np, cols.stride, cols.ahead(), src,
+            vec::body::lerp4_dot4_panels(cols.row(gi, r - row0), col, cols.np, cols.stride, cols.ahead(), src,
                                          xi + s.index[0] * C + c, xi + s.index[1] * C + c, xi + s.index[2] * C + c,
                                          xi + s.index[3] * C + c, s.weight[0] * m, s.weight[1] * m, s.weight[2] * m,
                                          s.weight[3] * m, S, n);
-          } else {
+          } else {  // into the thread's run buffer, then into place
+            T* dst = cols.run;
             for (int64_t j = 0; j < n; ++j) dst[j] = T(0);
             for (int q = 0; q < 4; ++q) {
               if (s.index[q] < 0) continue;
               vec::body::axpy(dst, xi + s.index[q] * C + c, s.weight[q] * m, n);
               S[q] += vec::body::dot(src, xi + s.index[q] * C + c, n);
             }
-            cols.put(run, gi, j, n, r - row0);
+            cols.put(dst, gi, col, n, r - row0);
           }
           c = e;
         }
@@ -1264,7 +1270,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       gob(chunk_pad * ldg + MR);
   const auto gcols = gcols_mem.view({chunk_pad, ldc});
   float* gcp = gcols_mem.data();
-  float* cp = cols_mem.data();
+  const auto cols = panels ? ColPanels<float>::in_panels(cols_mem.data(), npan, cps, NR)
+                           : ColPanels<float>::rows(cols_mem.data(), KCg, ldc);
   float* gop = gob.data();
   std::fill(gop, gop + chunk_pad * ldg + MR, 0.f);  // the padding past Cout in each row stays zero
   // grad_out rows come straight from its memory: rows of [N * P][Cout] where it is channels-last, else planes
@@ -1300,8 +1307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
         PhaseTimer timer;
         std::vector<float> run(Cg);
-        const ColPanels<float> colp = panels ? ColPanels<float>{cp, npan, cps, NR, NR, run.data()}
-                                             : ColPanels<float>{cp, 1, KCg, KCg, ldc, run.data()};
+        auto colp = cols;
+        colp.run = run.data();
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t a0 = MR * (t * tiles / ntask), a1 = std::min(R, MR * ((t + 1) * tiles / ntask));
           if (a0 >= a1) continue;
@@ -1325,8 +1332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         PhaseTimer timer;
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t gi = t / npan, j = (t % npan) * NR;
-          const float* b = panels ? cp + t * cps : cp + gi * KCg + j;
-          gemm::gemm(v, Cout_g, std::min(NR, KCg - j), R, gop + gi * Cout_g, 1, ldg, b, panels ? NR : ldc,
+          gemm::gemm(v, Cout_g, std::min(NR, KCg - j), R, gop + gi * Cout_g, 1, ldg, cols.at(gi, j), cols.ld,
                      gwp + gi * Cout_g * KCg + j, KCg, gw_started, true);
         }
         timer.lap(kBwdGemmWeight);
@@ -1396,11 +1402,10 @@ auto run_measured(
   int64_t best_rows = rows_of(candidates[0]);
   double best = -1;
   decltype(run(best_rows)) result;
-  const auto time = [&](int64_t rows) {
+  const auto seconds = [&](int64_t setting) {  // one timed run (its result kept: every setting gives the same)
     const auto t0 = std::chrono::steady_clock::now();
-    result = run(rows);
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (best < 0 || dt < best) best = dt, best_rows = rows;
+    result = run(setting);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
   // each candidate twice, in turn, its best time kept: one timing alone is at the mercy of a moment's noise
   for (int round = 0; round < kMeasureRounds; ++round) {
@@ -1409,7 +1414,8 @@ auto run_measured(
       const int64_t rows = rows_of(c);
       if (rows == last) continue;  // candidates that come to the same size
       last = rows;
-      time(rows);
+      const double dt = seconds(rows);
+      if (best < 0 || dt < best) best = dt, best_rows = rows;
     }
   }
   // the variant of the best against the best, in turn, the best time of each kept
@@ -1419,9 +1425,7 @@ auto run_measured(
     double t_first = -1, t_variant = -1;
     for (int round = 0; round < kVariantRounds; ++round) {
       for (const int64_t setting : {variant, first}) {
-        const auto t0 = std::chrono::steady_clock::now();
-        result = run(setting);
-        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const double dt = seconds(setting);
         double& t = setting == first ? t_first : t_variant;
         if (t < 0 || dt < t) t = dt;
       }
@@ -1463,7 +1467,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   };
   return run_measured(
       1, g, mask.has_value(), kBackwardRows, [&](int64_t rows) { return 2 * backward_chunk_rows_fixed(g, rows); },
-      [&](int64_t bytes) { return 2 * backward_chunk_rows(g, bytes); }, run, [](int64_t best) { return best + 1; });
+      [&](int64_t bytes) { return 2 * backward_chunk_rows(g, bytes); }, run,
+      [forced](int64_t best) -> int64_t { return forced >= 0 ? -1 : best + 1; });  // forced: nothing to compare
 }
 
 // Micro-kernel ISA cap for tests: 2 AVX-512, 1 AVX2, -1 what the processor has. Returns the old cap.
