@@ -222,41 +222,53 @@ int64_t slice_piece(const DeformConvGeom& g, int64_t threads) { return round_up(
 struct ScatterDst {
   int64_t npix = 0, piece = 0;
 };
-// One task's share of col2im: rows [row0, row1) of grad_cols, every tap, into the channel slice `task` of grad_x (slice
-// of pixel q at base + q * stride). Element by element, as vec::axpy: the AVX2 copy (float and double) and the baseline
-// give the same bits.
+// One thread's share of col2im: rows [row0, row1) of grad_cols, every tap, into the channel slices tasks[0, n) of
+// grad_x (slice t of pixel q at dst[t].base + q * dst[t].stride), the slices inside the loop over rows, so that a row's
+// pieces of grad_cols for all of them are read together (with 4 deform groups and a slice per deform group, the loop
+// over rows per slice read each row's 128-channel pieces in two passes). Element by element, as vec::axpy: the AVX2
+// copy (float and double) and the baseline give the same bits, and each value of grad_x receives its terms in the
+// order rows, taps, corners whatever the slices.
 template <typename T>
-MMDCNV2_INLINE void scatter_slice_body(const T* gcols, const ScatterTap<T>* taps, const ColLayout& GL,
-                                       const DeformConvGeom& g, int64_t row0, int64_t row1, const ChannelSlice& task,
-                                       T* base, int64_t stride) {
-  const int64_t K = g.K(), P = g.P(), HW = g.H * g.W, D = g.dgroups, n = task.c1 - task.c0;
+struct SliceDst {
+  T* base;
+  int64_t stride;
+};
+template <typename T>
+MMDCNV2_INLINE void scatter_slices_body(const T* gcols, const ScatterTap<T>* taps, const ColLayout& GL,
+                                        const DeformConvGeom& g, int64_t row0, int64_t row1, const ChannelSlice* tasks,
+                                        const SliceDst<T>* dst, int64_t ntasks) {
+  const int64_t K = g.K(), P = g.P(), HW = g.H * g.W, D = g.dgroups;
   for (int64_t r = row0; r < row1; ++r) {
-    T* gxi = base + (r / P) * HW * stride;
     const T* row = gcols + GL.base(r);
-    const ScatterTap<T>* st = taps + ((r - row0) * D + task.dg) * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const T* a = row + GL.tap(k, task.gi, task.c0);
-      for (int q = 0; q < 4; ++q) {
-        if (st[k].index[q] >= 0) vec::body::axpy(gxi + st[k].index[q] * stride, a, st[k].w[q], n);
+    for (int64_t ti = 0; ti < ntasks; ++ti) {
+      const ChannelSlice& task = tasks[ti];
+      const int64_t n = task.c1 - task.c0, stride = dst[ti].stride;
+      T* gxi = dst[ti].base + (r / P) * HW * stride;
+      const ScatterTap<T>* st = taps + ((r - row0) * D + task.dg) * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const T* a = row + GL.tap(k, task.gi, task.c0);
+        for (int q = 0; q < 4; ++q) {
+          if (st[k].index[q] >= 0) vec::body::axpy(gxi + st[k].index[q] * stride, a, st[k].w[q], n);
+        }
       }
     }
   }
 }
 #if MMDCNV2_X86_DISPATCH
 template <typename T>
-MMDCNV2_AVX2 void scatter_slice_avx2(const T* gcols, const ScatterTap<T>* taps, const ColLayout& GL,
-                                     const DeformConvGeom& g, int64_t row0, int64_t row1, const ChannelSlice& task,
-                                     T* base, int64_t stride) {
-  scatter_slice_body<T>(gcols, taps, GL, g, row0, row1, task, base, stride);
+MMDCNV2_AVX2 void scatter_slices_avx2(const T* gcols, const ScatterTap<T>* taps, const ColLayout& GL,
+                                      const DeformConvGeom& g, int64_t row0, int64_t row1, const ChannelSlice* tasks,
+                                      const SliceDst<T>* dst, int64_t ntasks) {
+  scatter_slices_body<T>(gcols, taps, GL, g, row0, row1, tasks, dst, ntasks);
 }
 #endif
 template <typename T>
-void scatter_slice(const T* gcols, const ScatterTap<T>* taps, const ColLayout& GL, const DeformConvGeom& g,
-                   int64_t row0, int64_t row1, const ChannelSlice& task, T* base, int64_t stride) {
+void scatter_slices(const T* gcols, const ScatterTap<T>* taps, const ColLayout& GL, const DeformConvGeom& g,
+                    int64_t row0, int64_t row1, const ChannelSlice* tasks, const SliceDst<T>* dst, int64_t ntasks) {
 #if MMDCNV2_X86_DISPATCH
-  if (vec::has_avx2()) return scatter_slice_avx2<T>(gcols, taps, GL, g, row0, row1, task, base, stride);
+  if (vec::has_avx2()) return scatter_slices_avx2<T>(gcols, taps, GL, g, row0, row1, tasks, dst, ntasks);
 #endif
-  scatter_slice_body<T>(gcols, taps, GL, g, row0, row1, task, base, stride);
+  scatter_slices_body<T>(gcols, taps, GL, g, row0, row1, tasks, dst, ntasks);
 }
 // The samples' corners and weights are computed once (in parallel over rows) and shared by the tasks. Each value of
 // grad_x receives its terms in the order rows, taps, corners, whatever the slices: the same bits for every
@@ -285,15 +297,13 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
   const bool sliced = dst_layout.npix > 0;
   const auto tasks = channel_slices(g, sliced ? dst_layout.piece : slice_piece(g, threads));
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
+  std::vector<SliceDst<T>> dst(ntasks);  // slice t of pixel q at dst[t].base + q * dst[t].stride
+  for (int64_t ti = 0; ti < ntasks; ++ti) {
+    const ChannelSlice& task = tasks[ti];
+    dst[ti] = sliced ? SliceDst<T>{gx + task.c0 * dst_layout.npix, task.c1 - task.c0} : SliceDst<T>{gx + task.c0, C};
+  }
   at::parallel_for(0, ntasks, threads == 1 ? ntasks : 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t ti = t0; ti < t1; ++ti) {
-      const ChannelSlice& task = tasks[ti];
-      const int64_t n = task.c1 - task.c0;
-      // this slice of pixel q at base + q * stride
-      T* base = sliced ? gx + task.c0 * dst_layout.npix : gx + task.c0;
-      const int64_t stride = sliced ? n : C;
-      scatter_slice(gcols, taps.data(), GL, g, row0, row1, task, base, stride);
-    }
+    scatter_slices(gcols, taps.data(), GL, g, row0, row1, tasks.data() + t0, dst.data() + t0, t1 - t0);
   });
 }
 
@@ -903,8 +913,8 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
   for (int64_t r = r0; r < r1; ++r) {
     const T* xi = x + row.i * HWC;
     const T* grow = gcols + (r - row0) * ldc;
-    for (int64_t dg = 0; dg < g.dgroups; ++dg) {
-      for (int64_t k = 0, ki = 0, kj = 0; k < K; ++k) {
+    for (int64_t k = 0, ki = 0, kj = 0; k < K; ++k) {
+      for (int64_t dg = 0; dg < g.dgroups; ++dg) {  // a tap's deform groups side by side in grad_cols and the columns
         const auto t = tap_sample_at(g, off, msk, row.i, row.p, row.ho, row.wo, dg, k, ki, kj);
         const auto& s = t.s;
         const T m = t.m;
@@ -935,8 +945,8 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
         goff[t.off_y] = s.inside ? m * d_h : T(0);  // off the map: zero gradient whatever the mask
         goff[t.off_y + P] = s.inside ? m * d_w : T(0);
         if (gmsk) gmsk[t.m_at] = value;
-        if (++kj == g.kw) kj = 0, ++ki;
       }
+      if (++kj == g.kw) kj = 0, ++ki;
     }
     row.next(g);
   }
