@@ -111,16 +111,24 @@ class QuietWatch:
     virtual machine another guest on the same physical cores can slow them for seconds, between two
     calibrations."""
 
-    def __init__(self, device, rate_fn=None):
+    def __init__(self, device, rate_fn=None, handoff_fn=None):
         self.device = device
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         if rate_fn is None and device == "cpu" and torch.ops.mmdcnv2.cpu_tiled_info()[0]:
             rate_fn = lambda: torch.ops.mmdcnv2.cpu_fma_peak(0.1)  # noqa: E731
+        if handoff_fn is None and device == "cpu" and torch.get_num_threads() > 1:
+            handoff_fn = lambda: torch.ops.mmdcnv2.cpu_thread_handoff_ns(5)  # noqa: E731
         self.rate_fn = rate_fn  # GFLOP/s per thread now; None: not sampled (GPU, or no micro-kernel)
+        # ns for a cache line to pass between the first two threads (-1 or None: not known); on a virtual machine the
+        # host may place the virtual cores on one last-level cache or on two, and change that from time to time
+        self.handoff_fn = handoff_fn
         self.sleep = time.sleep
         self.peaks = []  # (where in the run, GFLOP/s per thread)
+        self.handoffs = []  # (where in the run, ns)
         self.slowed = []  # what was measured while the cores ran slow
+        self.apart = []  # what was measured while the threads did not share a last-level cache
         self.last_before = None
+        self.last_apart = False
         self.calib_before = self.calibrate()
         self.j0, self.c0, self.t0 = _cpu_jiffies(), _own_cpu_seconds(), time.perf_counter()
 
@@ -137,28 +145,55 @@ class QuietWatch:
         """Whether a rate is within 10% of the best seen so far in the run (None: nothing known, taken as fast)."""
         return rate is None or rate >= 0.9 * max(r for _, r in self.peaks)
 
+    def handoff(self, label):
+        """The threads' cache-line hand-off now (ns; None where not sampled or not measurable), noted with `label`."""
+        if self.handoff_fn is None:
+            return None
+        ns = self.handoff_fn()
+        if ns is None or ns < 0:
+            return None
+        self.handoffs.append((label, ns))
+        return ns
+
+    def apart_now(self, ns):
+        """Whether a hand-off time says the threads do not share a last-level cache, where the run has seen them
+        share one: more than twice the run's best and over 80 ns (one cache: 25-45 ns on this project's machines,
+        two: about 170 ns). A run that never saw them share one marks nothing."""
+        return ns is not None and ns > max(80.0, 2 * min(n for _, n in self.handoffs))
+
     def settle(self, label, max_wait_s=30.0):
-        """Before a measurement: where the cores run more than 10% below the best rate seen, waits (2 s at a time, at
-        most max_wait_s) for them to come back, and says so. Returns the seconds waited."""
+        """Before a measurement: where the cores run more than 10% below the best rate seen, or the threads do not
+        share a last-level cache where the run has seen them share one, waits (2 s at a time, at most max_wait_s) for
+        that to pass, and says so. Returns the seconds waited."""
         waited = 0.0
-        rate = self.sample(f"before {label}")
-        while not self.fast(rate) and waited < max_wait_s:
+        rate, ns = self.sample(f"before {label}"), self.handoff(f"before {label}")
+        while (not self.fast(rate) or self.apart_now(ns)) and waited < max_wait_s:
             if waited == 0:
-                print(f"  (the cores run at {rate:.0f} GFLOP/s per thread, below the run's best: waiting)", flush=True)
+                print(
+                    f"  (the cores run at {rate:.0f} GFLOP/s per thread, below the run's best: waiting)"
+                    if not self.fast(rate)
+                    else f"  (the threads pass a cache line in {ns:.0f} ns: not on one last-level cache now; waiting)",
+                    flush=True,
+                )
             self.sleep(2.0)
             waited += 2.0
-            rate = self.sample(f"before {label}")
+            rate, ns = self.sample(f"before {label}"), self.handoff(f"before {label}")
         self.last_before = rate
+        self.last_apart = self.apart_now(ns)
         return waited
 
     def done(self, label):
         """After a measurement: whether the cores ran slow around it (its sample before, or the one now, more than
-        10% below the run's best); such measurements are named in the warning."""
+        10% below the run's best); such measurements are named in the warning. Also notes (in `apart`) a measurement
+        with the threads on two last-level caches before or after it."""
         rate = self.sample(f"after {label}")
         slowed = not self.fast(rate) or not self.fast(self.last_before)
         if slowed:
             self.slowed.append(label)
             print(f"  {label}: the cores ran slow around this measurement (see the warning)", flush=True)
+        if self.apart_now(self.handoff(f"after {label}")) or self.last_apart:
+            self.apart.append(label)
+            print(f"  {label}: the threads were not on one last-level cache around this measurement", flush=True)
         return slowed
 
     def calibrate(self):
@@ -207,6 +242,17 @@ class QuietWatch:
                     f"the cores' multiply-add rate fell more than 10% below the run's best ({max(rates):.0f} GFLOP/s "
                     f"per thread; lowest {min(rates):.0f}, {low[0]}) around: {', '.join(self.slowed)}; "
                     "those figures are not those of a quiet machine"
+                )
+        if self.handoffs:
+            ns = [n for _, n in self.handoffs]
+            report["handoff_ns"] = dict(median=statistics.median(ns), min=min(ns), max=max(ns))
+            report["apart"] = list(self.apart)
+            if self.apart:
+                report["warnings"].append(
+                    f"the two threads did not share a last-level cache (a cache line took up to {max(ns):.0f} ns to "
+                    f"pass between them, {min(ns):.0f} ns at best) around: {', '.join(self.apart)}; the host had "
+                    "placed the virtual cores on two core complexes, which slows the backward's hand-offs between "
+                    "threads"
                 )
         for w in report["warnings"]:
             print(f"\n!!! WARNING: {w} !!!", flush=True)
@@ -369,6 +415,7 @@ def bench_conv(device, dtype, reps, shapes, watch=None):
             )
         if watch is not None:  # the cores slowed down around the layer: its figures are marked
             row["slowed"] = watch.done(label)
+            row["apart"] = label in watch.apart
         rows.append(row)
     return rows
 
@@ -560,6 +607,14 @@ def write_report(results, out_dir):
                 "each layer the run waits up to 30 s for the cores to come back to speed)."
                 if "fma_peak" in q
                 else ""
+            )
+            + (
+                f" Cache-line hand-off between the two threads, sampled before and after each layer: median "
+                f"{q['handoff_ns']['median']:.0f} ns [{q['handoff_ns']['min']:.0f}-{q['handoff_ns']['max']:.0f}]; "
+                "a layer marked (two L3) had the threads on two last-level caches before or after it (the host "
+                "places the virtual cores; before each layer the run waits up to 30 s for one cache)."
+                if "handoff_ns" in q
+                else ""
             ),
             "",
         ]
@@ -583,7 +638,7 @@ def write_report(results, out_dir):
             convr = r.get("mmdcnv2 conv route", {})
             d = r.get("dense conv2d", {})
             cells = [
-                r["shape"] + (" (slowed)" if r.get("slowed") else ""),
+                r["shape"] + (" (slowed)" if r.get("slowed") else "") + (" (two L3)" if r.get("apart") else ""),
                 r["size"],
                 fmt(ours.get("fwd")),
                 f"{fmt(ours.get('fwd_bwd'))} [{fmt(sp[0])}-{fmt(sp[1])}]",

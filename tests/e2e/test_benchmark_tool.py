@@ -39,7 +39,7 @@ def test_quiet_watch_waits_for_slow_cores_and_names_what_ran_slow():
     rate is more than 10% below the run's best (at most max_wait_s), and names every measurement with a low sample
     before or after it in its warning."""
     rates = iter([100, 100, 50, 50, 98, 60, 40, 40, 100, 100])
-    watch = benchmark.QuietWatch("cpu", rate_fn=lambda: next(rates))
+    watch = benchmark.QuietWatch("cpu", rate_fn=lambda: next(rates), handoff_fn=lambda: 30.0)
     slept = []
     watch.sleep = slept.append
     assert watch.settle("a") == 0 and not watch.done("a")
@@ -53,5 +53,33 @@ def test_quiet_watch_waits_for_slow_cores_and_names_what_ran_slow():
     assert any("around: b, c" in w for w in report["warnings"]), report["warnings"]
     # nothing sampled (a GPU, or a CPU without the micro-kernels): no waiting, nothing marked
     quiet = benchmark.QuietWatch("cpu")
-    quiet.rate_fn = None
+    quiet.rate_fn = quiet.handoff_fn = None
     assert quiet.settle("x") == 0 and not quiet.done("x")
+    assert quiet.apart == [] and "handoff_ns" not in quiet.finish()
+
+
+def test_quiet_watch_waits_for_one_last_level_cache_and_names_what_ran_on_two():
+    """The watch over where the host placed the two threads, fed a scripted sequence of cache-line hand-off times:
+    it waits while a hand-off is more than twice the run's best (and over 80 ns: the threads on two last-level
+    caches), names the measurements with such a sample before or after them, and marks nothing in a run that never
+    saw the threads on one cache."""
+    handoffs = iter([30, 30, 170, 170, 28, 175, 170, 170, 30, 30])
+    watch = benchmark.QuietWatch("cpu", rate_fn=lambda: 100.0, handoff_fn=lambda: next(handoffs))
+    slept = []
+    watch.sleep = slept.append
+    assert watch.settle("a") == 0
+    watch.done("a")
+    assert watch.settle("b") == 4.0 and slept == [2.0, 2.0]  # 170, 170, then 28
+    watch.done("b")  # 175 after it
+    assert watch.settle("c", max_wait_s=2.0) == 2.0  # still 170 when the wait runs out
+    watch.done("c")  # one cache after, two before
+    report = watch.finish()
+    assert report["apart"] == ["b", "c"] and report["slowed"] == []
+    assert report["handoff_ns"]["min"] == 28 and report["handoff_ns"]["max"] == 175
+    assert any("last-level cache" in w and "around: b, c" in w for w in report["warnings"]), report["warnings"]
+    # always two caches (or a machine where the threads are far apart): nothing to wait for, nothing marked
+    far = benchmark.QuietWatch("cpu", rate_fn=lambda: 100.0, handoff_fn=lambda: 170.0)
+    far.sleep = slept.append
+    assert far.settle("x") == 0
+    far.done("x")
+    assert far.apart == []

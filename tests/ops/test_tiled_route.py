@@ -255,6 +255,25 @@ def test_phase_timers_count_what_each_pass_runs(monkeypatch):
     assert fwd_cl["packing"] > 0 and fwd_cl["layout copies"] == 0, fwd_cl
 
 
+def test_thread_handoff_probe():
+    """cpu_thread_handoff_ns: a positive time with two threads (a cache line passed back and forth, so at least a
+    few ns and far below a millisecond), -1 with one thread (no partner: no hang), a clear error for bad rounds."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        if torch.get_num_threads() == 2:
+            ns = torch.ops.mmdcnv2.cpu_thread_handoff_ns(3)
+            # -1 only where the two threads never ran at once (a loaded machine): then nothing to check
+            assert ns == -1.0 or 1.0 < ns < 1e6, ns
+        torch.set_num_threads(1)
+        assert torch.ops.mmdcnv2.cpu_thread_handoff_ns(1) == -1.0
+    finally:
+        torch.set_num_threads(old)
+    for bad in (0, 101):
+        with pytest.raises(ValueError, match="rounds"):
+            torch.ops.mmdcnv2.cpu_thread_handoff_ns(bad)
+
+
 @pytest.mark.parametrize("cap", ISAS)
 def test_fma_peak_and_profile_report(cap, monkeypatch, capsys):
     """cpu_fma_peak: a positive rate for each micro-kernel ISA, a clear error for a bad duration; tools/profile_cpu.py

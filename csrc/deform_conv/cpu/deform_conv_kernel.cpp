@@ -4,6 +4,7 @@
 #include <ATen/Context.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -1534,6 +1535,50 @@ double cpu_fma_peak(double seconds) {
   return sum / double(threads);
 }
 
+// The time for a cache line to pass from one of torch's first two threads to the other and back, halved (ns, the
+// median of `rounds` rounds of 20000 exchanges), or -1 with fewer than 2 threads or if the two do not run at once
+// (a round over a second). On a virtual machine it tells whether the two virtual cores share a last-level cache
+// now: on the 2-core AMD EPYC guests of this project, 25-45 ns where they do and about 170 ns where the host has
+// placed them on two core complexes (which it changes from time to time); the tiled backward hands its columns
+// from thread to thread between phases, and runs slower in the second case (tools/benchmark.py notes it).
+double cpu_thread_handoff_ns(int64_t rounds) {
+  TORCH_CHECK_VALUE(rounds >= 1 && rounds <= 100, "cpu_thread_handoff_ns: rounds must be in [1, 100], got ", rounds);
+  if (at::get_num_threads() < 2) return -1.0;
+  constexpr int64_t kExchanges = 20000;
+  struct alignas(64) Line {
+    std::atomic<int64_t> v{0};
+  };
+  std::vector<double> ns;
+  for (int64_t round = 0; round < rounds; ++round) {
+    Line line;
+    std::atomic<bool> failed{false};
+    double dt = -1;
+    at::parallel_for(0, 2, 1, [&](int64_t t0, int64_t t1) {
+      if (t1 - t0 != 1) {  // one thread got both halves: no partner
+        failed = true;
+        return;
+      }
+      const int64_t me = t0;  // 0 writes odd values, 1 even ones
+      const auto start = std::chrono::steady_clock::now();
+      for (int64_t i = 0; i < kExchanges && !failed.load(std::memory_order_relaxed); ++i) {
+        const int64_t want = 2 * i + me, give = want + 1;
+        for (int64_t spin = 0; line.v.load(std::memory_order_acquire) != want; ++spin) {
+          if ((spin & 4095) == 4095 && std::chrono::steady_clock::now() - start > std::chrono::seconds(1)) {
+            failed = true;
+            return;
+          }
+        }
+        line.v.store(give, std::memory_order_release);
+      }
+      if (me == 0) dt = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count();
+    });
+    if (failed) return -1.0;
+    ns.push_back(dt / double(2 * kExchanges));
+  }
+  std::nth_element(ns.begin(), ns.begin() + ns.size() / 2, ns.end());
+  return ns[ns.size() / 2];
+}
+
 bool is_reduced(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 OptTensor to_float(const OptTensor& t) { return t ? OptTensor(t->to(at::kFloat)) : kNullopt; }
 
@@ -1599,6 +1644,8 @@ TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
   m.def("cpu_tiled_info() -> (int, int, int)", &mmdcnv2::cpu_tiled_info);
   // GFLOP/s per thread of the micro-kernels' multiply-adds, from registers, all threads at once (about `seconds`).
   m.def("cpu_fma_peak(float seconds) -> float", &mmdcnv2::cpu_fma_peak);
+  // Half the round trip of a cache line between torch's first two threads (ns; -1 with fewer than 2 threads).
+  m.def("cpu_thread_handoff_ns(int rounds) -> float", &mmdcnv2::cpu_thread_handoff_ns);
   // The tiled route's phase timers (tools/profile_cpu.py): on (zeroed) or off, and the thread nanoseconds so far.
   m.def("set_cpu_profile(bool on) -> bool", &mmdcnv2::set_cpu_profile);
   m.def("cpu_profile() -> int[]", &mmdcnv2::cpu_profile);
