@@ -815,7 +815,7 @@ struct ColPanels {
   T* row(int64_t gi, int64_t r) const { return base + gi * npan * stride + r * ld; }
   // column j of conv group gi in the chunk's first row (the grad_weight product's B, with row stride ld)
   T* at(int64_t gi, int64_t j) const { return row(gi, 0) + (j / np) * stride + j % np; }
-  // in panels, writes are fetched two rows ahead (vec::body::lerp4_dot4_panels)
+  // in panels, the places written are prefetched two rows ahead (vec::body::lerp4_dot4_panels)
   int64_t ahead() const { return panels ? 2 * ld : 0; }
   // columns [j, j + n) of conv group gi in chunk row r
   MMDCNV2_INLINE void put(const T* v, int64_t gi, int64_t j, int64_t n, int64_t r) const {
