@@ -232,10 +232,15 @@ class QuietWatch:
                 f"the calibration workload took {self.calib_before:.1f} ms before and {after:.1f} ms after the run "
                 f"({100 * report['calibration_change']:+.0f}%): the machine's speed changed during the run"
             )
+
+        def spread(samples):  # median, min and max of (label, value) samples
+            values = [v for _, v in samples]
+            return dict(median=statistics.median(values), min=min(values), max=max(values))
+
         if self.peaks:
             rates = [r for _, r in self.peaks]
             low = min(self.peaks, key=lambda p: p[1])
-            report["fma_peak"] = dict(median=statistics.median(rates), min=min(rates), max=max(rates), low=low[0])
+            report["fma_peak"] = dict(spread(self.peaks), low=low[0])
             report["slowed"] = list(self.slowed)
             if self.slowed:
                 report["warnings"].append(
@@ -244,13 +249,12 @@ class QuietWatch:
                     "those figures are not those of a quiet machine"
                 )
         if self.handoffs:
-            ns = [n for _, n in self.handoffs]
-            report["handoff_ns"] = dict(median=statistics.median(ns), min=min(ns), max=max(ns))
+            ns = report["handoff_ns"] = spread(self.handoffs)
             report["apart"] = list(self.apart)
             if self.apart:
                 report["warnings"].append(
-                    f"the two threads did not share a last-level cache (a cache line took up to {max(ns):.0f} ns to "
-                    f"pass between them, {min(ns):.0f} ns at best) around: {', '.join(self.apart)}; the host had "
+                    f"the two threads did not share a last-level cache (a cache line took up to {ns['max']:.0f} ns to "
+                    f"pass between them, {ns['min']:.0f} ns at best) around: {', '.join(self.apart)}; the host had "
                     "placed the virtual cores on two core complexes, which slows the backward's hand-offs between "
                     "threads"
                 )
