@@ -157,7 +157,7 @@ class QuietWatch:
 
     def apart_now(self, ns):
         """Whether a hand-off time says the threads do not share a last-level cache, where the run has seen them
-        share one: more than twice the run's best and over 80 ns (one cache: 25-45 ns on this project's machines,
+        share one: more than twice the run's best and over 80 ns (one cache: 24-31 ns on this project's machines,
         two: about 170 ns). A run that never saw them share one marks nothing."""
         return ns is not None and ns > max(80.0, 2 * min(n for _, n in self.handoffs))
 

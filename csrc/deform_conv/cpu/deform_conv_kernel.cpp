@@ -1538,7 +1538,7 @@ double cpu_fma_peak(double seconds) {
 // The time for a cache line to pass from one of torch's first two threads to the other and back, halved (ns, the
 // median of `rounds` rounds of 20000 exchanges), or -1 with fewer than 2 threads or if the two do not run at once
 // (a round over a second). On a virtual machine it tells whether the two virtual cores share a last-level cache
-// now: on the 2-core AMD EPYC guests of this project, 25-45 ns where they do and about 170 ns where the host has
+// now: on the 2-core AMD EPYC guests of this project, 24-31 ns where they do and 157-184 ns where the host has
 // placed them on two core complexes (which it changes from time to time); the tiled backward hands its columns
 // from thread to thread between phases, and runs slower in the second case (tools/benchmark.py notes it).
 double cpu_thread_handoff_ns(int64_t rounds) {
