@@ -238,14 +238,13 @@ class QuietWatch:
             return dict(median=statistics.median(values), min=min(values), max=max(values))
 
         if self.peaks:
-            rates = [r for _, r in self.peaks]
             low = min(self.peaks, key=lambda p: p[1])
-            report["fma_peak"] = dict(spread(self.peaks), low=low[0])
+            rates = report["fma_peak"] = dict(spread(self.peaks), low=low[0])
             report["slowed"] = list(self.slowed)
             if self.slowed:
                 report["warnings"].append(
-                    f"the cores' multiply-add rate fell more than 10% below the run's best ({max(rates):.0f} GFLOP/s "
-                    f"per thread; lowest {min(rates):.0f}, {low[0]}) around: {', '.join(self.slowed)}; "
+                    f"the cores' multiply-add rate fell more than 10% below the run's best ({rates['max']:.0f} GFLOP/s "
+                    f"per thread; lowest {rates['min']:.0f}, {low[0]}) around: {', '.join(self.slowed)}; "
                     "those figures are not those of a quiet machine"
                 )
         if self.handoffs:
@@ -417,7 +416,7 @@ def bench_conv(device, dtype, reps, shapes, watch=None):
                 f"peak {mem[impl] / 2**20:7.1f} MiB",
                 flush=True,
             )
-        if watch is not None:  # the cores slowed down around the layer: its figures are marked
+        if watch is not None:  # slow cores or threads on two last-level caches around the layer: its row is marked
             row["slowed"] = watch.done(label)
             row["apart"] = label in watch.apart
         rows.append(row)

@@ -223,7 +223,7 @@ int64_t slice_piece(const DeformConvGeom& g, int64_t threads) { return round_up(
 struct ScatterDst {
   int64_t npix = 0, piece = 0;
 };
-// One thread's share of col2im: rows [row0, row1) of grad_cols, every tap, into the channel slices tasks[0, n) of
+// One thread's share of col2im: rows [row0, row1) of grad_cols, every tap, into the channel slices tasks[0, ntasks) of
 // grad_x (slice t of pixel q at dst[t].base + q * dst[t].stride), the slices inside the loop over rows, so that a row's
 // pieces of grad_cols for all of them are read together (with 4 deform groups and a slice per deform group, the loop
 // over rows per slice read each row's 128-channel pieces in two passes). Element by element, as vec::axpy: the AVX2
