@@ -46,6 +46,11 @@ def col_panels(mode):
     return _op_setting(torch.ops.mmdcnv2.set_cpu_col_panels, mode)
 
 
+def backward_split(mode):
+    """The backward's work split between the threads by rows (0) or by channels where it can (1, the default)."""
+    return _op_setting(torch.ops.mmdcnv2.set_cpu_backward_split, mode)
+
+
 def _abs_args(args):
     x, off, w, b, s, p, d, m = args
     return x.abs(), off, w.abs(), None if b is None else b.abs(), s, p, d, m
@@ -55,11 +60,16 @@ def _abs_args(args):
 # input channels per conv group: whole panels of one tap each (the weight's packing for the backward goes by them)
 CASE_WIDE = (1, 32, 12, 10, 70, 3, 3, 1, 1, 1, 1, 2)
 CASE_WIDE_GROUPS = (1, 64, 9, 8, 70, 3, 3, 1, 1, 1, 2, 2)
+# channels in whole blocks of 64 per deform group: the backward may give each thread its own channels (2 threads: 64
+# and 128 channels; 3 threads: 64 each), and adds a sample's block sums (3 per deform group: their order matters)
+# after the threads are done; in 3 deform groups, the 2-thread split's second slice spans two of them
+CASE_OWNED = (2, 192, 6, 5, 40, 3, 3, 1, 1, 1, 1, 1)
+CASE_OWNED_DG = (1, 192, 5, 6, 24, 3, 3, 1, 1, 1, 1, 3)
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("budget", [0, 3 << 10])
-@pytest.mark.parametrize("case", CASES + [CASE_WIDE, CASE_WIDE_GROUPS])
+@pytest.mark.parametrize("case", CASES + [CASE_WIDE, CASE_WIDE_GROUPS, CASE_OWNED, CASE_OWNED_DG])
 def test_tiled_route_against_reference(case, budget, isa):
     """Each value within the rounding bound of a float32 dot product of its length n: |error| <= c n u
     times the same sum over absolute values (for the output: sum |w| |sample| + |b|, computed by the
@@ -88,7 +98,7 @@ CASE_BIG = (3, 24, 13, 11, 20, 3, 3, 1, 1, 1, 1, 2)  # 429 output rows: many til
 CASE_SLICES = (2, 40, 9, 7, 24, 3, 3, 1, 1, 1, 1, 1)
 
 
-def _all(budget, threads, isa, channels_last=False, mask=True, case=CASE_BIG, panels=-1):
+def _all(budget, threads, isa, channels_last=False, mask=True, case=CASE_BIG, panels=-1, split=1):
     torch.manual_seed(0)
     x, off, w, b, s, p, d, m = make_inputs(case, dtype=torch.float32, offset_scale=2.0, mask=mask)
     if channels_last:
@@ -96,37 +106,42 @@ def _all(budget, threads, isa, channels_last=False, mask=True, case=CASE_BIG, pa
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with isa_cap(isa), cpu_route("tiled"), column_budget(budget), col_panels(panels):
+        with isa_cap(isa), cpu_route("tiled"), column_budget(budget), col_panels(panels), backward_split(split):
             out, g = grads(deform_conv2d, x, off, w, b, s, p, d, m)
     finally:
         torch.set_num_threads(old)
     return [out.contiguous()] + [t.contiguous() for t in g]
 
 
-CASES_BITS = [CASE_BIG, CASE_WIDE, CASE_SLICES, CASE_WIDE_GROUPS]
-IDS_BITS = ["big", "wide", "slices", "groups"]
+CASES_BITS = [CASE_BIG, CASE_WIDE, CASE_SLICES, CASE_WIDE_GROUPS, CASE_OWNED, CASE_OWNED_DG]
+IDS_BITS = ["big", "wide", "slices", "groups", "owned", "owned_dg"]
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("mask", [True, False])
 @pytest.mark.parametrize("case", CASES_BITS, ids=IDS_BITS)
 def test_tiled_route_is_bit_identical_across_tiles_threads_and_layouts(isa, mask, case):
-    """Tile sizes move rows between whole micro-tiles and masked tails, and the backward's columns go in rows or in
-    panels of the micro-kernel's width (24 channels: panels across taps; 2 conv groups: panels per group): the kernels
-    must agree bit for bit."""
+    """Tile sizes move rows between whole micro-tiles and masked tails, the backward's columns go in rows or in
+    panels of the micro-kernel's width (24 channels: panels across taps; 2 conv groups: panels per group), and its
+    threads split the rows or own channels (192 channels: slices of 64 and 128, or 64 each): the kernels must agree bit
+    for bit."""
     base = _all(0, 1, isa, mask=mask, case=case, panels=0)
-    for budget, threads, cl, panels in [
-        (0, 2, False, 0),
-        (0, 1, False, 1),
-        (1 << 10, 2, False, 1),
-        (7 << 10, 1, False, 0),
-        (40 << 10, 2, True, 1),
-        (0, 2, False, -1),
+    for budget, threads, cl, panels, split in [
+        (0, 2, False, 0, 1),
+        (0, 2, False, 0, 0),
+        (0, 1, False, 1, 1),
+        (1 << 10, 2, False, 1, 1),
+        (1 << 10, 3, False, 1, 1),
+        (7 << 10, 1, False, 0, 1),
+        (40 << 10, 2, True, 1, 1),
+        (40 << 10, 2, True, 1, 0),
+        (0, 2, False, -1, 1),
     ]:
-        other = _all(budget, threads, isa, channels_last=cl, mask=mask, case=case, panels=panels)
+        other = _all(budget, threads, isa, channels_last=cl, mask=mask, case=case, panels=panels, split=split)
         for i, (a, c) in enumerate(zip(base, other)):
             assert torch.equal(a, c), (
-                f"result {i} differs at budget {budget}, {threads} threads, channels_last {cl}, panels {panels}"
+                f"result {i} differs at budget {budget}, {threads} threads, channels_last {cl}, panels {panels}, "
+                f"split {split}"
             )
 
 
@@ -177,6 +192,26 @@ def test_set_cpu_isa_refuses_bad_values():
         torch.ops.mmdcnv2.set_cpu_isa(0)
     with pytest.raises(ValueError, match="cap"):
         torch.ops.mmdcnv2.set_cpu_isa(5)
+
+
+def test_backward_splits_by_channels_where_the_channels_come_in_blocks():
+    """192 channels (in 1 or 3 deform groups): split by channels on 2 and 3 threads (the bit-identity test compares
+    the results with the row split); 1 thread, forced rows, or channels not in whole blocks (32): no channel split."""
+    calls = lambda: torch.ops.mmdcnv2.cpu_tiled_info()[3]  # noqa: E731
+    isa = ISAS[0]
+    for threads, split, case, taken in [
+        (2, 1, CASE_OWNED, True),
+        (3, 1, CASE_OWNED, True),
+        (2, 1, CASE_OWNED_DG, True),
+        (1, 1, CASE_OWNED, False),
+        (2, 0, CASE_OWNED, False),
+        (2, 1, CASE_WIDE, False),
+    ]:
+        before = calls()
+        _all(0, threads, isa, case=case, split=split)
+        assert (calls() > before) == taken, (threads, split, case)
+    with pytest.raises(ValueError, match="mode"):
+        torch.ops.mmdcnv2.set_cpu_backward_split(2)
 
 
 def test_set_cpu_col_panels_refuses_bad_values():

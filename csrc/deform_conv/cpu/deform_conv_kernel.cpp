@@ -215,13 +215,14 @@ std::vector<ChannelSlice> channel_slices(const DeformConvGeom& g, int64_t piece)
 // One channel slice per thread (whole vectors): thinner slices would only add calls per sample.
 int64_t slice_piece(const DeformConvGeom& g, int64_t threads) { return round_up((g.C + threads - 1) / threads, 16); }
 // Where the scatter accumulates: pixels of C channels (NHWC, npix 0), or "slice-major" for npix pixels (the block's
-// images one after the other): slice [c0, c1) of pixel q at c0 * npix + q * (c1 - c0), the slices those of
-// channel_slices(g, piece) (at most `piece` channels each, within group runs), fixed for the whole block. Slice-major
+// images one after the other): slice [c0, c1) of pixel q at c0 * npix + q * (c1 - c0), the slices side by side from
+// channel 0 (each within one deform group's run of one conv group), fixed for the whole block. Slice-major
 // keeps each thread's writes in memory of its own: with the slices side by side in each pixel (NHWC), two threads
 // writing their halves of the same pixels took as long as one thread writing both (2-core AMD EPYC, 2026-12-06), though
 // no two write one cache line.
 struct ScatterDst {
-  int64_t npix = 0, piece = 0;
+  int64_t npix = 0;
+  std::vector<ChannelSlice> slices;
 };
 // One thread's share of col2im: rows [row0, row1) of grad_cols, every tap, into the channel slices tasks[0, ntasks) of
 // grad_x (slice t of pixel q at dst[t].base + q * dst[t].stride), the slices inside the loop over rows, so that a row's
@@ -296,7 +297,7 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
   });
   const int64_t threads = (row1 - row0) * K * C < (int64_t(1) << 15) ? 1 : at::get_num_threads();
   const bool sliced = dst_layout.npix > 0;
-  const auto tasks = channel_slices(g, sliced ? dst_layout.piece : slice_piece(g, threads));
+  const auto tasks = sliced ? dst_layout.slices : channel_slices(g, slice_piece(g, threads));
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
   std::vector<SliceDst<T>> dst(ntasks);  // slice t of pixel q at dst[t].base + q * dst[t].stride
   for (int64_t ti = 0; ti < ntasks; ++ti) {
@@ -663,11 +664,13 @@ struct BlockGrads {
   at::Tensor gx;
   ScatterDst dst;
 };
+// The slices are given (the channel-owned backward's), else one per thread as the scatter makes them.
 BlockGrads block_grads(BackwardResults& res, const OptTensor& mask, const DeformConvGeom& g, int64_t n0, int64_t b,
-                       std::optional<Scratch>& gxs) {
+                       std::optional<Scratch>& gxs, std::vector<ChannelSlice> slices = {}) {
   gxs.emplace(b * g.H * g.W * g.C);
   const auto gx = gxs->view({b * g.H * g.W * g.C});
-  const ScatterDst dst{b * g.H * g.W, slice_piece(g, std::max(1, at::get_num_threads()))};
+  if (slices.empty()) slices = channel_slices(g, slice_piece(g, std::max(1, at::get_num_threads())));
+  const ScatterDst dst{b * g.H * g.W, std::move(slices)};
   return {res.grad_offset.narrow(0, n0, b), mask ? OptTensor(res.grad_mask.narrow(0, n0, b)) : kNullopt, gx.zero_(),
           dst};
 }
@@ -675,7 +678,7 @@ BlockGrads block_grads(BackwardResults& res, const OptTensor& mask, const Deform
 void planes_of_block(const at::Tensor& gx, const ScatterDst& dst, at::Tensor& grad_input, const DeformConvGeom& g,
                      int64_t n0, int64_t b) {
   const int64_t HW = g.H * g.W;
-  for (const auto& s : channel_slices(g, dst.piece)) {
+  for (const auto& s : dst.slices) {
     const int64_t w = s.c1 - s.c0;
     for (int64_t i = 0; i < b; ++i) {
       pixels_to_planes<float>(gx.data_ptr<float>() + s.c0 * dst.npix + i * HW * w, HW, w,
@@ -687,7 +690,7 @@ void planes_of_block(const at::Tensor& gx, const ScatterDst& dst, at::Tensor& gr
 // slices, on all threads.
 void pixels_of_block(const at::Tensor& gx, const ScatterDst& dst, at::Tensor& grad_input, const DeformConvGeom& g,
                      int64_t n0) {
-  const auto slices = channel_slices(g, dst.piece);
+  const auto& slices = dst.slices;
   const float* src = gx.data_ptr<float>();
   float* out = grad_input.data_ptr<float>() + n0 * g.H * g.W * g.C;
   const int64_t C = g.C, npix = dst.npix;
@@ -900,16 +903,61 @@ void sample_tap_rows(int v, const DeformConvGeom& g, const float* x, const float
   sample_tap_rows_body<float>(g, x, off, msk, r0, r1, k, c0, c1, dst, ld);
 }
 
+// The offset and mask gradients of a sample need S[q], the sum over its deform group's channels of grad_cols times
+// corner q. Where the channels of each deform group come in whole blocks of kSumBlock (one conv group), every block's
+// sum starts from zero and the blocks' sums are added in channel order, whichever thread computed them: the
+// channel-owned backward (below) splits a row's channels between threads and adds their block sums afterwards, and the
+// row-split backward adds the same sums in the same order, so both give the same bits. Other shapes keep one chain
+// per run of channels (they only ever take the row split).
+constexpr int64_t kSumBlock = 64;
+inline bool sums_in_blocks(const DeformConvGeom& g) { return g.groups == 1 && g.Cdg() % kSumBlock == 0; }
+
+// One run of n channels [c, c + n) of sample t for the tiled backward's sampling pass: its masked columns into place
+// (column col of conv group gi, row rr of the chunk's columns) and its four dot products with grad_cols (src) added
+// to S.
+template <typename T>
+MMDCNV2_INLINE void coord_grad_run(const TapSample<T>& t, const T* xi, int64_t C, int64_t c, int64_t n, const T* src,
+                                   const ColPanels<T>& cols, int64_t gi, int64_t col, int64_t rr, T S[4]) {
+  const auto& s = t.s;
+  const T m = t.m;
+  if (s.all4) {
+    vec::body::lerp4_dot4_panels(cols.row(gi, rr), col, cols.np, cols.stride, cols.ahead(), src,
+                                 xi + s.index[0] * C + c, xi + s.index[1] * C + c, xi + s.index[2] * C + c,
+                                 xi + s.index[3] * C + c, s.weight[0] * m, s.weight[1] * m, s.weight[2] * m,
+                                 s.weight[3] * m, S, n);
+  } else {  // into the thread's run buffer, then into place
+    T* dst = cols.run;
+    for (int64_t j = 0; j < n; ++j) dst[j] = T(0);
+    for (int q = 0; q < 4; ++q) {
+      if (s.index[q] < 0) continue;
+      vec::body::axpy(dst, xi + s.index[q] * C + c, s.weight[q] * m, n);
+      S[q] += vec::body::dot(src, xi + s.index[q] * C + c, n);
+    }
+    cols.put(dst, gi, col, n, rr);
+  }
+}
+// The offset and mask gradients of sample t from its sums S.
+template <typename T>
+MMDCNV2_INLINE void coord_grad_finish(const DeformConvGeom& g, const TapSample<T>& t, const T S[4], T* goff, T* gmsk) {
+  T value, d_h, d_w;
+  bilinear_backward(t.s, S, value, d_h, d_w);
+  goff[t.off_y] = t.s.inside ? t.m * d_h : T(0);  // off the map: zero gradient whatever the mask
+  goff[t.off_y + g.P()] = t.s.inside ? t.m * d_w : T(0);
+  if (gmsk) gmsk[t.m_at] = value;
+}
+
 // The tiled backward's sampling pass over rows [r0, r1) (row0: the chunk's first row): what im2col_coord_grad
 // computes in the row layout with row stride ldc, with each row's image and position stepped instead of divided and
 // the channel loops inlined, compiled for AVX2. The sums over channels for the offset and mask gradients may be
 // vectorized in another order than im2col_coord_grad's (last bits of those two gradients differ from the other
-// routes); every row goes through this one function, so the route stays bit-reproducible.
+// routes); every row goes through this one function (or the channel-owned pass and coord_grad_sums, which add the
+// same block sums), so the route stays bit-reproducible.
 template <typename T>
 MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, const T* off, const T* msk,
                                          const T* gcols, const ColPanels<T>& cols, T* goff, T* gmsk, int64_t row0,
                                          int64_t ldc, int64_t r0, int64_t r1) {
-  const int64_t K = g.K(), P = g.P(), C = g.C, Cdg = g.Cdg(), Cg = g.Cg(), HWC = g.H * g.W * g.C;
+  const int64_t K = g.K(), C = g.C, Cdg = g.Cdg(), Cg = g.Cg(), HWC = g.H * g.W * g.C;
+  const bool blocks = sums_in_blocks(g);
   RowCursor row(g, r0);
   for (int64_t r = r0; r < r1; ++r) {
     const T* xi = x + row.i * HWC;
@@ -917,35 +965,22 @@ MMDCNV2_INLINE void coord_grad_rows_body(const DeformConvGeom& g, const T* x, co
     for (int64_t k = 0, ki = 0, kj = 0; k < K; ++k) {
       for (int64_t dg = 0; dg < g.dgroups; ++dg) {  // a tap's deform groups side by side in grad_cols and the columns
         const auto t = tap_sample_at(g, off, msk, row.i, row.p, row.ho, row.wo, dg, k, ki, kj);
-        const auto& s = t.s;
-        const T m = t.m;
         T S[4] = {0, 0, 0, 0};
-        for (int64_t c = dg * Cdg, c_end = (dg + 1) * Cdg; c < c_end;) {  // the runs of the deform group per conv group
-          const int64_t gi = c / Cg, e = std::min(c_end, (gi + 1) * Cg), n = e - c;
-          const int64_t col = k * Cg + (c - gi * Cg);  // the run's first column in its conv group
-          const T* src = grow + gi * K * Cg + col;
-          if (s.all4) {
-            vec::body::lerp4_dot4_panels(cols.row(gi, r - row0), col, cols.np, cols.stride, cols.ahead(), src,
-                                         xi + s.index[0] * C + c, xi + s.index[1] * C + c, xi + s.index[2] * C + c,
-                                         xi + s.index[3] * C + c, s.weight[0] * m, s.weight[1] * m, s.weight[2] * m,
-                                         s.weight[3] * m, S, n);
-          } else {  // into the thread's run buffer, then into place
-            T* dst = cols.run;
-            for (int64_t j = 0; j < n; ++j) dst[j] = T(0);
-            for (int q = 0; q < 4; ++q) {
-              if (s.index[q] < 0) continue;
-              vec::body::axpy(dst, xi + s.index[q] * C + c, s.weight[q] * m, n);
-              S[q] += vec::body::dot(src, xi + s.index[q] * C + c, n);
-            }
-            cols.put(dst, gi, col, n, r - row0);
+        if (blocks) {  // one conv group: column k * C + c
+          for (int64_t c = dg * Cdg, c_end = c + Cdg; c < c_end; c += kSumBlock) {
+            T Sb[4] = {0, 0, 0, 0};
+            coord_grad_run(t, xi, C, c, kSumBlock, grow + k * C + c, cols, 0, k * C + c, r - row0, Sb);
+            for (int q = 0; q < 4; ++q) S[q] += Sb[q];
           }
-          c = e;
+        } else {
+          for (int64_t c = dg * Cdg, c_end = (dg + 1) * Cdg; c < c_end;) {  // the deform group's runs per conv group
+            const int64_t gi = c / Cg, e = std::min(c_end, (gi + 1) * Cg), n = e - c;
+            const int64_t col = k * Cg + (c - gi * Cg);  // the run's first column in its conv group
+            coord_grad_run(t, xi, C, c, n, grow + gi * K * Cg + col, cols, gi, col, r - row0, S);
+            c = e;
+          }
         }
-        T value, d_h, d_w;
-        bilinear_backward(s, S, value, d_h, d_w);
-        goff[t.off_y] = s.inside ? m * d_h : T(0);  // off the map: zero gradient whatever the mask
-        goff[t.off_y + P] = s.inside ? m * d_w : T(0);
-        if (gmsk) gmsk[t.m_at] = value;
+        coord_grad_finish(g, t, S, goff, gmsk);
       }
       if (++kj == g.kw) kj = 0, ++ki;
     }
@@ -966,6 +1001,95 @@ void coord_grad_rows(const DeformConvGeom& g, const float* x, const float* off, 
   if (vec::has_avx2()) return coord_grad_rows_avx2(g, x, off, msk, gcols, cols, goff, gmsk, row0, ldc, r0, r1);
 #endif
   coord_grad_rows_body<float>(g, x, off, msk, gcols, cols, goff, gmsk, row0, ldc, r0, r1);
+}
+
+// The channel-owned backward's slice of the channels: [c0, c1), whole blocks of kSumBlock (sums_in_blocks), its
+// grad_cols and columns compact (column k * (c1 - c0) + c - c0).
+struct OwnedSlice {
+  int64_t c0, c1;
+  int64_t width() const { return c1 - c0; }
+};
+// The sampling pass of slice `sl` over rows [r0, r1) (row0: the chunk's first row; rows count from the block's
+// first): its columns, each block's four sums into sums[(r * K + k) * (C / kSumBlock) + c / kSumBlock] (four values
+// each), and the scatter's corners and weights of its deform groups' samples into taps[((r - row0) * D + dg) * K + k].
+template <typename T>
+MMDCNV2_INLINE void coord_grad_owned_body(const DeformConvGeom& g, const T* x, const T* off, const T* msk,
+                                          const T* gcols, int64_t ldc, const ColPanels<T>& cols, T* sums,
+                                          ScatterTap<T>* taps, OwnedSlice sl, int64_t row0, int64_t r0, int64_t r1) {
+  const int64_t K = g.K(), C = g.C, Cdg = g.Cdg(), D = g.dgroups, HWC = g.H * g.W * g.C, w = sl.width();
+  const int64_t nblk = C / kSumBlock, dg0 = sl.c0 / Cdg, dg1 = (sl.c1 - 1) / Cdg + 1;
+  RowCursor row(g, r0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xi = x + row.i * HWC;
+    const T* grow = gcols + (r - row0) * ldc;
+    for (int64_t k = 0, ki = 0, kj = 0; k < K; ++k) {
+      for (int64_t dg = dg0; dg < dg1; ++dg) {
+        const auto t = tap_sample_at(g, off, msk, row.i, row.p, row.ho, row.wo, dg, k, ki, kj);
+        ScatterTap<T>& st = taps[((r - row0) * D + dg) * K + k];
+        for (int q = 0; q < 4; ++q) {
+          st.index[q] = t.s.inside ? t.s.index[q] : -1;
+          st.w[q] = t.s.weight[q] * t.m;
+        }
+        for (int64_t c = std::max(sl.c0, dg * Cdg), c_end = std::min(sl.c1, (dg + 1) * Cdg); c < c_end;
+             c += kSumBlock) {
+          T* Sb = sums + ((r * K + k) * nblk + c / kSumBlock) * 4;
+          for (int q = 0; q < 4; ++q) Sb[q] = T(0);
+          const int64_t col = k * w + (c - sl.c0);
+          coord_grad_run(t, xi, C, c, kSumBlock, grow + col, cols, 0, col, r - row0, Sb);
+        }
+      }
+      if (++kj == g.kw) kj = 0, ++ki;
+    }
+    row.next(g);
+  }
+}
+// The offset and mask gradients of rows [r0, r1) from the block sums of coord_grad_owned, added in channel order.
+template <typename T>
+MMDCNV2_INLINE void coord_grad_sums_body(const DeformConvGeom& g, const T* off, const T* msk, const T* sums, T* goff,
+                                         T* gmsk, int64_t r0, int64_t r1) {
+  const int64_t K = g.K(), Cdg = g.Cdg(), nblk = g.C / kSumBlock, per_dg = Cdg / kSumBlock;
+  RowCursor row(g, r0);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t k = 0, ki = 0, kj = 0; k < K; ++k) {
+      for (int64_t dg = 0; dg < g.dgroups; ++dg) {
+        const auto t = tap_sample_at(g, off, msk, row.i, row.p, row.ho, row.wo, dg, k, ki, kj);
+        T S[4] = {0, 0, 0, 0};
+        const T* Sb = sums + ((r * K + k) * nblk + dg * per_dg) * 4;
+        for (int64_t b = 0; b < per_dg; ++b) {
+          for (int q = 0; q < 4; ++q) S[q] += Sb[b * 4 + q];
+        }
+        coord_grad_finish(g, t, S, goff, gmsk);
+      }
+      if (++kj == g.kw) kj = 0, ++ki;
+    }
+    row.next(g);
+  }
+}
+#if MMDCNV2_X86_DISPATCH
+MMDCNV2_AVX2 void coord_grad_owned_avx2(const DeformConvGeom& g, const float* x, const float* off, const float* msk,
+                                        const float* gcols, int64_t ldc, const ColPanels<float>& cols, float* sums,
+                                        ScatterTap<float>* taps, OwnedSlice sl, int64_t row0, int64_t r0, int64_t r1) {
+  coord_grad_owned_body<float>(g, x, off, msk, gcols, ldc, cols, sums, taps, sl, row0, r0, r1);
+}
+MMDCNV2_AVX2 void coord_grad_sums_avx2(const DeformConvGeom& g, const float* off, const float* msk, const float* sums,
+                                       float* goff, float* gmsk, int64_t r0, int64_t r1) {
+  coord_grad_sums_body<float>(g, off, msk, sums, goff, gmsk, r0, r1);
+}
+#endif
+void coord_grad_owned(const DeformConvGeom& g, const float* x, const float* off, const float* msk, const float* gcols,
+                      int64_t ldc, const ColPanels<float>& cols, float* sums, ScatterTap<float>* taps, OwnedSlice sl,
+                      int64_t row0, int64_t r0, int64_t r1) {
+#if MMDCNV2_X86_DISPATCH
+  if (vec::has_avx2()) return coord_grad_owned_avx2(g, x, off, msk, gcols, ldc, cols, sums, taps, sl, row0, r0, r1);
+#endif
+  coord_grad_owned_body<float>(g, x, off, msk, gcols, ldc, cols, sums, taps, sl, row0, r0, r1);
+}
+void coord_grad_sums(const DeformConvGeom& g, const float* off, const float* msk, const float* sums, float* goff,
+                     float* gmsk, int64_t r0, int64_t r1) {
+#if MMDCNV2_X86_DISPATCH
+  if (vec::has_avx2()) return coord_grad_sums_avx2(g, off, msk, sums, goff, gmsk, r0, r1);
+#endif
+  coord_grad_sums_body<float>(g, off, msk, sums, goff, gmsk, r0, r1);
 }
 
 // Taps sampled side by side for one product of the forward: up to 512 channel samples per row, so that a conv group
@@ -1247,9 +1371,38 @@ void grad_out_rows(const float* go, bool rows, int64_t Cout, int64_t P, int64_t 
   }
 }
 
+// The channel-owned backward's slices: the channels in whole blocks of kSumBlock shared out evenly between the
+// threads; none where a thread would get no block or the sums are not in blocks. Each thread then takes its channels
+// through every phase of every chunk (its own grad_out rows, its columns of grad_cols, its sampling pass, its share of
+// grad_input, its columns of grad_weight), so that no cache line a thread writes is read by another until the offset
+// gradients' block sums are added after the last chunk. Where the host puts the two threads on different last-level
+// caches, the row split hands grad_cols and the columns over between the phases (see backward_tiled) and pays for it.
+std::vector<OwnedSlice> owned_slices(const DeformConvGeom& g, int64_t threads) {
+  const int64_t nblk = g.C / kSumBlock;
+  if (!sums_in_blocks(g) || threads < 2 || nblk < threads) return {};
+  std::vector<OwnedSlice> sl;
+  for (int64_t t = 0; t < threads; ++t)
+    sl.push_back({t * nblk / threads * kSumBlock, (t + 1) * nblk / threads * kSumBlock});
+  return sl;
+}
+// The slices' pieces per deform group, in channel order: the layout of the block's slice-major grad_input.
+std::vector<ChannelSlice> owned_pieces(const DeformConvGeom& g, const std::vector<OwnedSlice>& slices) {
+  std::vector<ChannelSlice> pieces;
+  for (const auto& sl : slices) {
+    for (int64_t c = sl.c0; c < sl.c1;) {
+      const int64_t dg = c / g.Cdg(), e = std::min(sl.c1, (dg + 1) * g.Cdg());
+      pieces.push_back({0, dg, c, e});
+      c = e;
+    }
+  }
+  return pieces;
+}
+
+std::atomic<int64_t> g_channel_split_calls{0};  // backward calls that split their work by channels (tests)
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiled(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& offset,
-    const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g, int64_t chunk, bool panels) {
+    const OptTensor& mask, const OptTensor& bias, const DeformConvGeom& g, int64_t chunk, bool panels, bool owned) {
   const int v = gemm::isa();
   const int64_t MR = gemm::tile_mr(v), NR = gemm::tile_nr(v);
   const int64_t K = g.K(), Cg = g.Cg(), Cout = g.Cout, Cout_g = g.Cout_g(), P = g.P(), KCg = K * Cg;
@@ -1261,6 +1414,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   // B(p = co, j = (k, c)) = W[co][(k, c)] in panels of NR columns: [groups][npan][Cout_g][NR]
   const int64_t npan = (KCg + NR - 1) / NR;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const auto own = owned ? owned_slices(g, threads) : std::vector<OwnedSlice>();
+  const int64_t nown = static_cast<int64_t>(own.size());
+  if (nown > 0) ++g_channel_split_calls;
   setup_timer.lap(kSetup, threads);
   const auto wp = pack_weight_panels(weight, g, NR, true);
   setup_timer.lap(kPack, threads);
@@ -1269,22 +1425,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   res.gw_acc = gw_acc.view({g.groups, Cout_g, KCg});
   float* gwp = gw_acc.data();
   // chunk buffers: grad_cols in the row layout with a padded row stride, the columns (ColPanels), grad_out rows
-  // (+ padding)
-  const int64_t ldc = gemm::padded_ld(g.ldc()), ldg = gemm::padded_ld(Cout);
-  ColLayout L = ColLayout::rows(g, 0);
-  L.ldc = ldc;
+  // (+ padding); channel-owned, one set per slice, its rows only its columns
+  const int64_t ldg = gemm::padded_ld(Cout);
   const int64_t chunk_pad = round_up(chunk, MR);
   // the columns in rows or in panels (ColPanels); a panel's stride off a multiple of 4 KiB, so that the panels' rows
   // of one chunk row do not share cache sets
   const int64_t cps = chunk_pad * NR + 16;
-  Scratch gcols_mem(chunk_pad * ldc), cols_mem(panels ? g.groups * npan * cps : chunk_pad * ldc),
-      gob(chunk_pad * ldg + MR);
-  const auto gcols = gcols_mem.view({chunk_pad, ldc});
-  float* gcp = gcols_mem.data();
-  const auto cols = panels ? ColPanels<float>::in_panels(cols_mem.data(), npan, cps, NR)
-                           : ColPanels<float>::rows(cols_mem.data(), KCg, ldc);
-  float* gop = gob.data();
-  std::fill(gop, gop + chunk_pad * ldg + MR, 0.f);  // the padding past Cout in each row stays zero
+  struct Buffers {
+    int64_t ldc;
+    Scratch gcols, cols, gob;
+    ColPanels<float> colp;
+  };
+  const auto buffers = [&](int64_t width) {  // for columns of `width` per conv group (KCg, or K * a slice's width)
+    const int64_t ldc = gemm::padded_ld(g.groups * width), np = (width + NR - 1) / NR;
+    Buffers b{ldc, Scratch(chunk_pad * ldc), Scratch(panels ? g.groups * np * cps : chunk_pad * ldc),
+              Scratch(chunk_pad * ldg + MR), ColPanels<float>()};
+    b.colp = panels ? ColPanels<float>::in_panels(b.cols.data(), np, cps, NR)
+                    : ColPanels<float>::rows(b.cols.data(), width, ldc);
+    std::fill(b.gob.data(), b.gob.data() + chunk_pad * ldg + MR, 0.f);  // the padding past Cout in each row stays zero
+    return b;
+  };
+  std::vector<Buffers> bufs;
+  if (nown == 0) bufs.push_back(buffers(KCg));
+  for (const auto& sl : own) bufs.push_back(buffers(K * sl.width()));
   // grad_out rows come straight from its memory: rows of [N * P][Cout] where it is channels-last, else planes
   const bool go_rows = grad_output.is_contiguous(at::MemoryFormat::ChannelsLast);
   const auto go_mem = go_rows ? grad_output : grad_output.contiguous();
@@ -1292,27 +1455,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   bool gw_started = false;  // the first grad_weight product writes the accumulator, the later ones add to it
   for (int64_t n0 = 0; n0 < g.N; n0 += s.nb) {
     const int64_t b = std::min(s.nb, g.N - n0);
-    std::optional<Scratch> xs, gxs;
+    std::optional<Scratch> xs, gxs, sums_mem;
     setup_timer.lap(kSetup, threads);
     const auto x = channels_last_block(input, n0, b, g, xs);
     setup_timer.lap(xs ? kLayout : kSetup, threads);  // a channels-last input: no copy
     const auto off = s.offset.narrow(0, n0, b);
     const OptTensor msk = s.mask ? OptTensor(s.mask->narrow(0, n0, b)) : kNullopt;
-    auto [goff, gmsk, gx, dst] = block_grads(res, mask, g, n0, b, gxs);
+    auto [goff, gmsk, gx, dst] = block_grads(res, mask, g, n0, b, gxs, owned_pieces(g, own));
     const float* xp = x.data_ptr<float>();
     const float* offp = off.data_ptr<float>();
     const float* mp = msk ? msk->data_ptr<float>() : nullptr;
     float* goffp = goff.data_ptr<float>();
     float* gmp = gmsk ? gmsk->data_ptr<float>() : nullptr;
-    // chunks of equal size in whole micro-tiles (no short last chunk), each cut for the first phase into a
-    // multiple of the thread count of tasks, at most 16 micro-tiles each (each task streams the whole packed weight
-    // through its product: at c5, 192 rows make that product about 3% faster than 96, alone on one core), the
-    // micro-tiles shared out evenly (the threads' task groups differ by one micro-tile at most)
+    // chunks of equal size in whole micro-tiles (no short last chunk), each cut for the first phase into tasks of at
+    // most 16 micro-tiles (each task streams the packed weight, or a slice's columns of it, through its product: at
+    // c5, 192 rows make that product about 3% faster than 96, alone on one core), the micro-tiles shared out evenly;
+    // row-split, the tasks a multiple of the thread count (the threads' task groups differ by one micro-tile at most)
     const int64_t total = b * P, step = std::min(round_up(equal_chunk(total, chunk), MR), chunk_pad);
     setup_timer.lap(kSetup, threads);
-    for (int64_t r0 = 0; r0 < total; r0 += step) {
+    if (nown > 0) {
+      // the block sums of the offset and mask gradients, [rows][K][C / kSumBlock][4]
+      sums_mem.emplace(total * K * (g.C / kSumBlock) * 4);
+      float* sums = sums_mem->data();
+      at::parallel_for(0, nown, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          PhaseTimer timer;
+          const OwnedSlice sl = own[t];
+          const int64_t w = sl.width(), Kw = K * w;
+          Buffers& bu = bufs[t];
+          float* gcp = bu.gcols.data();
+          float* gop = bu.gob.data();
+          std::vector<float> run(kSumBlock);
+          auto colp = bu.colp;
+          colp.run = run.data();
+          std::vector<ScatterTap<float>> taps(chunk_pad * g.dgroups * K);
+          std::vector<ChannelSlice> pieces;  // the slice's pieces per deform group, channels counted from sl.c0
+          std::vector<SliceDst<float>> pdst;
+          for (const auto& pc : owned_pieces(g, {sl})) {
+            pieces.push_back({0, pc.dg, pc.c0 - sl.c0, pc.c1 - sl.c0});
+            pdst.push_back({gx.data_ptr<float>() + pc.c0 * dst.npix, pc.c1 - pc.c0});
+          }
+          ColLayout GL = ColLayout::rows(g, 0);  // grad_cols of the slice: row stride ldc, tap k at k * w
+          GL.ldc = bu.ldc, GL.Cg = w;
+          bool started = gw_started;
+          for (int64_t r0 = 0; r0 < total; r0 += step) {
+            const int64_t r1 = std::min(total, r0 + step), R = r1 - r0, tiles = (R + MR - 1) / MR;
+            const int64_t ntask = (tiles + 15) / 16;
+            // (1) grad_cols of the slice's columns for sub-tiles of rows, then their sampling pass
+            for (int64_t u = 0; u < ntask; ++u) {
+              const int64_t a0 = MR * (u * tiles / ntask), a1 = std::min(R, MR * ((u + 1) * tiles / ntask));
+              grad_out_rows(go_all, go_rows, Cout, P, n0 * P + r0 + a0, a1 - a0, gop + a0 * ldg, ldg);
+              for (int64_t k = 0; k < K; ++k) {
+                gemm::gemm_packed(v, a1 - a0, w, Cout, gop + a0 * ldg, ldg, 1, wpp + (k * Cg + sl.c0) / NR * Cout * NR,
+                                  Cout * NR, gcp + a0 * bu.ldc + k * w, bu.ldc, false, true);
+              }
+              timer.lap(kBwdGemmCols);
+              coord_grad_owned(g, xp, offp, mp, gcp, bu.ldc, colp, sums, taps.data(), sl, r0, r0 + a0, r0 + a1);
+              timer.lap(kBwdSample);
+            }
+            // (2) the slice's share of grad_input
+            GL.row0 = r0;
+            scatter_slices(gcp, taps.data(), GL, g, r0, r1, pieces.data(), pdst.data(),
+                           static_cast<int64_t>(pieces.size()));
+            timer.lap(kBwdScatter);
+            // (3) the slice's columns of grad_weight (column q * NR of the slice's columns is tap q * NR / w's)
+            for (int64_t j = 0; j < Kw; j += NR) {
+              gemm::gemm(v, Cout, std::min(NR, Kw - j), R, gop, 1, ldg, bu.colp.at(0, j), bu.colp.ld,
+                         gwp + (j / w) * Cg + sl.c0 + j % w, KCg, started, true);
+            }
+            timer.lap(kBwdGemmWeight);
+            started = true;
+          }
+        }
+      });
+      gw_started = true;
+      PhaseTimer sums_timer;
+      at::parallel_for(0, total, row_grain(g),
+                       [&](int64_t a, int64_t e) { coord_grad_sums(g, offp, mp, sums, goffp, gmp, a, e); });
+      sums_timer.lap(kBwdSample, threads);
+    }
+    for (int64_t r0 = 0; nown == 0 && r0 < total; r0 += step) {
       const int64_t r1 = std::min(total, r0 + step), R = r1 - r0, tiles = (R + MR - 1) / MR;
-      L.row0 = r0;
+      const int64_t ldc = bufs[0].ldc;
+      float* gcp = bufs[0].gcols.data();
+      float* gop = bufs[0].gob.data();
+      const auto& cols = bufs[0].colp;
+      const auto gcols = bufs[0].gcols.view({chunk_pad, ldc});
+      ColLayout L = ColLayout::rows(g, r0);
+      L.ldc = ldc;
       const int64_t ntask = threads * ((tiles + threads * 16 - 1) / (threads * 16));
       // (1) grad_cols of sub-tiles of rows, then their sampling pass
       at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
@@ -1464,6 +1694,19 @@ int64_t set_cpu_col_panels(int64_t mode) {
   return g_col_panels.exchange(static_cast<int>(mode));
 }
 
+// How the backward shares out its work: 0 rows between the threads in every phase (tests), 1 each thread its own
+// channels through all phases where owned_slices allows it (the default; the same results either way). The channel
+// split is not measured against the row split: on the 2-core AMD EPYC (2026-12-07) it was as fast or faster at c3, c4
+// and c5 with the two threads on one last-level cache (c3 b1 backward 67.5 against 68.7 ms, c5 53.2 against
+// 55.0 ms) and far faster with them on two (c3 70.5 against 92.9 ms, c4 58.5 against 68.5, c5 57.0 against 61.5),
+// and a measurement taken while the host keeps the threads on one cache would not see the difference.
+std::atomic<int> g_backward_split{1};
+int64_t set_cpu_backward_split(int64_t mode) {
+  TORCH_CHECK_VALUE(mode == 0 || mode == 1, "set_cpu_backward_split: mode must be 0 (rows) or 1 (channels), got ",
+                    mode);
+  return g_backward_split.exchange(static_cast<int>(mode));
+}
+
 // The backward measures its chunk rows in the row layout, then the best of them in panels as well, and keeps the
 // faster layout with them (a setting is rows * 2 + panels). Panels speed up the grad_weight product where a row of
 // columns is long (c5: 4608 values, 18 KiB) and cost the sampling pass its sequential writes where it is short (c3:
@@ -1474,7 +1717,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const int forced = g_col_panels.load(std::memory_order_relaxed);
   const auto run = [&](int64_t setting) {
     const bool panels = forced >= 0 ? forced == 1 : setting % 2 == 1;
-    return backward_tiled(grad_output, input, weight, offset, mask, bias, g, setting / 2, panels);
+    return backward_tiled(grad_output, input, weight, offset, mask, bias, g, setting / 2, panels,
+                          g_backward_split.load(std::memory_order_relaxed) == 1);
   };
   return run_measured(
       1, g, mask.has_value(), kBackwardRows, [&](int64_t rows) { return 2 * backward_chunk_rows_fixed(g, rows); },
@@ -1489,16 +1733,16 @@ int64_t set_cpu_isa(int64_t cap) {
   return gemm::isa_cap().exchange(static_cast<int>(cap));
 }
 // The micro-kernel ISA the tiled route uses now (0: none, the route is not available), how many shapes have had
-// their tile sizes measured in this process, and whether our parallel loops are compiled for OpenMP (without it,
-// at::parallel_for runs our loops on one thread).
-std::tuple<int64_t, int64_t, int64_t> cpu_tiled_info() {
+// their tile sizes measured in this process, whether our parallel loops are compiled for OpenMP (without it,
+// at::parallel_for runs our loops on one thread), and how many backward calls split their work by channels.
+std::tuple<int64_t, int64_t, int64_t, int64_t> cpu_tiled_info() {
   std::lock_guard<std::mutex> lock(g_tile_mutex);
 #ifdef _OPENMP
   const int64_t openmp = 1;
 #else
   const int64_t openmp = 0;
 #endif
-  return {gemm::isa(), g_tile_measurements, openmp};
+  return {gemm::isa(), g_tile_measurements, openmp, g_channel_split_calls.load()};
 }
 
 // GFLOP/s per thread of the micro-kernels' fused multiply-adds from registers alone, all threads at once (as the
@@ -1641,7 +1885,9 @@ TORCH_LIBRARY_FRAGMENT(mmdcnv2, m) {
   m.def("set_cpu_isa(int cap) -> int", &mmdcnv2::set_cpu_isa);
   // The backward's columns: -1 the measured layout, 0 rows, 1 panels (tests; the same results). Returns the old one.
   m.def("set_cpu_col_panels(int mode) -> int", &mmdcnv2::set_cpu_col_panels);
-  m.def("cpu_tiled_info() -> (int, int, int)", &mmdcnv2::cpu_tiled_info);
+  // The backward's split of the work: 0 rows, 1 channels where it can (tests; the same results). Returns the old one.
+  m.def("set_cpu_backward_split(int mode) -> int", &mmdcnv2::set_cpu_backward_split);
+  m.def("cpu_tiled_info() -> (int, int, int, int)", &mmdcnv2::cpu_tiled_info);
   // GFLOP/s per thread of the micro-kernels' multiply-adds, from registers, all threads at once (about `seconds`).
   m.def("cpu_fma_peak(float seconds) -> float", &mmdcnv2::cpu_fma_peak);
   // Half the round trip of a cache line between torch's first two threads (ns; -1 with fewer than 2 threads).
