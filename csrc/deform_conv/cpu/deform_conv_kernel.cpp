@@ -1477,6 +1477,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       // the block sums of the offset and mask gradients, [rows][K][C / kSumBlock][4]
       sums_mem.emplace(total * K * (g.C / kSumBlock) * 4);
       float* sums = sums_mem->data();
+      float* gxp = gx.data_ptr<float>();  // (a lambda may not capture a structured binding before C++20)
+      const int64_t npix = dst.npix;
       at::parallel_for(0, nown, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           PhaseTimer timer;
@@ -1493,7 +1495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           std::vector<SliceDst<float>> pdst;
           for (const auto& pc : owned_pieces(g, {sl})) {
             pieces.push_back({0, pc.dg, pc.c0 - sl.c0, pc.c1 - sl.c0});
-            pdst.push_back({gx.data_ptr<float>() + pc.c0 * dst.npix, pc.c1 - pc.c0});
+            pdst.push_back({gxp + pc.c0 * npix, pc.c1 - pc.c0});
           }
           ColLayout GL = ColLayout::rows(g, 0);  // grad_cols of the slice: row stride ldc, tap k at k * w
           GL.ldc = bu.ldc, GL.Cg = w;
