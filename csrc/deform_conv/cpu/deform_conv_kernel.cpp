@@ -788,8 +788,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 //     the result (channels-last rows, or NCHW planes) with the bias.
 //   backward: per chunk of output rows (a few MiB): (1) over sub-tiles of rows, grad_cols = grad_out @ W
 //     with the micro-kernels, then the sampling pass (columns for grad_weight, offset and mask gradients);
-//     (2) over column panels, grad_weight += grad_out^T @ columns; (3) over channel slices, the scatter of
-//     grad_cols into grad_input (no atomics, as in the other routes).
+//     (2) over channel slices, the scatter of grad_cols into grad_input (no atomics, as in the other routes);
+//     (3) over column panels, grad_weight += grad_out^T @ columns. That is the row split; where the channels
+//     come in blocks (owned_slices), each thread instead takes its own channels through all three phases.
 // Every value is one chain of fused multiply-adds in a fixed order (cpu_gemm.h), and every scatter runs in
 // row order: results are bit-identical whatever the tile and chunk sizes and the number of threads. The
 // sizes are therefore free to be chosen by measurement: the first call of a shape times a few candidates
