@@ -197,6 +197,14 @@ template <typename T>
 struct ScatterTap {
   int64_t index[4];
   T w[4];
+  static ScatterTap of(const TapSample<T>& t) {
+    ScatterTap st;
+    for (int q = 0; q < 4; ++q) {
+      st.index[q] = t.s.inside ? t.s.index[q] : -1;
+      st.w[q] = t.s.weight[q] * t.m;
+    }
+    return st;
+  }
 };
 // grad_x is partitioned by channel: each task owns a channel slice of every pixel, so no two tasks write one address.
 // A slice is a run of at most `piece` channels within one deform group's run of one conv group.
@@ -285,12 +293,7 @@ void col2im(const T* gcols, const T* off, const T* msk, T* gx, const DeformConvG
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t dg = 0; dg < D; ++dg) {
         for (int64_t k = 0; k < K; ++k) {
-          const auto t = tap_sample(g, off, msk, r / P, r % P, dg, k);
-          ScatterTap<T>& st = taps[((r - row0) * D + dg) * K + k];
-          for (int q = 0; q < 4; ++q) {
-            st.index[q] = t.s.inside ? t.s.index[q] : -1;
-            st.w[q] = t.s.weight[q] * t.m;
-          }
+          taps[((r - row0) * D + dg) * K + k] = ScatterTap<T>::of(tap_sample(g, off, msk, r / P, r % P, dg, k));
         }
       }
     }
@@ -1026,11 +1029,7 @@ MMDCNV2_INLINE void coord_grad_owned_body(const DeformConvGeom& g, const T* x, c
     for (int64_t k = 0, ki = 0, kj = 0; k < K; ++k) {
       for (int64_t dg = dg0; dg < dg1; ++dg) {
         const auto t = tap_sample_at(g, off, msk, row.i, row.p, row.ho, row.wo, dg, k, ki, kj);
-        ScatterTap<T>& st = taps[((r - row0) * D + dg) * K + k];
-        for (int q = 0; q < 4; ++q) {
-          st.index[q] = t.s.inside ? t.s.index[q] : -1;
-          st.w[q] = t.s.weight[q] * t.m;
-        }
+        taps[((r - row0) * D + dg) * K + k] = ScatterTap<T>::of(t);
         for (int64_t c = std::max(sl.c0, dg * Cdg), c_end = std::min(sl.c1, (dg + 1) * Cdg); c < c_end;
              c += kSumBlock) {
           T* Sb = sums + ((r * K + k) * nblk + c / kSumBlock) * 4;
@@ -1480,6 +1479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       float* sums = sums_mem->data();
       float* gxp = gx.data_ptr<float>();  // (a lambda may not capture a structured binding before C++20)
       const int64_t npix = dst.npix;
+      const auto& slices = dst.slices;
       at::parallel_for(0, nown, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           PhaseTimer timer;
@@ -1492,9 +1492,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           auto colp = bu.colp;
           colp.run = run.data();
           std::vector<ScatterTap<float>> taps(chunk_pad * g.dgroups * K);
-          std::vector<ChannelSlice> pieces;  // the slice's pieces per deform group, channels counted from sl.c0
+          std::vector<ChannelSlice> pieces;  // the block's slices in this one, channels counted from sl.c0
           std::vector<SliceDst<float>> pdst;
-          for (const auto& pc : owned_pieces(g, {sl})) {
+          for (const auto& pc : slices) {
+            if (pc.c0 < sl.c0 || pc.c0 >= sl.c1) continue;
             pieces.push_back({0, pc.dg, pc.c0 - sl.c0, pc.c1 - sl.c0});
             pdst.push_back({gxp + pc.c0 * npix, pc.c1 - pc.c0});
           }
@@ -1536,52 +1537,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       at::parallel_for(0, total, row_grain(g),
                        [&](int64_t a, int64_t e) { coord_grad_sums(g, offp, mp, sums, goffp, gmp, a, e); });
       sums_timer.lap(kBwdSample, threads);
-    }
-    for (int64_t r0 = 0; nown == 0 && r0 < total; r0 += step) {
-      const int64_t r1 = std::min(total, r0 + step), R = r1 - r0, tiles = (R + MR - 1) / MR;
-      const int64_t ldc = bufs[0].ldc;
-      float* gcp = bufs[0].gcols.data();
-      float* gop = bufs[0].gob.data();
-      const auto& cols = bufs[0].colp;
-      const auto gcols = bufs[0].gcols.view({chunk_pad, ldc});
-      ColLayout L = ColLayout::rows(g, r0);
-      L.ldc = ldc;
-      const int64_t ntask = threads * ((tiles + threads * 16 - 1) / (threads * 16));
-      // (1) grad_cols of sub-tiles of rows, then their sampling pass
-      at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
-        PhaseTimer timer;
-        std::vector<float> run(Cg);
-        auto colp = cols;
-        colp.run = run.data();
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t a0 = MR * (t * tiles / ntask), a1 = std::min(R, MR * ((t + 1) * tiles / ntask));
-          if (a0 >= a1) continue;
-          grad_out_rows(go_all, go_rows, Cout, P, n0 * P + r0 + a0, a1 - a0, gop + a0 * ldg, ldg);
-          for (int64_t gi = 0; gi < g.groups; ++gi) {
-            gemm::gemm_packed(v, a1 - a0, KCg, Cout_g, gop + a0 * ldg + gi * Cout_g, ldg, 1,
-                              wpp + gi * npan * Cout_g * NR, Cout_g * NR, gcp + a0 * ldc + gi * KCg, ldc, false, true);
+    } else {
+      for (int64_t r0 = 0; r0 < total; r0 += step) {
+        const int64_t r1 = std::min(total, r0 + step), R = r1 - r0, tiles = (R + MR - 1) / MR;
+        const int64_t ldc = bufs[0].ldc;
+        float* gcp = bufs[0].gcols.data();
+        float* gop = bufs[0].gob.data();
+        const auto& cols = bufs[0].colp;
+        const auto gcols = bufs[0].gcols.view({chunk_pad, ldc});
+        ColLayout L = ColLayout::rows(g, r0);
+        L.ldc = ldc;
+        const int64_t ntask = threads * ((tiles + threads * 16 - 1) / (threads * 16));
+        // (1) grad_cols of sub-tiles of rows, then their sampling pass
+        at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+          PhaseTimer timer;
+          std::vector<float> run(Cg);
+          auto colp = cols;
+          colp.run = run.data();
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t a0 = MR * (t * tiles / ntask), a1 = std::min(R, MR * ((t + 1) * tiles / ntask));
+            if (a0 >= a1) continue;
+            grad_out_rows(go_all, go_rows, Cout, P, n0 * P + r0 + a0, a1 - a0, gop + a0 * ldg, ldg);
+            for (int64_t gi = 0; gi < g.groups; ++gi) {
+              gemm::gemm_packed(v, a1 - a0, KCg, Cout_g, gop + a0 * ldg + gi * Cout_g, ldg, 1,
+                                wpp + gi * npan * Cout_g * NR, Cout_g * NR, gcp + a0 * ldc + gi * KCg, ldc, false,
+                                true);
+            }
+            timer.lap(kBwdGemmCols);
+            coord_grad_rows(g, xp, offp, mp, gcp, colp, goffp, gmp, r0, ldc, r0 + a0, r0 + a1);
+            timer.lap(kBwdSample);
           }
-          timer.lap(kBwdGemmCols);
-          coord_grad_rows(g, xp, offp, mp, gcp, colp, goffp, gmp, r0, ldc, r0 + a0, r0 + a1);
-          timer.lap(kBwdSample);
-        }
-      });
-      // (2) grad_input: the scatter of grad_cols, by channel slices (its time counts once, not per thread), while
-      // grad_cols are still in the last-level cache
-      PhaseTimer scatter_timer;
-      CpuKernels::col2im(gcols, off, msk, gx, g, r0, r1, L, dst);
-      scatter_timer.lap(kBwdScatter, threads);
-      // (3) grad_weight += grad_out^T @ columns, by column panels (each value's chain runs over rows in order)
-      at::parallel_for(0, g.groups * npan, 1, [&](int64_t t0, int64_t t1) {
-        PhaseTimer timer;
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t gi = t / npan, j = (t % npan) * NR;
-          gemm::gemm(v, Cout_g, std::min(NR, KCg - j), R, gop + gi * Cout_g, 1, ldg, cols.at(gi, j), cols.ld,
-                     gwp + gi * Cout_g * KCg + j, KCg, gw_started, true);
-        }
-        timer.lap(kBwdGemmWeight);
-      });
-      gw_started = true;
+        });
+        // (2) grad_input: the scatter of grad_cols, by channel slices (its time counts once, not per thread), while
+        // grad_cols are still in the last-level cache
+        PhaseTimer scatter_timer;
+        CpuKernels::col2im(gcols, off, msk, gx, g, r0, r1, L, dst);
+        scatter_timer.lap(kBwdScatter, threads);
+        // (3) grad_weight += grad_out^T @ columns, by column panels (each value's chain runs over rows in order)
+        at::parallel_for(0, g.groups * npan, 1, [&](int64_t t0, int64_t t1) {
+          PhaseTimer timer;
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t gi = t / npan, j = (t % npan) * NR;
+            gemm::gemm(v, Cout_g, std::min(NR, KCg - j), R, gop + gi * Cout_g, 1, ldg, cols.at(gi, j), cols.ld,
+                       gwp + gi * Cout_g * KCg + j, KCg, gw_started, true);
+          }
+          timer.lap(kBwdGemmWeight);
+        });
+        gw_started = true;
+      }
     }
     setup_timer = PhaseTimer();
     grad_input_of_block(gx, dst, res.grad_input, g, cl, n0, b);
@@ -1786,8 +1789,8 @@ double cpu_fma_peak(double seconds) {
 // median of `rounds` rounds of 20000 exchanges), or -1 with fewer than 2 threads or if the two do not run at once
 // (a round over a second). On a virtual machine it tells whether the two virtual cores share a last-level cache
 // now: on the 2-core AMD EPYC guests of this project, 24-31 ns where they do and 157-184 ns where the host has
-// placed them on two core complexes (which it changes from time to time); the tiled backward hands its columns
-// from thread to thread between phases, and runs slower in the second case (tools/benchmark.py notes it).
+// placed them on two core complexes (which it changes from time to time); the tiled backward's row split hands its
+// columns from thread to thread between phases, and runs slower in the second case (tools/benchmark.py notes it).
 double cpu_thread_handoff_ns(int64_t rounds) {
   TORCH_CHECK_VALUE(rounds >= 1 && rounds <= 100, "cpu_thread_handoff_ns: rounds must be in [1, 100], got ", rounds);
   if (at::get_num_threads() < 2) return -1.0;
