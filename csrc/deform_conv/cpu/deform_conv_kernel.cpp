@@ -1354,11 +1354,29 @@ at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, cons
 }
 
 // Rows [row, row + n) of grad_out (row = image * P + position) into dst (row stride ld): from rows of [N * P][Cout]
-// (channels-last memory), or gathered from its planes [N][Cout][P] in blocks of 16 channels.
+// (channels-last memory), or gathered from its planes [N][Cout][P], in 8 x 8 blocks where the processor has AVX2
+// (c5 b1, the backward's grad_cols phase with this gather: 0.3-0.6 ms less thread time than value by value, AMD EPYC,
+// 2026-12-07), else in blocks of 16 channels. A copy: the same values either way.
 void grad_out_rows(const float* go, bool rows, int64_t Cout, int64_t P, int64_t row, int64_t n, float* dst,
                    int64_t ld) {
   if (rows) {
     for (int64_t a = 0; a < n; ++a) std::memcpy(dst + a * ld, go + (row + a) * Cout, Cout * sizeof(float));
+    return;
+  }
+  if (transpose8x8_ok<float>()) {
+    for (int64_t a = 0; a < n;) {  // piece by image: 8 x 8 blocks, then the positions left over one by one
+      const int64_t i = (row + a) / P, p0 = (row + a) % P, m = std::min(n - a, P - p0), m8 = m / 8 * 8;
+      const float* src = go + i * Cout * P + p0;
+      float* d = dst + a * ld;
+      int64_t c = 0;
+      for (; c + 8 <= Cout; c += 8) {
+        for (int64_t j = 0; j < m8; j += 8) transpose8x8(src + c * P + j, P, d + j * ld + c, ld);
+      }
+      for (int64_t j = 0; j < m; ++j) {
+        for (int64_t cc = j < m8 ? c : 0; cc < Cout; ++cc) d[j * ld + cc] = src[cc * P + j];
+      }
+      a += m;
+    }
     return;
   }
   for (int64_t a = 0; a < n;) {  // piece by image
