@@ -1445,7 +1445,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const float* wpp = wp.data();
   // the weight gradient's accumulator, its rows padded (ldw) where KCg is a multiple of 64 floats: unpadded, the rows
   // of a micro-tile of it fall into a few cache sets (at c5, 18 KiB apart), and the grad_weight product, which reads
-  // and writes them once per chunk, ran 2-4% slower (2-core AMD EPYC, 2026-12-07)
+  // and writes them once per chunk, ran slower: alone on the cores 2-4% (its loop on its own), in the backward at c5
+  // 0.5-1% with one deform group and 2-3% with four (the two alternating in one process; 2-core AMD EPYC, 2026-12-07)
   const int64_t ldw = gemm::padded_ld(KCg);
   Scratch gw_acc(g.groups * Cout_g * ldw);
   res.gw_acc = gw_acc.rows(g.groups * Cout_g, KCg, ldw).view({g.groups, Cout_g, KCg});
