@@ -492,31 +492,38 @@ void pixels_to_planes(const T* src, int64_t npix, int64_t C, T* dst, int64_t pla
 // larger images (c3's 128 channels at 100x167: 0.65-0.82 ms against 1.1-1.2 ms in the forward; c5's 512 channels
 // at 25x42: 0.22-0.28 ms against 0.38-0.45 ms). Its one caller, the tiled route, runs only where AVX2 is; the
 // value-by-value copy is there for other processors and types.
+//
+// One thread's piece: pixels [p0, p0 + n) of the planes into rows d[(j - p0) * ldd + c], 64 channels at a time
+// (also the tiled backward's gather of grad_out's rows, whose rows are padded).
+template <typename T>
+void planes_to_pixel_rows(const T* src, int64_t plane, int64_t p0, int64_t n, int64_t C, T* d, int64_t ldd) {
+  constexpr int64_t kTile = 64;
+  for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+    const int64_t c1 = std::min(C, c0 + kTile);
+    int64_t c = c0;
+    if (transpose8x8_ok<T>()) {  // 8 x 8 blocks, then the pixels and channels left over one by one
+      const int64_t n8 = n / 8 * 8;
+      for (; c + 8 <= c1; c += 8) {
+        for (int64_t j = 0; j < n8; j += 8) transpose8x8(src + c * plane + p0 + j, plane, d + j * ldd + c, ldd);
+        for (int64_t j = n8; j < n; ++j) {
+          for (int64_t cc = c; cc < c + 8; ++cc) d[j * ldd + cc] = src[cc * plane + p0 + j];
+        }
+      }
+    }
+    for (; c < c1; ++c) {
+      const T* s = src + c * plane + p0;
+      for (int64_t j = 0; j < n; ++j) d[j * ldd + c] = s[j];
+    }
+  }
+}
 template <typename T>
 void planes_to_pixels(const T* src, int64_t plane, int64_t npix, int64_t C, T* dst) {
   constexpr int64_t kTile = 64;
   const int64_t tiles = (npix + kTile - 1) / kTile;
   at::parallel_for(0, tiles, transpose_grain<T>(C), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t p0 = t * kTile, n = std::min(kTile, npix - p0);
-      T* d = dst + p0 * C;
-      for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-        const int64_t c1 = std::min(C, c0 + kTile);
-        int64_t c = c0;
-        if (transpose8x8_ok<T>()) {  // 8 x 8 blocks, then the pixels and channels left over one by one
-          const int64_t n8 = n / 8 * 8;
-          for (; c + 8 <= c1; c += 8) {
-            for (int64_t j = 0; j < n8; j += 8) transpose8x8(src + c * plane + p0 + j, plane, d + j * C + c, C);
-            for (int64_t j = n8; j < n; ++j) {
-              for (int64_t cc = c; cc < c + 8; ++cc) d[j * C + cc] = src[cc * plane + p0 + j];
-            }
-          }
-        }
-        for (; c < c1; ++c) {
-          const T* s = src + c * plane + p0;
-          for (int64_t j = 0; j < n; ++j) d[j * C + c] = s[j];
-        }
-      }
+      const int64_t p0 = t * kTile;
+      planes_to_pixel_rows(src, plane, p0, std::min(kTile, npix - p0), C, dst + p0 * C, C);
     }
   });
 }
@@ -1354,41 +1361,18 @@ at::Tensor forward_tiled(const at::Tensor& input, const at::Tensor& weight, cons
 }
 
 // Rows [row, row + n) of grad_out (row = image * P + position) into dst (row stride ld): from rows of [N * P][Cout]
-// (channels-last memory), or gathered from its planes [N][Cout][P], in 8 x 8 blocks where the processor has AVX2
-// (c5 b1, the backward's grad_cols phase with this gather: 0.3-0.6 ms less thread time than value by value, AMD EPYC,
-// 2026-12-07), else in blocks of 16 channels. A copy: the same values either way.
+// (channels-last memory), or gathered from its planes [N][Cout][P] image by image with planes_to_pixel_rows (in 8 x 8
+// blocks where the processor has AVX2: at c5 b1 the backward's grad_cols phase took 0.3-0.6 ms less thread time than
+// with a gather value by value, AMD EPYC, 2026-12-07).
 void grad_out_rows(const float* go, bool rows, int64_t Cout, int64_t P, int64_t row, int64_t n, float* dst,
                    int64_t ld) {
   if (rows) {
     for (int64_t a = 0; a < n; ++a) std::memcpy(dst + a * ld, go + (row + a) * Cout, Cout * sizeof(float));
     return;
   }
-  if (transpose8x8_ok<float>()) {
-    for (int64_t a = 0; a < n;) {  // piece by image: 8 x 8 blocks, then the positions left over one by one
-      const int64_t i = (row + a) / P, p0 = (row + a) % P, m = std::min(n - a, P - p0), m8 = m / 8 * 8;
-      const float* src = go + i * Cout * P + p0;
-      float* d = dst + a * ld;
-      int64_t c = 0;
-      for (; c + 8 <= Cout; c += 8) {
-        for (int64_t j = 0; j < m8; j += 8) transpose8x8(src + c * P + j, P, d + j * ld + c, ld);
-      }
-      for (int64_t j = 0; j < m; ++j) {
-        for (int64_t cc = j < m8 ? c : 0; cc < Cout; ++cc) d[j * ld + cc] = src[cc * P + j];
-      }
-      a += m;
-    }
-    return;
-  }
   for (int64_t a = 0; a < n;) {  // piece by image
     const int64_t i = (row + a) / P, p0 = (row + a) % P, m = std::min(n - a, P - p0);
-    for (int64_t c0 = 0; c0 < Cout; c0 += 16) {
-      const int64_t nc = std::min<int64_t>(16, Cout - c0);
-      const float* src = go + (i * Cout + c0) * P + p0;
-      for (int64_t j = 0; j < m; ++j) {
-        float* d = dst + (a + j) * ld + c0;
-        for (int64_t c = 0; c < nc; ++c) d[c] = src[c * P + j];
-      }
-    }
+    planes_to_pixel_rows(go + i * Cout * P, P, p0, m, Cout, dst + a * ld, ld);
     a += m;
   }
 }
