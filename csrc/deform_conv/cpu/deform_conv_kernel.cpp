@@ -485,16 +485,8 @@ void pixels_to_planes(const T* src, int64_t npix, int64_t C, T* dst, int64_t pla
     }
   });
 }
-// The other direction: planes (channel c's pixel j at src[c * plane + j]) into pixels dst[npix][C], in tiles of
-// 64 pixels x 64 channels (16 KiB of dst, filled in L1 while each plane's run is read once). With the 8 x 8 AVX2
-// blocks, ATen's copy_ of the permuted view takes 4-7x as long where the image is in L2 (AMD EPYC, 2026-12-06: 64
-// channels at 32x32 14-18 us against 98-104 us, 256 channels 96-110 us against 385-418 us), and about 1.5x on
-// larger images (c3's 128 channels at 100x167: 0.65-0.82 ms against 1.1-1.2 ms in the forward; c5's 512 channels
-// at 25x42: 0.22-0.28 ms against 0.38-0.45 ms). Its one caller, the tiled route, runs only where AVX2 is; the
-// value-by-value copy is there for other processors and types.
-//
-// One thread's piece: pixels [p0, p0 + n) of the planes into rows d[(j - p0) * ldd + c], 64 channels at a time
-// (also the tiled backward's gather of grad_out's rows, whose rows are padded).
+// One thread's piece of planes_to_pixels (below): pixels [p0, p0 + n) of the planes into rows d[(j - p0) * ldd + c],
+// 64 channels at a time (also the tiled backward's gather of grad_out's rows, whose rows are padded).
 template <typename T>
 void planes_to_pixel_rows(const T* src, int64_t plane, int64_t p0, int64_t n, int64_t C, T* d, int64_t ldd) {
   constexpr int64_t kTile = 64;
@@ -516,6 +508,13 @@ void planes_to_pixel_rows(const T* src, int64_t plane, int64_t p0, int64_t n, in
     }
   }
 }
+// The other direction: planes (channel c's pixel j at src[c * plane + j]) into pixels dst[npix][C], in tiles of
+// 64 pixels x 64 channels (16 KiB of dst, filled in L1 while each plane's run is read once). With the 8 x 8 AVX2
+// blocks, ATen's copy_ of the permuted view takes 4-7x as long where the image is in L2 (AMD EPYC, 2026-12-06: 64
+// channels at 32x32 14-18 us against 98-104 us, 256 channels 96-110 us against 385-418 us), and about 1.5x on
+// larger images (c3's 128 channels at 100x167: 0.65-0.82 ms against 1.1-1.2 ms in the forward; c5's 512 channels
+// at 25x42: 0.22-0.28 ms against 0.38-0.45 ms). Its one caller, the tiled route, runs only where AVX2 is; the
+// value-by-value copy is there for other processors and types.
 template <typename T>
 void planes_to_pixels(const T* src, int64_t plane, int64_t npix, int64_t C, T* dst) {
   constexpr int64_t kTile = 64;
